@@ -1,0 +1,257 @@
+//! The CPU reference backend: plain slices, generic over f32/f64, each method delegating to the
+//! op file that documents it. It is the truth the CUDA kernels are checked against, and a real
+//! fallback: GEMM is the blocked, multithreaded `gemm` crate, everything else runs on rayon.
+
+use std::marker::PhantomData;
+
+use crate::backend::{Backend, Recon};
+use crate::ops::adam::AdamStep;
+use crate::ops::batch_norm::BatchNormDims;
+use crate::ops::conv2d::Conv2dDims;
+use crate::ops::linear::LinearDims;
+use crate::ops::unary::Unary;
+use crate::ops::{adam, batch_norm, conv2d, elementwise, linear, loss, reparam_kl, unary};
+use crate::tensor::Float;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu<E: Float>(PhantomData<E>);
+
+/// c[m, n] (+)= a[m, k] · b[k, n], each operand addressed through (row, column) strides so
+/// transposes cost nothing; c is row-major. Large products use all cores.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<E: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[E],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[E],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [E],
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= m * n, "gemm: output too small");
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|v| *v = E::zero());
+        }
+        return;
+    }
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too small");
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too small");
+    // Small products inside an already-parallel loop stay on their thread.
+    let big = m * n * k >= 1 << 18 && rayon::current_thread_index().is_none();
+    let par = if big { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every strided access inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            E::one(),
+            E::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// y[o, c, i] += b[c]
+pub fn bias_add<E: Float>(y: &mut [E], b: &[E], outer: usize, channels: usize, inner: usize) {
+    debug_assert_eq!(y.len(), outer * channels * inner);
+    for (row, yr) in y.chunks_mut(inner).enumerate() {
+        let bc = b[row % channels];
+        yr.iter_mut().for_each(|v| *v += bc);
+    }
+}
+
+impl<E: Float> Backend for Cpu<E> {
+    type E = E;
+    type Buf = Vec<E>;
+
+    fn describe(&self) -> String {
+        format!("CPU ({} threads, {})", rayon::current_num_threads(), E::NAME)
+    }
+    fn zeros(&self, len: usize) -> Vec<E> {
+        vec![E::zero(); len]
+    }
+    fn upload(&self, host: &[E]) -> Vec<E> {
+        host.to_vec()
+    }
+    fn download(&self, buf: &Vec<E>) -> Vec<E> {
+        buf.clone()
+    }
+    fn len(&self, buf: &Vec<E>) -> usize {
+        buf.len()
+    }
+    fn copy(&self, src: &Vec<E>, dst: &mut Vec<E>) {
+        dst.copy_from_slice(src);
+    }
+    fn fill(&self, buf: &mut Vec<E>, value: E) {
+        buf.iter_mut().for_each(|v| *v = value);
+    }
+    fn gather_rows(&self, src: &Vec<E>, row_len: usize, idx: &[u32], dst: &mut Vec<E>) {
+        for (r, &i) in idx.iter().enumerate() {
+            dst[r * row_len..][..row_len].copy_from_slice(&src[i as usize * row_len..][..row_len]);
+        }
+    }
+
+    fn linear_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: LinearDims) {
+        linear::cpu_forward(x, w, b.map(|b| &b[..]), y, d)
+    }
+    fn linear_backward_data(&self, dy: &Vec<E>, w: &Vec<E>, dx: &mut Vec<E>, d: LinearDims) {
+        linear::cpu_backward_data(dy, w, dx, d)
+    }
+    fn linear_backward_weight(&self, dy: &Vec<E>, x: &Vec<E>, dw: &mut Vec<E>, d: LinearDims) {
+        linear::cpu_backward_weight(dy, x, dw, d)
+    }
+    fn bias_add(&self, y: &mut Vec<E>, b: &Vec<E>, outer: usize, channels: usize, inner: usize) {
+        bias_add(y, b, outer, channels, inner)
+    }
+    fn bias_backward(&self, dy: &Vec<E>, db: &mut Vec<E>, outer: usize, channels: usize, inner: usize) {
+        use rayon::prelude::*;
+        // One task per channel, rows summed in order: deterministic.
+        let sums: Vec<f64> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                (0..outer).map(|o| dy[(o * channels + c) * inner..][..inner].iter().map(|v| v.f64()).sum::<f64>()).sum()
+            })
+            .collect();
+        for (d, s) in db.iter_mut().zip(sums) {
+            *d += E::of(s);
+        }
+    }
+    fn conv2d_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: Conv2dDims) {
+        conv2d::cpu_forward(x, w, b.map(|b| &b[..]), y, d)
+    }
+    fn conv2d_backward_data(&self, dy: &Vec<E>, w: &Vec<E>, dx: &mut Vec<E>, d: Conv2dDims) {
+        conv2d::cpu_backward_data(dy, w, dx, d)
+    }
+    fn conv2d_backward_weight(&self, dy: &Vec<E>, x: &Vec<E>, dw: &mut Vec<E>, d: Conv2dDims) {
+        conv2d::cpu_backward_weight(dy, x, dw, d)
+    }
+
+    fn batch_norm_forward_train(
+        &self,
+        x: &Vec<E>,
+        gamma: &Vec<E>,
+        beta: &Vec<E>,
+        y: &mut Vec<E>,
+        save_mean: &mut Vec<E>,
+        save_invstd: &mut Vec<E>,
+        running_mean: &mut Vec<E>,
+        running_var: &mut Vec<E>,
+        d: BatchNormDims,
+    ) {
+        batch_norm::cpu_forward_train(x, gamma, beta, y, save_mean, save_invstd, running_mean, running_var, d)
+    }
+    fn batch_norm_forward_eval(
+        &self,
+        x: &Vec<E>,
+        gamma: &Vec<E>,
+        beta: &Vec<E>,
+        running_mean: &Vec<E>,
+        running_var: &Vec<E>,
+        y: &mut Vec<E>,
+        d: BatchNormDims,
+    ) {
+        batch_norm::cpu_forward_eval(x, gamma, beta, running_mean, running_var, y, d)
+    }
+    fn batch_norm_backward(
+        &self,
+        dy: &Vec<E>,
+        x: &Vec<E>,
+        gamma: &Vec<E>,
+        save_mean: &Vec<E>,
+        save_invstd: &Vec<E>,
+        dx: Option<&mut Vec<E>>,
+        dgamma: Option<&mut Vec<E>>,
+        dbeta: Option<&mut Vec<E>>,
+        d: BatchNormDims,
+    ) {
+        batch_norm::cpu_backward(
+            dy,
+            x,
+            gamma,
+            save_mean,
+            save_invstd,
+            dx.map(|v| &mut v[..]),
+            dgamma.map(|v| &mut v[..]),
+            dbeta.map(|v| &mut v[..]),
+            d,
+        )
+    }
+
+    fn unary_forward(&self, op: Unary, x: &Vec<E>, y: &mut Vec<E>) {
+        unary::cpu_forward(op, x, y)
+    }
+    fn unary_backward(&self, op: Unary, x: &Vec<E>, y: &Vec<E>, dy: &Vec<E>, dx: &mut Vec<E>) {
+        unary::cpu_backward(op, x, y, dy, dx)
+    }
+    fn mul(&self, a: &Vec<E>, b: &Vec<E>, y: &mut Vec<E>) {
+        elementwise::cpu_mul(a, b, y)
+    }
+    fn mul_accumulate(&self, a: &Vec<E>, b: &Vec<E>, out: &mut Vec<E>) {
+        elementwise::cpu_mul_accumulate(a, b, out)
+    }
+    fn axpy(&self, alpha: E, x: &Vec<E>, y: &mut Vec<E>) {
+        elementwise::cpu_axpy(alpha, x, y)
+    }
+    fn sum(&self, x: &Vec<E>, out: &mut Vec<E>) {
+        out[0] = elementwise::cpu_sum(x);
+    }
+    fn broadcast_scalar_accumulate(&self, dout: &Vec<E>, alpha: E, dx: &mut Vec<E>) {
+        let g = alpha * dout[0];
+        dx.iter_mut().for_each(|v| *v += g);
+    }
+
+    fn reparam_kl_forward(&self, mu: &Vec<E>, logvar: &Vec<E>, eps: &Vec<E>, z: &mut Vec<E>, kl: &mut Vec<E>) {
+        kl[0] = reparam_kl::cpu_forward(mu, logvar, eps, z);
+    }
+    fn reparam_kl_backward(
+        &self,
+        mu: &Vec<E>,
+        logvar: &Vec<E>,
+        eps: &Vec<E>,
+        dz: Option<&Vec<E>>,
+        dkl: Option<&Vec<E>>,
+        dmu: Option<&mut Vec<E>>,
+        dlogvar: Option<&mut Vec<E>>,
+    ) {
+        reparam_kl::cpu_backward(
+            mu,
+            logvar,
+            eps,
+            dz.map(|v| &v[..]),
+            dkl.map(|v| v[0]),
+            dmu.map(|v| &mut v[..]),
+            dlogvar.map(|v| &mut v[..]),
+        )
+    }
+    fn recon_loss_forward(&self, kind: Recon, x: &Vec<E>, target: &Vec<E>, out: &mut Vec<E>) {
+        out[0] = loss::cpu_forward(kind, x, target);
+    }
+    fn recon_loss_backward(&self, kind: Recon, x: &Vec<E>, target: &Vec<E>, dout: &Vec<E>, dx: &mut Vec<E>) {
+        loss::cpu_backward(kind, x, target, dout[0], dx)
+    }
+    fn adam_step(&self, param: &mut Vec<E>, grad: &Vec<E>, m: &mut Vec<E>, v: &mut Vec<E>, s: AdamStep) {
+        adam::cpu_step(param, grad, m, v, s)
+    }
+}

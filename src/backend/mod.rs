@@ -1,0 +1,157 @@
+//! The one interface the tape calls. Every op's math lives behind it twice: once in the CPU
+//! reference (`cpu.rs`, generic over f32/f64) and once in CUDA (`cuda/`). Models, the tape and
+//! the trainer never mention a device; they are generic over `B: Backend`.
+//!
+//! Conventions shared by every method:
+//! - Buffers are contiguous, row-major, NCHW for images; shapes travel in the `*Dims` structs.
+//! - Methods whose name ends in `backward*` (and `accumulate*`) **add** into their outputs, so
+//!   a tensor that feeds several ops collects the sum of its gradients (dfdx's rule).
+//! - Reductions are deterministic: the same inputs give bitwise the same result on every run.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::ops::adam::AdamStep;
+use crate::ops::batch_norm::BatchNormDims;
+use crate::ops::conv2d::Conv2dDims;
+use crate::ops::linear::LinearDims;
+use crate::ops::unary::Unary;
+use crate::tensor::Float;
+
+/// How losses are formed from probabilities or logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recon {
+    /// Binary cross-entropy on probabilities, log clamped at -100 as PyTorch does.
+    Bce,
+    /// Binary cross-entropy on logits, in the stable form.
+    BceWithLogits,
+    /// Squared error.
+    Mse,
+}
+
+pub trait Backend: Clone + 'static {
+    type E: Float;
+    type Buf: 'static;
+
+    /// One line naming the device, for logs.
+    fn describe(&self) -> String;
+    /// Wait until queued work is done (no-op on the CPU).
+    fn synchronize(&self) {}
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, host: &[Self::E]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<Self::E>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// dst = src (equal lengths).
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
+    fn fill(&self, buf: &mut Self::Buf, value: Self::E);
+    /// dst[r, :] = src[idx[r], :] for rows of `row_len` elements (batch gathering).
+    fn gather_rows(&self, src: &Self::Buf, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
+
+    // ---- linear: y[n, out] = x[n, in] · W[out, in]ᵀ + b ----
+    fn linear_forward(&self, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf, d: LinearDims);
+    /// dx += dy·W
+    fn linear_backward_data(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, d: LinearDims);
+    /// dW += dyᵀ·x
+    fn linear_backward_weight(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, d: LinearDims);
+
+    // ---- bias over a [outer, channels, inner] view ----
+    /// y[o, c, i] += b[c]
+    fn bias_add(&self, y: &mut Self::Buf, b: &Self::Buf, outer: usize, channels: usize, inner: usize);
+    /// db[c] += Σ_{o,i} dy[o, c, i]
+    fn bias_backward(&self, dy: &Self::Buf, db: &mut Self::Buf, outer: usize, channels: usize, inner: usize);
+
+    // ---- conv2d (cross-correlation, NCHW, weight [c_out, c_in, kh, kw]) ----
+    fn conv2d_forward(&self, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf, d: Conv2dDims);
+    /// dx += conv2d input-gradient of dy (also the forward of a transposed convolution).
+    fn conv2d_backward_data(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, d: Conv2dDims);
+    /// dW += weight-gradient of dy given input x.
+    fn conv2d_backward_weight(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, d: Conv2dDims);
+
+    // ---- batch norm over [outer, channels, inner] ----
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_forward_train(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        save_mean: &mut Self::Buf,
+        save_invstd: &mut Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        d: BatchNormDims,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_forward_eval(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        y: &mut Self::Buf,
+        d: BatchNormDims,
+    );
+    /// dx, dgamma, dbeta += the training-mode batch-norm gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        save_mean: &Self::Buf,
+        save_invstd: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dgamma: Option<&mut Self::Buf>,
+        dbeta: Option<&mut Self::Buf>,
+        d: BatchNormDims,
+    );
+
+    // ---- elementwise ----
+    fn unary_forward(&self, op: Unary, x: &Self::Buf, y: &mut Self::Buf);
+    /// dx += dy · op'(x) (`y` is op(x), which most derivatives read instead of x)
+    fn unary_backward(&self, op: Unary, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// y = a ⊙ b
+    fn mul(&self, a: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
+    /// out += a ⊙ b
+    fn mul_accumulate(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf);
+    /// y += alpha · x
+    fn axpy(&self, alpha: Self::E, x: &Self::Buf, y: &mut Self::Buf);
+    /// out[0] = Σ x, in a fixed order.
+    fn sum(&self, x: &Self::Buf, out: &mut Self::Buf);
+    /// dx[i] += alpha · dout[0] (the backward of `sum`, and of any scalar broadcast).
+    fn broadcast_scalar_accumulate(&self, dout: &Self::Buf, alpha: Self::E, dx: &mut Self::Buf);
+
+    // ---- the VAE's own ops ----
+    /// z = mu + eps·exp(logvar/2); kl[0] = -0.5·Σ(1 + logvar − mu² − exp(logvar))
+    fn reparam_kl_forward(
+        &self,
+        mu: &Self::Buf,
+        logvar: &Self::Buf,
+        eps: &Self::Buf,
+        z: &mut Self::Buf,
+        kl: &mut Self::Buf,
+    );
+    /// dmu, dlogvar += gradients from dz (optional) and the scalar dkl (optional).
+    #[allow(clippy::too_many_arguments)]
+    fn reparam_kl_backward(
+        &self,
+        mu: &Self::Buf,
+        logvar: &Self::Buf,
+        eps: &Self::Buf,
+        dz: Option<&Self::Buf>,
+        dkl: Option<&Self::Buf>,
+        dmu: Option<&mut Self::Buf>,
+        dlogvar: Option<&mut Self::Buf>,
+    );
+    /// out[0] = Σ loss(x, target) for the chosen reconstruction loss.
+    fn recon_loss_forward(&self, kind: Recon, x: &Self::Buf, target: &Self::Buf, out: &mut Self::Buf);
+    /// dx += dout[0] · ∂loss/∂x
+    fn recon_loss_backward(&self, kind: Recon, x: &Self::Buf, target: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf);
+
+    // ---- optimizer ----
+    /// One Adam/AdamW update of a parameter tensor in place.
+    fn adam_step(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep);
+}

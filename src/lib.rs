@@ -1,0 +1,22 @@
+//! vaecuda: a variational autoencoder trainer on hand-written CUDA kernels, with a CPU
+//! reference backend that computes every op the same way.
+//!
+//! Reading order: [`tensor`] → [`backend`] (the interface) → [`ops`] (one file per op, CPU
+//! reference and tape function side by side) → [`tape`] → [`nn`] (layers and the three VAEs)
+//! → [`optim`] → [`train`].
+
+pub mod backend;
+pub mod bench;
+pub mod gradcheck;
+pub mod nn;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod tape;
+pub mod tensor;
+
+pub use backend::cpu::Cpu;
+pub use backend::Backend;
+pub use tape::{ParamStore, Tape, Var};
+pub use tensor::{Float, Tensor};
+pub mod train;

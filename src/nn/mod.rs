@@ -1,0 +1,7 @@
+//! Layers (parameter holders with PyTorch's names and default initialization) and the VAEs.
+
+pub mod layers;
+pub mod vae;
+
+pub use layers::{BatchNorm, Conv2d, ConvTranspose2d, Linear};
+pub use vae::{Arch, ModelConfig, Vae, VaeLoss};

@@ -1,0 +1,372 @@
+//! The three VAEs. Each encodes x [n, c, h, w] to (μ, log σ²) [n, z] and decodes z back to
+//! logits of the same shape as x (the loss decides whether a sigmoid follows). Parameter names
+//! match the PyTorch models people already have:
+//! - `mlp` (pytorch/examples): `fc1, fc21, fc22, fc3, fc4`.
+//! - `conv` (the tutorials' conv VAE): `encoder.conv1..3, encoder.fc1, encoder.fc21,
+//!   encoder.fc22, decoder.fc1, decoder.fc2, decoder.conv1..3`.
+//! - `conv-bn` (PyTorch-VAE's VanillaVAE layout): `encoder.{i}.0` conv + `encoder.{i}.1` batch
+//!   norm, `fc_mu`, `fc_var`, `decoder_input`, `decoder.{i}.{0,1}`, `final_layer.{0,1,3}`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Recon};
+use crate::nn::layers::{BatchNorm, Conv2d, ConvTranspose2d, Linear};
+use crate::ops::{self, Reduction};
+use crate::rng::Rng;
+use crate::tape::{ParamStore, Tape, Var};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    Mlp,
+    Conv,
+    ConvBn,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Mlp => "mlp",
+            Arch::Conv => "conv",
+            Arch::ConvBn => "conv-bn",
+        }
+    }
+}
+
+/// Everything needed to rebuild a model; stored in checkpoint metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub latent: usize,
+    /// Hidden width of the `mlp` (400 in pytorch/examples).
+    pub hidden: usize,
+    /// Channel widths of the `conv-bn` blocks.
+    pub hiddens: Vec<usize>,
+}
+
+impl ModelConfig {
+    /// The tutorials' defaults for a 28×28 greyscale dataset.
+    pub fn mnist(arch: Arch) -> Self {
+        ModelConfig { arch, channels: 1, height: 28, width: 28, latent: 20, hidden: 400, hiddens: vec![32, 64, 128] }
+    }
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// Output size of a 3×3, stride-2, pad-1 convolution.
+fn down(s: usize) -> usize {
+    (s + 2 - 3) / 2 + 1
+}
+/// The output_padding that makes a 3×3, stride-2, pad-1 transposed conv map `from` to `to`.
+fn output_padding(from: usize, to: usize) -> usize {
+    let base = (from - 1) * 2 + 3 - 2;
+    assert!(to >= base && to - base < 2, "cannot mirror {from} → {to} with a stride-2 transposed conv");
+    to - base
+}
+
+#[derive(Clone, Debug)]
+enum Net {
+    Mlp {
+        fc1: Linear,
+        fc21: Linear,
+        fc22: Linear,
+        fc3: Linear,
+        fc4: Linear,
+    },
+    Conv {
+        convs: Vec<Conv2d>,
+        fc1: Linear,
+        fc21: Linear,
+        fc22: Linear,
+        dec_fc1: Linear,
+        dec_fc2: Linear,
+        deconvs: Vec<ConvTranspose2d>,
+        feature: [usize; 3],
+    },
+    ConvBn {
+        enc: Vec<(Conv2d, BatchNorm)>,
+        fc_mu: Linear,
+        fc_var: Linear,
+        decoder_input: Linear,
+        dec: Vec<(ConvTranspose2d, BatchNorm)>,
+        final_deconv: ConvTranspose2d,
+        final_bn: BatchNorm,
+        final_conv: Conv2d,
+        feature: [usize; 3],
+    },
+}
+
+/// A VAE: parameter ids into a [`ParamStore`] plus its configuration.
+#[derive(Clone, Debug)]
+pub struct Vae {
+    pub config: ModelConfig,
+    net: Net,
+}
+
+/// The three scalars of one ELBO evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct VaeLoss {
+    /// recon + β·KL: what training minimizes.
+    pub loss: Var,
+    pub recon: Var,
+    pub kl: Var,
+}
+
+impl Vae {
+    /// Builds the model's parameters into `store`, initialized from `seed` as PyTorch would.
+    pub fn new<B: Backend>(config: ModelConfig, store: &mut ParamStore<B>, backend: &B, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let r = &mut rng;
+        let (c, z) = (config.channels, config.latent);
+        let net = match config.arch {
+            Arch::Mlp => {
+                let (d, h) = (config.image_len(), config.hidden);
+                Net::Mlp {
+                    fc1: Linear::new(store, backend, "fc1", d, h, r),
+                    fc21: Linear::new(store, backend, "fc21", h, z, r),
+                    fc22: Linear::new(store, backend, "fc22", h, z, r),
+                    fc3: Linear::new(store, backend, "fc3", z, h, r),
+                    fc4: Linear::new(store, backend, "fc4", h, d, r),
+                }
+            }
+            Arch::Conv => {
+                let (h1, w1) = (config.height, config.width);
+                let (h2, w2) = (down(h1), down(w1));
+                let (h3, w3) = (down(h2), down(w2));
+                let flat = 128 * h3 * w3;
+                let convs = vec![
+                    Conv2d::new(store, backend, "encoder.conv1", c, 32, 3, 1, 1, r),
+                    Conv2d::new(store, backend, "encoder.conv2", 32, 64, 3, 2, 1, r),
+                    Conv2d::new(store, backend, "encoder.conv3", 64, 128, 3, 2, 1, r),
+                ];
+                let fc1 = Linear::new(store, backend, "encoder.fc1", flat, 256, r);
+                let fc21 = Linear::new(store, backend, "encoder.fc21", 256, z, r);
+                let fc22 = Linear::new(store, backend, "encoder.fc22", 256, z, r);
+                let dec_fc1 = Linear::new(store, backend, "decoder.fc1", z, 256, r);
+                let dec_fc2 = Linear::new(store, backend, "decoder.fc2", 256, flat, r);
+                assert_eq!(output_padding(h3, h2), output_padding(w3, w2), "non-square padding is not supported");
+                assert_eq!(output_padding(h2, h1), output_padding(w2, w1), "non-square padding is not supported");
+                let deconvs = vec![
+                    ConvTranspose2d::new(store, backend, "decoder.conv1", 128, 64, 3, 2, 1, output_padding(h3, h2), r),
+                    ConvTranspose2d::new(store, backend, "decoder.conv2", 64, 32, 3, 2, 1, output_padding(h2, h1), r),
+                    ConvTranspose2d::new(store, backend, "decoder.conv3", 32, c, 3, 1, 1, 0, r),
+                ];
+                Net::Conv { convs, fc1, fc21, fc22, dec_fc1, dec_fc2, deconvs, feature: [128, h3, w3] }
+            }
+            Arch::ConvBn => {
+                assert!(!config.hiddens.is_empty(), "conv-bn needs at least one hidden width");
+                assert_eq!(config.height, config.width, "conv-bn expects square images");
+                let mut sizes = vec![config.height];
+                let mut enc = vec![];
+                let mut c_in = c;
+                for (i, &hdim) in config.hiddens.iter().enumerate() {
+                    let conv = Conv2d::new(store, backend, &format!("encoder.{i}.0"), c_in, hdim, 3, 2, 1, r);
+                    let bn = BatchNorm::new(store, backend, &format!("encoder.{i}.1"), hdim);
+                    enc.push((conv, bn));
+                    sizes.push(down(*sizes.last().unwrap()));
+                    c_in = hdim;
+                }
+                let s = *sizes.last().unwrap();
+                let last = *config.hiddens.last().unwrap();
+                let flat = last * s * s;
+                let fc_mu = Linear::new(store, backend, "fc_mu", flat, z, r);
+                let fc_var = Linear::new(store, backend, "fc_var", flat, z, r);
+                let decoder_input = Linear::new(store, backend, "decoder_input", z, flat, r);
+                let mut dec = vec![];
+                let rev: Vec<usize> = config.hiddens.iter().rev().copied().collect();
+                let k = sizes.len() - 1;
+                for i in 0..rev.len() - 1 {
+                    let op = output_padding(sizes[k - i], sizes[k - i - 1]);
+                    let ct = ConvTranspose2d::new(
+                        store,
+                        backend,
+                        &format!("decoder.{i}.0"),
+                        rev[i],
+                        rev[i + 1],
+                        3,
+                        2,
+                        1,
+                        op,
+                        r,
+                    );
+                    let bn = BatchNorm::new(store, backend, &format!("decoder.{i}.1"), rev[i + 1]);
+                    dec.push((ct, bn));
+                }
+                let h0 = rev[rev.len() - 1];
+                let op = output_padding(sizes[1], sizes[0]);
+                let final_deconv = ConvTranspose2d::new(store, backend, "final_layer.0", h0, h0, 3, 2, 1, op, r);
+                let final_bn = BatchNorm::new(store, backend, "final_layer.1", h0);
+                let final_conv = Conv2d::new(store, backend, "final_layer.3", h0, c, 3, 1, 1, r);
+                Net::ConvBn {
+                    enc,
+                    fc_mu,
+                    fc_var,
+                    decoder_input,
+                    dec,
+                    final_deconv,
+                    final_bn,
+                    final_conv,
+                    feature: [last, s, s],
+                }
+            }
+        };
+        Vae { config, net }
+    }
+
+    /// x [n, c, h, w] → (μ, log σ²), each [n, z].
+    pub fn encode<B: Backend>(&self, tape: &mut Tape<B>, x: Var) -> (Var, Var) {
+        match &self.net {
+            Net::Mlp { fc1, fc21, fc22, .. } => {
+                let x = ops::flatten(tape, x);
+                let h = fc1.forward(tape, x);
+                let h = ops::relu(tape, h);
+                (fc21.forward(tape, h), fc22.forward(tape, h))
+            }
+            Net::Conv { convs, fc1, fc21, fc22, .. } => {
+                let mut h = x;
+                for conv in convs {
+                    h = conv.forward(tape, h);
+                    h = ops::relu(tape, h);
+                }
+                let h = ops::flatten(tape, h);
+                let h = fc1.forward(tape, h);
+                let h = ops::relu(tape, h);
+                (fc21.forward(tape, h), fc22.forward(tape, h))
+            }
+            Net::ConvBn { enc, fc_mu, fc_var, .. } => {
+                let mut h = x;
+                for (conv, bn) in enc {
+                    h = conv.forward(tape, h);
+                    h = bn.forward(tape, h);
+                    h = ops::relu(tape, h);
+                }
+                let h = ops::flatten(tape, h);
+                (fc_mu.forward(tape, h), fc_var.forward(tape, h))
+            }
+        }
+    }
+
+    /// z [n, z] → logits [n, c, h, w].
+    pub fn decode_logits<B: Backend>(&self, tape: &mut Tape<B>, z: Var) -> Var {
+        let n = tape.shape(z)[0];
+        let cfg = &self.config;
+        match &self.net {
+            Net::Mlp { fc3, fc4, .. } => {
+                let h = fc3.forward(tape, z);
+                let h = ops::relu(tape, h);
+                let y = fc4.forward(tape, h);
+                ops::reshape(tape, y, &[n, cfg.channels, cfg.height, cfg.width])
+            }
+            Net::Conv { dec_fc1, dec_fc2, deconvs, feature, .. } => {
+                let h = dec_fc1.forward(tape, z);
+                let h = ops::relu(tape, h);
+                let h = dec_fc2.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let mut h = ops::reshape(tape, h, &[n, feature[0], feature[1], feature[2]]);
+                for (i, d) in deconvs.iter().enumerate() {
+                    h = d.forward(tape, h);
+                    if i + 1 < deconvs.len() {
+                        h = ops::relu(tape, h);
+                    }
+                }
+                h
+            }
+            Net::ConvBn { decoder_input, dec, final_deconv, final_bn, final_conv, feature, .. } => {
+                let h = decoder_input.forward(tape, z);
+                let mut h = ops::reshape(tape, h, &[n, feature[0], feature[1], feature[2]]);
+                for (ct, bn) in dec {
+                    h = ct.forward(tape, h);
+                    h = bn.forward(tape, h);
+                    h = ops::relu(tape, h);
+                }
+                let h = final_deconv.forward(tape, h);
+                let h = final_bn.forward(tape, h);
+                let h = ops::relu(tape, h);
+                final_conv.forward(tape, h)
+            }
+        }
+    }
+
+    /// z → pixel probabilities in (0, 1).
+    pub fn decode<B: Backend>(&self, tape: &mut Tape<B>, z: Var) -> Var {
+        let logits = self.decode_logits(tape, z);
+        ops::sigmoid(tape, logits)
+    }
+
+    /// The negative ELBO of a batch x with noise eps [n, z]: reconstruction + β·KL.
+    /// `per_image_mean` divides both terms by the batch size (otherwise sums, as the tutorials).
+    pub fn loss<B: Backend>(
+        &self,
+        tape: &mut Tape<B>,
+        x: Var,
+        eps: Var,
+        recon: Recon,
+        per_image_mean: bool,
+        kl_weight: f64,
+    ) -> VaeLoss {
+        let n = tape.shape(x)[0] as f64;
+        let (mu, logvar) = self.encode(tape, x);
+        let (z, kl) = ops::reparam_kl(tape, mu, logvar, eps);
+        let logits = self.decode_logits(tape, z);
+        let rec = match recon {
+            Recon::BceWithLogits => ops::bce_with_logits(tape, logits, x, Reduction::Sum),
+            kind => {
+                let p = ops::sigmoid(tape, logits);
+                ops::recon_loss(tape, kind, p, x, Reduction::Sum)
+            }
+        };
+        let (rec, kl) =
+            if per_image_mean { (ops::scale(tape, rec, 1.0 / n), ops::scale(tape, kl, 1.0 / n)) } else { (rec, kl) };
+        let weighted_kl = if kl_weight == 1.0 { kl } else { ops::scale(tape, kl, kl_weight) };
+        let loss = ops::add(tape, rec, weighted_kl);
+        VaeLoss { loss, recon: rec, kl }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn parameter_names_and_counts_match_pytorch() {
+        let be = Cpu::<f32>::default();
+        let mut store = ParamStore::default();
+        Vae::new(ModelConfig::mnist(Arch::Mlp), &mut store, &be, 0);
+        assert_eq!(
+            store.names,
+            [
+                "fc1.weight",
+                "fc1.bias",
+                "fc21.weight",
+                "fc21.bias",
+                "fc22.weight",
+                "fc22.bias",
+                "fc3.weight",
+                "fc3.bias",
+                "fc4.weight",
+                "fc4.bias"
+            ]
+        );
+        // sum(p.numel() for p in VAE().parameters()) in pytorch/examples
+        assert_eq!(store.trainable_count(), 652_824);
+
+        let mut store = ParamStore::default();
+        Vae::new(ModelConfig::mnist(Arch::Conv), &mut store, &be, 0);
+        assert!(store.find("encoder.fc1.weight").is_some() && store.find("decoder.conv3.bias").is_some());
+        // The seed conv VAE, layer by layer: convs 320 + 18,496 + 73,856; fc1 1,605,888;
+        // heads 2·5,140; decoder fc 5,376 + 1,611,904; transposed convs 73,792 + 18,464 + 289.
+        assert_eq!(store.trainable_count(), 3_418_665);
+
+        let mut store = ParamStore::default();
+        Vae::new(ModelConfig::mnist(Arch::ConvBn), &mut store, &be, 0);
+        for name in ["encoder.2.1.running_var", "fc_var.bias", "decoder.1.0.weight", "final_layer.3.weight"] {
+            assert!(store.find(name).is_some(), "{name} missing");
+        }
+        assert!(store.counters.contains_key("final_layer.1.num_batches_tracked"));
+    }
+}

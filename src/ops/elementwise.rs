@@ -1,0 +1,131 @@
+//! Small ops the models and losses are built from: `add`, `mul`, `scale`, `sum`, `mean`,
+//! `reshape`/`flatten`. PyTorch semantics (same-shape tensors; no broadcasting is needed).
+
+use rayon::prelude::*;
+
+use crate::backend::Backend;
+use crate::ops::PAR_MIN;
+use crate::tape::{Tape, Var};
+use crate::tensor::{numel, Float, Tensor};
+
+// ---- CPU reference ----
+
+pub fn cpu_mul<E: Float>(a: &[E], b: &[E], y: &mut [E]) {
+    y.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, y)| *y = a[i] * b[i]);
+}
+pub fn cpu_mul_accumulate<E: Float>(a: &[E], b: &[E], out: &mut [E]) {
+    out.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, o)| *o += a[i] * b[i]);
+}
+pub fn cpu_axpy<E: Float>(alpha: E, x: &[E], y: &mut [E]) {
+    y.par_iter_mut().with_min_len(PAR_MIN).zip(x).for_each(|(y, &x)| *y += alpha * x);
+}
+
+/// Chunk size of every CPU reduction: partial sums of fixed chunks (in f64), then the chunk
+/// sums in order, so the result never depends on the thread count.
+pub const REDUCE_CHUNK: usize = 4096;
+
+/// Σᵢ f(i) over 0..n, deterministic and parallel.
+pub fn cpu_reduce(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+    let chunks: Vec<f64> = (0..n.div_ceil(REDUCE_CHUNK))
+        .into_par_iter()
+        .map(|c| (c * REDUCE_CHUNK..((c + 1) * REDUCE_CHUNK).min(n)).map(&f).sum())
+        .collect();
+    chunks.into_iter().sum()
+}
+
+pub fn cpu_sum<E: Float>(x: &[E]) -> E {
+    E::of(cpu_reduce(x.len(), |i| x[i].f64()))
+}
+
+// ---- on the tape ----
+
+/// a ⊙ b (same shapes).
+pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
+    assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
+    let mut y = Tensor::zeros(&tape.backend, tape.shape(a));
+    tape.backend.mul(&tape.value(a).buf, &tape.value(b).buf, &mut y.buf);
+    tape.record1(&[a, b], y, move |ctx, dy| {
+        let be = ctx.backend;
+        let (at, bt) = (ctx.value(a), ctx.value(b));
+        if let Some(da) = ctx.grad(a) {
+            be.mul_accumulate(&dy.buf, &bt.buf, &mut da.buf);
+        }
+        if let Some(db) = ctx.grad(b) {
+            be.mul_accumulate(&dy.buf, &at.buf, &mut db.buf);
+        }
+    })
+}
+
+/// a + b (same shapes).
+pub fn add<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
+    assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
+    let mut y = tape.value(a).duplicate(&tape.backend);
+    tape.backend.axpy(B::E::of(1.0), &tape.value(b).buf, &mut y.buf);
+    tape.record1(&[a, b], y, move |ctx, dy| {
+        let be = ctx.backend;
+        for v in [a, b] {
+            if let Some(dv) = ctx.grad(v) {
+                be.axpy(B::E::of(1.0), &dy.buf, &mut dv.buf);
+            }
+        }
+    })
+}
+
+/// alpha · x.
+pub fn scale<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
+    let mut y = Tensor::zeros(&tape.backend, tape.shape(x));
+    tape.backend.axpy(B::E::of(alpha), &tape.value(x).buf, &mut y.buf);
+    tape.record1(&[x], y, move |ctx, dy| {
+        let be = ctx.backend;
+        if let Some(dx) = ctx.grad(x) {
+            be.axpy(B::E::of(alpha), &dy.buf, &mut dx.buf);
+        }
+    })
+}
+
+/// Σ of all elements, as a [1] tensor.
+pub fn sum<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    sum_scaled(tape, x, 1.0)
+}
+
+/// Mean of all elements, as a [1] tensor.
+pub fn mean<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    let n = numel(tape.shape(x));
+    sum_scaled(tape, x, 1.0 / n as f64)
+}
+
+fn sum_scaled<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
+    let mut y = Tensor::zeros(&tape.backend, &[1]);
+    tape.backend.sum(&tape.value(x).buf, &mut y.buf);
+    if alpha != 1.0 {
+        let mut t = tape.backend.zeros(1);
+        tape.backend.axpy(B::E::of(alpha), &y.buf, &mut t);
+        y.buf = t;
+    }
+    tape.record1(&[x], y, move |ctx, dy| {
+        let be = ctx.backend;
+        if let Some(dx) = ctx.grad(x) {
+            be.broadcast_scalar_accumulate(&dy.buf, B::E::of(alpha), &mut dx.buf);
+        }
+    })
+}
+
+/// The same elements under a new shape (`view`/`reshape` of a contiguous tensor).
+pub fn reshape<B: Backend>(tape: &mut Tape<B>, x: Var, shape: &[usize]) -> Var {
+    assert_eq!(numel(shape), numel(tape.shape(x)), "reshape: {:?} has a different size than {shape:?}", tape.shape(x));
+    let mut y = tape.value(x).duplicate(&tape.backend);
+    y.shape = shape.to_vec();
+    tape.record1(&[x], y, move |ctx, dy| {
+        let be = ctx.backend;
+        if let Some(dx) = ctx.grad(x) {
+            be.axpy(B::E::of(1.0), &dy.buf, &mut dx.buf);
+        }
+    })
+}
+
+/// [n, ...] → [n, rest].
+pub fn flatten<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    let s = tape.shape(x);
+    let shape = [s[0], s[1..].iter().product()];
+    reshape(tape, x, &shape)
+}

@@ -1,0 +1,125 @@
+//! Reconstruction losses, with `torch.nn.functional`'s definitions:
+//! - `bce(p, t)` = −Σ [t·max(log p, −100) + (1 − t)·max(log(1 − p), −100)] on probabilities
+//!   p; its gradient is PyTorch's: (p − t) / max(p·(1 − p), 1e-12).
+//! - `bce_with_logits(x, t)` = Σ [max(x, 0) − x·t + log(1 + e^{−|x|})] (the stable form);
+//!   gradient σ(x) − t.
+//! - `mse(x, t)` = Σ (x − t)²; gradient 2(x − t).
+//!
+//! Each is a sum over all elements; `Reduction::Mean` divides by the element count,
+//! as `reduction='mean'` does.
+
+use crate::backend::{Backend, Recon};
+use crate::ops::elementwise::{cpu_reduce, scale};
+use crate::ops::PAR_MIN;
+use crate::tape::{Tape, Var};
+use crate::tensor::{numel, Float, Tensor};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    Sum,
+    Mean,
+}
+
+/// PyTorch clamps each log term of BCE at −100 so p = 0 or 1 gives a finite loss.
+pub const BCE_LOG_CLAMP: f64 = -100.0;
+/// PyTorch's floor on p·(1 − p) in the BCE gradient.
+pub const BCE_GRAD_EPS: f64 = 1e-12;
+
+/// The loss of one element (the truth in f64; kernels repeat it).
+pub fn elementwise_loss(kind: Recon, x: f64, t: f64) -> f64 {
+    match kind {
+        Recon::Bce => -(t * x.ln().max(BCE_LOG_CLAMP) + (1.0 - t) * (1.0 - x).ln().max(BCE_LOG_CLAMP)),
+        Recon::BceWithLogits => x.max(0.0) - x * t + (-x.abs()).exp().ln_1p(),
+        Recon::Mse => (x - t) * (x - t),
+    }
+}
+
+/// ∂loss/∂x of one element.
+pub fn elementwise_grad(kind: Recon, x: f64, t: f64) -> f64 {
+    match kind {
+        Recon::Bce => (x - t) / (x * (1.0 - x)).max(BCE_GRAD_EPS),
+        Recon::BceWithLogits => 1.0 / (1.0 + (-x).exp()) - t,
+        Recon::Mse => 2.0 * (x - t),
+    }
+}
+
+// ---- CPU reference ----
+
+pub fn cpu_forward<E: Float>(kind: Recon, x: &[E], t: &[E]) -> E {
+    E::of(cpu_reduce(x.len(), |i| elementwise_loss(kind, x[i].f64(), t[i].f64())))
+}
+
+pub fn cpu_backward<E: Float>(kind: Recon, x: &[E], t: &[E], dout: E, dx: &mut [E]) {
+    let g = dout.f64();
+    dx.par_iter_mut()
+        .with_min_len(PAR_MIN)
+        .enumerate()
+        .for_each(|(i, d)| *d += E::of(g * elementwise_grad(kind, x[i].f64(), t[i].f64())));
+}
+
+// ---- on the tape ----
+
+/// The chosen reconstruction loss of x against a target (no gradient flows to the target).
+pub fn recon_loss<B: Backend>(tape: &mut Tape<B>, kind: Recon, x: Var, target: Var, reduction: Reduction) -> Var {
+    assert_eq!(tape.shape(x), tape.shape(target), "{kind:?}: input and target shapes differ");
+    let mut out = Tensor::zeros(&tape.backend, &[1]);
+    tape.backend.recon_loss_forward(kind, &tape.value(x).buf, &tape.value(target).buf, &mut out.buf);
+    let total = tape.record1(&[x], out, move |ctx, dout| {
+        let be = ctx.backend;
+        let tt = ctx.value(target);
+        let xt = ctx.value(x);
+        if let Some(dx) = ctx.grad(x) {
+            be.recon_loss_backward(kind, &xt.buf, &tt.buf, &dout.buf, &mut dx.buf);
+        }
+    });
+    match reduction {
+        Reduction::Sum => total,
+        Reduction::Mean => {
+            let n = numel(tape.shape(x));
+            scale(tape, total, 1.0 / n as f64)
+        }
+    }
+}
+
+pub fn bce<B: Backend>(tape: &mut Tape<B>, p: Var, target: Var, reduction: Reduction) -> Var {
+    recon_loss(tape, Recon::Bce, p, target, reduction)
+}
+pub fn bce_with_logits<B: Backend>(tape: &mut Tape<B>, x: Var, target: Var, reduction: Reduction) -> Var {
+    recon_loss(tape, Recon::BceWithLogits, x, target, reduction)
+}
+pub fn mse<B: Backend>(tape: &mut Tape<B>, x: Var, target: Var, reduction: Reduction) -> Var {
+    recon_loss(tape, Recon::Mse, x, target, reduction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bce_clamps_log_at_minus_100() {
+        // p = 0 with target 1: −log 0 = ∞ in exact math, 100 in PyTorch.
+        assert_eq!(elementwise_loss(Recon::Bce, 0.0, 1.0), 100.0);
+        assert_eq!(elementwise_loss(Recon::Bce, 1.0, 0.0), 100.0);
+        // p = 1, t = 1: exactly 0 (the clamped (1 − t)·log(0) term is multiplied by 0).
+        assert_eq!(elementwise_loss(Recon::Bce, 1.0, 1.0), 0.0);
+        // p = 0.25, t = 1: −ln 0.25 = 2 ln 2.
+        assert!((elementwise_loss(Recon::Bce, 0.25, 1.0) - 2.0 * 2f64.ln()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn bce_with_logits_agrees_with_bce_of_sigmoid_and_is_stable() {
+        for &(x, t) in &[(0.3f64, 0.2f64), (-2.0, 0.9), (4.0, 0.0)] {
+            let p: f64 = 1.0 / (1.0 + (-x).exp());
+            assert!((elementwise_loss(Recon::BceWithLogits, x, t) - elementwise_loss(Recon::Bce, p, t)).abs() < 1e-12);
+        }
+        // Large logits: the naive form overflows, the stable one gives the exact linear tail.
+        assert_eq!(elementwise_loss(Recon::BceWithLogits, 1000.0, 0.0), 1000.0);
+        assert_eq!(elementwise_loss(Recon::BceWithLogits, -1000.0, 1.0), 1000.0);
+    }
+
+    #[test]
+    fn mse_by_hand() {
+        assert_eq!(cpu_forward(Recon::Mse, &[1.0f64, 2.0], &[0.0, 4.0]), 5.0);
+    }
+}

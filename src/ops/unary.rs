@@ -1,0 +1,118 @@
+//! Activations, PyTorch's definitions:
+//! - `relu`: y = x if x > 0 else 0; dx = dy where y > 0.
+//! - `sigmoid`: y = 1/(1 + e^{−x}); dx = dy·y·(1 − y).
+//! - `tanh`: dx = dy·(1 − y²).
+//! - `leaky_relu(slope)`: y = x if x > 0 else slope·x; dx = dy if x > 0 else slope·dy.
+//!
+//! The math is written once here as `f`/`df`; `kernels/elementwise.cu` repeats it for CUDA.
+
+use rayon::prelude::*;
+
+use crate::backend::Backend;
+use crate::ops::PAR_MIN;
+use crate::tape::{Tape, Var};
+use crate::tensor::{Float, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    Sigmoid,
+    Tanh,
+    LeakyRelu(f64),
+}
+
+impl Unary {
+    #[inline]
+    pub fn f<E: Float>(self, x: E) -> E {
+        match self {
+            Unary::Relu => {
+                if x > E::zero() {
+                    x
+                } else {
+                    E::zero()
+                }
+            }
+            Unary::Sigmoid => E::one() / (E::one() + (-x).exp()),
+            Unary::Tanh => x.tanh(),
+            Unary::LeakyRelu(s) => {
+                if x > E::zero() {
+                    x
+                } else {
+                    x * E::of(s)
+                }
+            }
+        }
+    }
+    /// dy·f'(x), from x and y = f(x).
+    #[inline]
+    pub fn df<E: Float>(self, x: E, y: E, dy: E) -> E {
+        match self {
+            Unary::Relu => {
+                if y > E::zero() {
+                    dy
+                } else {
+                    E::zero()
+                }
+            }
+            Unary::Sigmoid => dy * y * (E::one() - y),
+            Unary::Tanh => dy * (E::one() - y * y),
+            Unary::LeakyRelu(s) => {
+                if x > E::zero() {
+                    dy
+                } else {
+                    dy * E::of(s)
+                }
+            }
+        }
+    }
+}
+
+pub fn cpu_forward<E: Float>(op: Unary, x: &[E], y: &mut [E]) {
+    y.par_iter_mut().with_min_len(PAR_MIN).zip(x).for_each(|(y, &x)| *y = op.f(x));
+}
+
+pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E]) {
+    dx.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, dx)| *dx += op.df(x[i], y[i], dy[i]));
+}
+
+/// Applies `op` elementwise.
+pub fn unary<B: Backend>(tape: &mut Tape<B>, op: Unary, x: Var) -> Var {
+    let mut y = Tensor::zeros(&tape.backend, tape.shape(x));
+    tape.backend.unary_forward(op, &tape.value(x).buf, &mut y.buf);
+    let yv = tape.next_var();
+    tape.record1(&[x], y, move |ctx, dy| {
+        let be = ctx.backend;
+        let (xt, yt) = (ctx.value(x), ctx.value(yv));
+        if let Some(dx) = ctx.grad(x) {
+            be.unary_backward(op, &xt.buf, &yt.buf, &dy.buf, &mut dx.buf);
+        }
+    })
+}
+
+pub fn relu<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    unary(tape, Unary::Relu, x)
+}
+pub fn sigmoid<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    unary(tape, Unary::Sigmoid, x)
+}
+pub fn tanh<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
+    unary(tape, Unary::Tanh, x)
+}
+pub fn leaky_relu<B: Backend>(tape: &mut Tape<B>, x: Var, slope: f64) -> Var {
+    unary(tape, Unary::LeakyRelu(slope), x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_by_hand() {
+        assert_eq!(Unary::Relu.f(-2.0f64), 0.0);
+        assert_eq!(Unary::Relu.f(3.0f64), 3.0);
+        assert_eq!(Unary::Sigmoid.f(0.0f64), 0.5);
+        assert!((Unary::Sigmoid.f(2.0f64) - 0.8807970779778823).abs() < 1e-15);
+        assert!((Unary::Tanh.f(0.5f64) - 0.46211715726000974).abs() < 1e-15);
+        assert_eq!(Unary::LeakyRelu(0.2).f(-5.0f64), -1.0);
+    }
+}

@@ -1,0 +1,247 @@
+//! The autograd tape, micrograd-style: every op pushes its output values and a closure that,
+//! given the gradients of those outputs, adds into the gradients of its inputs. `backward` runs
+//! the closures once, in reverse. Nothing else lives here.
+//!
+//! Parameters are not on the tape: they live in a [`ParamStore`] that the tape borrows for one
+//! step, so the optimizer can update them once the tape is dropped. Dropping the tape frees
+//! every activation of the step, so each step starts clean.
+
+use crate::backend::Backend;
+use crate::tensor::{numel, Float, Tensor};
+
+/// A handle to a value: an activation on the tape, or a parameter in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Var {
+    Value(usize),
+    Param(usize),
+}
+
+pub type ParamId = usize;
+
+/// Named tensors: trainable parameters and non-trainable state (batch-norm running statistics).
+/// Names are those of the PyTorch `state_dict`, so they double as checkpoint tensor names.
+pub struct ParamStore<B: Backend> {
+    pub names: Vec<String>,
+    pub values: Vec<Tensor<B>>,
+    pub grads: Vec<Option<Tensor<B>>>,
+    pub trainable: Vec<bool>,
+    /// Integer state kept on the host (batch norm's `num_batches_tracked`), by name.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl<B: Backend> Default for ParamStore<B> {
+    fn default() -> Self {
+        ParamStore { names: vec![], values: vec![], grads: vec![], trainable: vec![], counters: Default::default() }
+    }
+}
+
+impl<B: Backend> ParamStore<B> {
+    pub fn add(&mut self, name: &str, value: Tensor<B>, trainable: bool) -> ParamId {
+        assert!(self.find(name).is_none(), "duplicate parameter name {name}");
+        self.names.push(name.to_string());
+        self.values.push(value);
+        self.grads.push(None);
+        self.trainable.push(trainable);
+        self.names.len() - 1
+    }
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.names.iter().position(|n| n == name)
+    }
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+    /// Number of trainable scalars.
+    pub fn trainable_count(&self) -> usize {
+        (0..self.len()).filter(|&i| self.trainable[i]).map(|i| self.values[i].numel()).sum()
+    }
+    /// Sets every existing gradient to zero (buffers are kept, so a step allocates nothing).
+    pub fn zero_grads(&mut self, backend: &B) {
+        for g in self.grads.iter_mut().flatten() {
+            backend.fill(&mut g.buf, B::E::of(0.0));
+        }
+    }
+}
+
+type BackwardFn<B> = Box<dyn FnOnce(&mut BackwardCtx<'_, B>, &[Option<Tensor<B>>])>;
+
+struct Node<B: Backend> {
+    outputs: Vec<usize>,
+    backward: BackwardFn<B>,
+}
+
+/// What a backward closure sees: values (read-only) and gradient slots (created zeroed on
+/// first use, so closures always accumulate).
+pub struct BackwardCtx<'a, B: Backend> {
+    pub backend: &'a B,
+    values: &'a [Tensor<B>],
+    param_values: &'a [Tensor<B>],
+    grads: &'a mut [Option<Tensor<B>>],
+    param_grads: &'a mut [Option<Tensor<B>>],
+    needs_grad: &'a [bool],
+    trainable: &'a [bool],
+}
+
+impl<'a, B: Backend> BackwardCtx<'a, B> {
+    pub fn value(&self, v: Var) -> &'a Tensor<B> {
+        match v {
+            Var::Value(i) => &self.values[i],
+            Var::Param(i) => &self.param_values[i],
+        }
+    }
+    /// The gradient slot of `v`, or `None` when nobody asked for that gradient.
+    pub fn grad(&mut self, v: Var) -> Option<&mut Tensor<B>> {
+        let (slot, shape) = match v {
+            Var::Value(i) if self.needs_grad[i] => (&mut self.grads[i], &self.values[i].shape),
+            Var::Param(i) if self.trainable[i] => (&mut self.param_grads[i], &self.param_values[i].shape),
+            _ => return None,
+        };
+        let backend = self.backend;
+        Some(slot.get_or_insert_with(|| Tensor::zeros(backend, shape)))
+    }
+}
+
+pub struct Tape<'p, B: Backend> {
+    pub backend: B,
+    pub params: &'p mut ParamStore<B>,
+    values: Vec<Tensor<B>>,
+    needs_grad: Vec<bool>,
+    grads: Vec<Option<Tensor<B>>>,
+    nodes: Vec<Node<B>>,
+    grad_enabled: bool,
+    /// Training mode (batch norm uses batch statistics and updates running ones).
+    pub training: bool,
+}
+
+impl<'p, B: Backend> Tape<'p, B> {
+    /// A tape that records for backward; `training` selects batch-norm behaviour.
+    pub fn new(backend: &B, params: &'p mut ParamStore<B>, training: bool) -> Self {
+        Tape {
+            backend: backend.clone(),
+            params,
+            values: vec![],
+            needs_grad: vec![],
+            grads: vec![],
+            nodes: vec![],
+            grad_enabled: true,
+            training,
+        }
+    }
+    /// Evaluation: eval-mode batch norm, and no backward closures are recorded.
+    pub fn no_grad(backend: &B, params: &'p mut ParamStore<B>) -> Self {
+        let mut t = Self::new(backend, params, false);
+        t.grad_enabled = false;
+        t
+    }
+
+    pub fn param(&self, id: ParamId) -> Var {
+        Var::Param(id)
+    }
+    /// A data input; no gradient is computed for it.
+    pub fn input(&mut self, t: Tensor<B>) -> Var {
+        self.push_value(t, false)
+    }
+    /// An input whose gradient `backward` fills (read it with [`Tape::grad`]).
+    pub fn input_with_grad(&mut self, t: Tensor<B>) -> Var {
+        let g = self.grad_enabled;
+        self.push_value(t, g)
+    }
+    fn push_value(&mut self, t: Tensor<B>, needs_grad: bool) -> Var {
+        self.values.push(t);
+        self.needs_grad.push(needs_grad);
+        self.grads.push(None);
+        Var::Value(self.values.len() - 1)
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor<B> {
+        match v {
+            Var::Value(i) => &self.values[i],
+            Var::Param(i) => &self.params.values[i],
+        }
+    }
+    pub fn shape(&self, v: Var) -> &[usize] {
+        &self.value(v).shape
+    }
+    pub fn to_host(&self, v: Var) -> Vec<B::E> {
+        self.value(v).to_host(&self.backend)
+    }
+    pub fn requires_grad(&self, v: Var) -> bool {
+        match v {
+            Var::Value(i) => self.needs_grad[i],
+            Var::Param(i) => self.grad_enabled && self.params.trainable[i],
+        }
+    }
+    /// The handle the next recorded output will get, so a backward closure can read its own
+    /// output (sigmoid's derivative is written in terms of y).
+    pub fn next_var(&self) -> Var {
+        Var::Value(self.values.len())
+    }
+    /// Number of recorded backward closures (0 under `no_grad`).
+    pub fn recorded(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Records an op: its output tensors and the closure that propagates their gradients.
+    /// The closure is dropped unread when no input needs a gradient.
+    pub fn record(
+        &mut self,
+        inputs: &[Var],
+        outputs: Vec<Tensor<B>>,
+        backward: impl FnOnce(&mut BackwardCtx<'_, B>, &[Option<Tensor<B>>]) + 'static,
+    ) -> Vec<Var> {
+        let needs = self.grad_enabled && inputs.iter().any(|&v| self.requires_grad(v));
+        let vars: Vec<Var> = outputs.into_iter().map(|t| self.push_value(t, needs)).collect();
+        if needs {
+            let outputs = vars.iter().map(|v| if let Var::Value(i) = v { *i } else { unreachable!() }).collect();
+            self.nodes.push(Node { outputs, backward: Box::new(backward) });
+        }
+        vars
+    }
+    /// `record` for the common single-output op.
+    pub fn record1(
+        &mut self,
+        inputs: &[Var],
+        output: Tensor<B>,
+        backward: impl FnOnce(&mut BackwardCtx<'_, B>, &Tensor<B>) + 'static,
+    ) -> Var {
+        self.record(inputs, vec![output], move |ctx, g| {
+            if let Some(dy) = &g[0] {
+                backward(ctx, dy)
+            }
+        })[0]
+    }
+
+    /// Fills the gradient of every trainable parameter (accumulating into the store's
+    /// gradient buffers) and of every input that asked, from a scalar `loss`.
+    pub fn backward(&mut self, loss: Var) {
+        let Var::Value(li) = loss else { panic!("backward needs a computed loss, not a parameter") };
+        assert_eq!(numel(&self.values[li].shape), 1, "backward needs a scalar loss");
+        assert!(self.needs_grad[li], "the loss does not depend on anything that needs a gradient");
+        self.grads[li] = Some(Tensor::from_host(&self.backend, &[1], &[B::E::of(1.0)]));
+        let nodes = std::mem::take(&mut self.nodes);
+        let mut ctx = BackwardCtx {
+            backend: &self.backend,
+            values: &self.values,
+            param_values: &self.params.values,
+            grads: &mut self.grads,
+            param_grads: &mut self.params.grads,
+            needs_grad: &self.needs_grad,
+            trainable: &self.params.trainable,
+        };
+        for node in nodes.into_iter().rev() {
+            let out_grads: Vec<Option<Tensor<B>>> = node.outputs.iter().map(|&i| ctx.grads[i].take()).collect();
+            if out_grads.iter().any(Option::is_some) {
+                (node.backward)(&mut ctx, &out_grads);
+            }
+        }
+    }
+    /// Gradient of an input recorded with [`Tape::input_with_grad`], after `backward`.
+    pub fn grad(&self, v: Var) -> Option<&Tensor<B>> {
+        match v {
+            Var::Value(i) => self.grads[i].as_ref(),
+            Var::Param(i) => self.params.grads[i].as_ref(),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! One training step and one evaluation batch, device-agnostic: what the CLI, the benches and
+//! the tests all drive. Epoch loops, progress bars and checkpoints live in the CLI.
+
+use crate::backend::{Backend, Recon};
+use crate::nn::{ModelConfig, Vae};
+use crate::optim::{Adam, AdamConfig};
+use crate::rng::Rng;
+use crate::tape::{ParamStore, Tape};
+use crate::tensor::{Float, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct LossConfig {
+    pub recon: Recon,
+    /// Divide reconstruction and KL by the batch size (`--reduction mean`); otherwise sums.
+    pub per_image_mean: bool,
+}
+
+impl Default for LossConfig {
+    /// The tutorials' objective: BCE summed over pixels and images, plus the summed KL.
+    fn default() -> Self {
+        LossConfig { recon: Recon::Bce, per_image_mean: false }
+    }
+}
+
+/// Losses of one batch, as host numbers (sums over the batch unless per-image mean was asked).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchLoss {
+    pub loss: f64,
+    pub recon: f64,
+    pub kl: f64,
+}
+
+/// The loss became NaN or infinite; the step was not applied.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    pub step: u64,
+    pub loss: f64,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the loss became {} at step {}; weights were left as they were before that step",
+            self.loss, self.step
+        )
+    }
+}
+impl std::error::Error for NonFiniteLoss {}
+
+pub struct Trainer<B: Backend> {
+    pub backend: B,
+    pub model: Vae,
+    pub store: ParamStore<B>,
+    pub adam: Adam<B>,
+    pub loss: LossConfig,
+    /// Source of the reparameterization noise.
+    pub noise: Rng,
+}
+
+impl<B: Backend> Trainer<B> {
+    pub fn new(backend: B, config: ModelConfig, loss: LossConfig, adam: AdamConfig, seed: u64) -> Self {
+        let mut store = ParamStore::default();
+        let model = Vae::new(config, &mut store, &backend, seed);
+        let adam = Adam::new(adam, &backend, &store);
+        Trainer { backend, model, store, adam, loss, noise: Rng::new(seed ^ 0x05EE_D0FA_015E) }
+    }
+
+    /// Standard-normal noise [n, z] for the reparameterization.
+    pub fn draw_noise(&mut self, n: usize) -> Tensor<B> {
+        let z = self.model.config.latent;
+        let eps: Vec<B::E> = (0..n * z).map(|_| B::E::of(self.noise.normal())).collect();
+        Tensor::from_host(&self.backend, &[n, z], &eps)
+    }
+
+    /// Forward, backward and one Adam update on a batch x [n, c, h, w].
+    pub fn step(&mut self, x: Tensor<B>, kl_weight: f64) -> Result<BatchLoss, NonFiniteLoss> {
+        let n = x.shape[0];
+        let eps = self.draw_noise(n);
+        self.store.zero_grads(&self.backend);
+        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
+        let stats = {
+            let mut tape = Tape::new(&self.backend, &mut self.store, true);
+            let (xv, ev) = (tape.input(x), tape.input(eps));
+            let l = self.model.loss(&mut tape, xv, ev, recon, mean, kl_weight);
+            let stats = read_loss(&tape, l);
+            if !stats.loss.is_finite() {
+                return Err(NonFiniteLoss { step: self.adam.step + 1, loss: stats.loss });
+            }
+            tape.backward(l.loss);
+            stats
+        };
+        self.adam.step(&self.backend, &mut self.store);
+        Ok(stats)
+    }
+
+    /// The loss of a batch in eval mode (batch norm on running statistics), recording nothing.
+    pub fn evaluate(&mut self, x: Tensor<B>) -> BatchLoss {
+        let n = x.shape[0];
+        let eps = self.draw_noise(n);
+        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
+        let mut tape = Tape::no_grad(&self.backend, &mut self.store);
+        let (xv, ev) = (tape.input(x), tape.input(eps));
+        let l = self.model.loss(&mut tape, xv, ev, recon, mean, 1.0);
+        read_loss(&tape, l)
+    }
+}
+
+fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
+    BatchLoss {
+        loss: tape.to_host(l.loss)[0].f64(),
+        recon: tape.to_host(l.recon)[0].f64(),
+        kl: tape.to_host(l.kl)[0].f64(),
+    }
+}
