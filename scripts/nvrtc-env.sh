@@ -27,7 +27,7 @@ elif ! nvrtc_loadable; then
   dir=$(nvrtc_dir_of_python "$PWD/.cache/nvrtc" || true)
   if [ -z "$dir" ]; then
     echo "NVRTC not found: installing the nvidia-cuda-nvrtc wheel into .cache/nvrtc" >&2
-    python3 -m pip install --quiet --disable-pip-version-check --target .cache/nvrtc 'nvidia-cuda-nvrtc>=13,<14' >&2
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target .cache/nvrtc 'nvidia-cuda-nvrtc>=13,<14' >&2
     dir=$(nvrtc_dir_of_python "$PWD/.cache/nvrtc")
   fi
   export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
