@@ -75,11 +75,44 @@ pub fn gemm<E: Float>(
 
 /// y[o, c, i] += b[c]
 pub fn bias_add<E: Float>(y: &mut [E], b: &[E], outer: usize, channels: usize, inner: usize) {
-    debug_assert_eq!(y.len(), outer * channels * inner);
-    for (row, yr) in y.chunks_mut(inner).enumerate() {
-        let bc = b[row % channels];
-        yr.iter_mut().for_each(|v| *v += bc);
+    assert!(y.len() == outer * channels * inner && b.len() == channels, "bias_add: shapes differ");
+    for row in y.chunks_exact_mut(channels * inner) {
+        if inner == 1 {
+            row.iter_mut().zip(b).for_each(|(v, &bc)| *v += bc);
+        } else {
+            for (plane, &bc) in row.chunks_exact_mut(inner).zip(b) {
+                plane.iter_mut().for_each(|v| *v += bc);
+            }
+        }
     }
+}
+
+/// db[c] += Σ_{o,i} dy[o, c, i], in f64, rows taken in order (deterministic whatever the
+/// thread count). Channels are split into blocks, one task each, and every task walks the rows
+/// front to back so its reads stay contiguous: with inner = 1 (a linear layer's bias) a
+/// channel-at-a-time loop would stride across rows and cost more than the GEMMs around it.
+pub fn bias_backward<E: Float>(dy: &[E], db: &mut [E], outer: usize, channels: usize, inner: usize) {
+    use rayon::prelude::*;
+    debug_assert_eq!(dy.len(), outer * channels * inner);
+    let block = channels.div_ceil(rayon::current_num_threads()).max(1);
+    let block = if dy.len() < 1 << 16 { channels.max(1) } else { block };
+    db.par_chunks_mut(block).enumerate().for_each(|(bi, db)| {
+        let c0 = bi * block;
+        let mut sums = vec![0.0f64; db.len()];
+        for o in 0..outer {
+            let row = &dy[(o * channels + c0) * inner..][..db.len() * inner];
+            if inner == 1 {
+                sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.f64());
+            } else {
+                for (s, plane) in sums.iter_mut().zip(row.chunks_exact(inner)) {
+                    *s += plane.iter().map(|v| v.f64()).sum::<f64>();
+                }
+            }
+        }
+        for (d, s) in db.iter_mut().zip(sums) {
+            *d += E::of(s);
+        }
+    });
 }
 
 impl<E: Float> Backend for Cpu<E> {
@@ -126,17 +159,7 @@ impl<E: Float> Backend for Cpu<E> {
         bias_add(y, b, outer, channels, inner)
     }
     fn bias_backward(&self, dy: &Vec<E>, db: &mut Vec<E>, outer: usize, channels: usize, inner: usize) {
-        use rayon::prelude::*;
-        // One task per channel, rows summed in order: deterministic.
-        let sums: Vec<f64> = (0..channels)
-            .into_par_iter()
-            .map(|c| {
-                (0..outer).map(|o| dy[(o * channels + c) * inner..][..inner].iter().map(|v| v.f64()).sum::<f64>()).sum()
-            })
-            .collect();
-        for (d, s) in db.iter_mut().zip(sums) {
-            *d += E::of(s);
-        }
+        bias_backward(dy, db, outer, channels, inner)
     }
     fn conv2d_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: Conv2dDims) {
         conv2d::cpu_forward(x, w, b.map(|b| &b[..]), y, d)

@@ -4,20 +4,29 @@
 use rayon::prelude::*;
 
 use crate::backend::Backend;
-use crate::ops::PAR_MIN;
+use crate::ops::{simd, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
 
 // ---- CPU reference ----
 
+/// out[i] = f(out[i], a[i], b[i]) over chunks in parallel, vectorized (see `ops::simd`).
+fn zip3<E: Float>(out: &mut [E], a: &[E], b: &[E], f: impl Fn(E, E, E) -> E + Sync) {
+    assert!(a.len() == out.len() && b.len() == out.len(), "elementwise: lengths differ");
+    out.par_chunks_mut(PAR_MIN)
+        .zip(a.par_chunks(PAR_MIN))
+        .zip(b.par_chunks(PAR_MIN))
+        .for_each(|((o, a), b)| simd(|| o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
+}
+
 pub fn cpu_mul<E: Float>(a: &[E], b: &[E], y: &mut [E]) {
-    y.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, y)| *y = a[i] * b[i]);
+    zip3(y, a, b, |_, a, b| a * b);
 }
 pub fn cpu_mul_accumulate<E: Float>(a: &[E], b: &[E], out: &mut [E]) {
-    out.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, o)| *o += a[i] * b[i]);
+    zip3(out, a, b, |o, a, b| o + a * b);
 }
 pub fn cpu_axpy<E: Float>(alpha: E, x: &[E], y: &mut [E]) {
-    y.par_iter_mut().with_min_len(PAR_MIN).zip(x).for_each(|(y, &x)| *y += alpha * x);
+    zip3(y, x, x, |y, x, _| y + alpha * x);
 }
 
 /// Chunk size of every CPU reduction: partial sums of fixed chunks (in f64), then the chunk

@@ -10,7 +10,7 @@
 
 use crate::backend::{Backend, Recon};
 use crate::ops::elementwise::{cpu_reduce, scale};
-use crate::ops::PAR_MIN;
+use crate::ops::{simd, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
 use rayon::prelude::*;
@@ -36,6 +36,7 @@ pub fn elementwise_loss(kind: Recon, x: f64, t: f64) -> f64 {
 }
 
 /// ∂loss/∂x of one element.
+#[inline(always)]
 pub fn elementwise_grad(kind: Recon, x: f64, t: f64) -> f64 {
     match kind {
         Recon::Bce => (x - t) / (x * (1.0 - x)).max(BCE_GRAD_EPS),
@@ -51,11 +52,15 @@ pub fn cpu_forward<E: Float>(kind: Recon, x: &[E], t: &[E]) -> E {
 }
 
 pub fn cpu_backward<E: Float>(kind: Recon, x: &[E], t: &[E], dout: E, dx: &mut [E]) {
+    assert!(x.len() == dx.len() && t.len() == dx.len(), "{kind:?}: lengths differ");
     let g = dout.f64();
-    dx.par_iter_mut()
-        .with_min_len(PAR_MIN)
-        .enumerate()
-        .for_each(|(i, d)| *d += E::of(g * elementwise_grad(kind, x[i].f64(), t[i].f64())));
+    dx.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).zip(t.par_chunks(PAR_MIN)).for_each(|((dx, x), t)| {
+        simd(|| {
+            for ((d, &x), &t) in dx.iter_mut().zip(x).zip(t) {
+                *d += E::of(g * elementwise_grad(kind, x.f64(), t.f64()));
+            }
+        })
+    });
 }
 
 // ---- on the tape ----

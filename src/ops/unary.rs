@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::backend::Backend;
-use crate::ops::PAR_MIN;
+use crate::ops::{simd, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
@@ -22,7 +22,7 @@ pub enum Unary {
 }
 
 impl Unary {
-    #[inline]
+    #[inline(always)]
     pub fn f<E: Float>(self, x: E) -> E {
         match self {
             Unary::Relu => {
@@ -44,7 +44,7 @@ impl Unary {
         }
     }
     /// dy·f'(x), from x and y = f(x).
-    #[inline]
+    #[inline(always)]
     pub fn df<E: Float>(self, x: E, y: E, dy: E) -> E {
         match self {
             Unary::Relu => {
@@ -68,11 +68,23 @@ impl Unary {
 }
 
 pub fn cpu_forward<E: Float>(op: Unary, x: &[E], y: &mut [E]) {
-    y.par_iter_mut().with_min_len(PAR_MIN).zip(x).for_each(|(y, &x)| *y = op.f(x));
+    assert_eq!(x.len(), y.len());
+    y.par_chunks_mut(PAR_MIN)
+        .zip(x.par_chunks(PAR_MIN))
+        .for_each(|(y, x)| simd(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y = op.f(x))));
 }
 
 pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E]) {
-    dx.par_iter_mut().with_min_len(PAR_MIN).enumerate().for_each(|(i, dx)| *dx += op.df(x[i], y[i], dy[i]));
+    assert!(x.len() == dx.len() && y.len() == dx.len() && dy.len() == dx.len());
+    let chunks =
+        dx.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).zip(y.par_chunks(PAR_MIN)).zip(dy.par_chunks(PAR_MIN));
+    chunks.for_each(|(((dx, x), y), dy)| {
+        simd(|| {
+            for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+                *dx += op.df(x, y, dy);
+            }
+        })
+    });
 }
 
 /// Applies `op` elementwise.
