@@ -57,6 +57,33 @@ impl ModelConfig {
     }
 }
 
+/// Checks what [`Vae::new`] would otherwise assert, so a bad flag or checkpoint is an error
+/// message rather than a panic.
+pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
+    use anyhow::ensure;
+    ensure!(c.channels > 0 && c.height > 0 && c.width > 0, "image shape {}×{}×{} is empty", c.channels, c.height, c.width);
+    ensure!(c.latent > 0, "the latent size must be at least 1");
+    match c.arch {
+        Arch::Mlp => ensure!(c.hidden > 0, "--hidden must be at least 1"),
+        Arch::Conv => {
+            let (h2, w2) = (down(c.height), down(c.width));
+            ensure!(
+                output_padding(down(h2), h2) == output_padding(down(w2), w2)
+                    && output_padding(h2, c.height) == output_padding(w2, c.width),
+                "conv needs height and width of the same parity at every stage (got {}×{})",
+                c.height,
+                c.width
+            );
+        }
+        Arch::ConvBn => {
+            ensure!(!c.hiddens.is_empty(), "conv-bn needs at least one width in --hiddens");
+            ensure!(c.hiddens.iter().all(|&h| h > 0), "--hiddens widths must be at least 1");
+            ensure!(c.height == c.width, "conv-bn expects square images, got {}×{}", c.height, c.width);
+        }
+    }
+    Ok(())
+}
+
 /// Output size of a 3×3, stride-2, pad-1 convolution.
 fn down(s: usize) -> usize {
     (s + 2 - 3) / 2 + 1
