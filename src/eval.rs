@@ -25,25 +25,9 @@ fn normals<B: Backend>(be: &B, rng: &mut Rng, shape: &[usize]) -> Tensor<B> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Mean negative ELBO per image over `data` (recon and KL summed over pixels and latents,
-    /// averaged over images), with reparameterization noise from `seed`: the number the
-    /// PyTorch example prints as "test set loss".
+    /// Mean negative ELBO per image over `data`; see [`elbo`].
     pub fn elbo(&mut self, data: &DeviceData<B>, recon: Recon, batch: usize, seed: u64) -> BatchLoss {
-        let mut rng = Rng::new(seed);
-        let mut total = BatchLoss::default();
-        let z = self.vae.config.latent;
-        for idx in data.epoch_batches(batch, None) {
-            let x = data.batch(&self.backend, &idx);
-            let eps = normals(&self.backend, &mut rng, &[idx.len(), z]);
-            let mut tape = Tape::no_grad(&self.backend, &mut self.store);
-            let (xv, ev) = (tape.input(x), tape.input(eps));
-            let l = self.vae.loss(&mut tape, xv, ev, recon, false, 1.0);
-            total.loss += tape.to_host(l.loss)[0].f64();
-            total.recon += tape.to_host(l.recon)[0].f64();
-            total.kl += tape.to_host(l.kl)[0].f64();
-        }
-        let n = data.len.max(1) as f64;
-        BatchLoss { loss: total.loss / n, recon: total.recon / n, kl: total.kl / n }
+        elbo(&self.backend, &self.vae, &mut self.store, data, recon, batch, seed)
     }
 
     /// (μ, log σ²) of a batch, on the host, each [n·z].
@@ -126,6 +110,35 @@ impl<B: Backend> Model<B> {
         }
         Ok(total / data.len.max(1) as f64)
     }
+}
+
+/// Mean negative ELBO per image over `data` (recon and KL summed over pixels and latents,
+/// averaged over images), with reparameterization noise from `seed`: the number the PyTorch
+/// example prints as "test set loss".
+pub fn elbo<B: Backend>(
+    be: &B,
+    vae: &Vae,
+    store: &mut ParamStore<B>,
+    data: &DeviceData<B>,
+    recon: Recon,
+    batch: usize,
+    seed: u64,
+) -> BatchLoss {
+    let mut rng = Rng::new(seed);
+    let mut total = BatchLoss::default();
+    let z = vae.config.latent;
+    for idx in data.epoch_batches(batch, None) {
+        let x = data.batch(be, &idx);
+        let eps = normals(be, &mut rng, &[idx.len(), z]);
+        let mut tape = Tape::no_grad(be, store);
+        let (xv, ev) = (tape.input(x), tape.input(eps));
+        let l = vae.loss(&mut tape, xv, ev, recon, false, 1.0);
+        total.loss += tape.to_host(l.loss)[0].f64();
+        total.recon += tape.to_host(l.recon)[0].f64();
+        total.kl += tape.to_host(l.kl)[0].f64();
+    }
+    let n = data.len.max(1) as f64;
+    BatchLoss { loss: total.loss / n, recon: total.recon / n, kl: total.kl / n }
 }
 
 fn softplus(x: f64) -> f64 {
