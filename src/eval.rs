@@ -12,6 +12,10 @@ use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
 use crate::train::BatchLoss;
 
+/// Seed of the reparameterization noise of test-set evaluations, both the per-epoch test loss
+/// of `vae train` and `vae eval`'s default, so the two print the same number for a checkpoint.
+pub const EVAL_SEED: u64 = 0;
+
 /// A model ready to run: backend, architecture and weights.
 pub struct Model<B: Backend> {
     pub backend: B,
