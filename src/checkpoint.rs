@@ -50,7 +50,11 @@ impl RawTensor {
     }
     /// An integer scalar (I64 or I32 storage, shape [] or [1]).
     pub fn to_i64(&self, name: &str) -> Result<i64> {
-        ensure!(self.shape.iter().product::<usize>() == 1, "tensor {name} should be a scalar, has shape {:?}", self.shape);
+        ensure!(
+            self.shape.iter().product::<usize>() == 1,
+            "tensor {name} should be a scalar, has shape {:?}",
+            self.shape
+        );
         Ok(match self.dtype {
             Dtype::I64 => i64::from_le_bytes(self.bytes[..8].try_into().unwrap()),
             Dtype::I32 => i32::from_le_bytes(self.bytes[..4].try_into().unwrap()) as i64,
@@ -74,7 +78,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Serializes named tensors with string metadata, atomically.
-pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, RawTensor>, metadata: HashMap<String, String>) -> Result<()> {
+pub fn write_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, RawTensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
@@ -229,12 +237,18 @@ pub fn save_optimizer<B: Backend>(
             t.insert(format!("v.{}", store.names[i]), RawTensor::from_floats(shape, &backend.download(v)));
         }
     }
-    let meta = HashMap::from([("vaecuda_optimizer".to_string(), state_json), ("adam_step".into(), adam.step.to_string())]);
+    let meta =
+        HashMap::from([("vaecuda_optimizer".to_string(), state_json), ("adam_step".into(), adam.step.to_string())]);
     write_tensors(path, &t, meta)
 }
 
 /// Restores what [`save_optimizer`] wrote; returns the JSON state blob.
-pub fn load_optimizer<B: Backend>(path: &Path, backend: &B, adam: &mut Adam<B>, store: &ParamStore<B>) -> Result<String> {
+pub fn load_optimizer<B: Backend>(
+    path: &Path,
+    backend: &B,
+    adam: &mut Adam<B>,
+    store: &ParamStore<B>,
+) -> Result<String> {
     let f = TensorFile::read(path)?;
     for i in 0..store.len() {
         if adam.m[i].is_some() {

@@ -209,7 +209,9 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
         })
         .collect();
     files.sort();
@@ -246,14 +248,7 @@ pub fn load_image_folder(dir: &Path, size: usize, limit: Option<usize>) -> Resul
             Ok(prepare_image(img, size))
         })
         .collect::<Result<_>>()?;
-    Ok(Dataset {
-        len: images.len(),
-        images: images.concat(),
-        labels: None,
-        channels: 3,
-        height: size,
-        width: size,
-    })
+    Ok(Dataset { len: images.len(), images: images.concat(), labels: None, channels: 3, height: size, width: size })
 }
 
 /// Where images come from.
@@ -272,7 +267,11 @@ impl Source {
             None => Ok(Source::Idx(None)),
             Some(d) => {
                 ensure!(d.is_dir(), "data directory {} does not exist", d.display());
-                Ok(if is_idx_dir(d) { Source::Idx(Some(d.to_path_buf())) } else { Source::Folder(d.to_path_buf(), image_size) })
+                Ok(if is_idx_dir(d) {
+                    Source::Idx(Some(d.to_path_buf()))
+                } else {
+                    Source::Folder(d.to_path_buf(), image_size)
+                })
             }
         }
     }

@@ -192,7 +192,7 @@ impl Axes {
     /// A `w`×`h` figure for data in x∈[x.0, x.1], y∈[y.0, y.1] (padded by 5% when `pad`).
     pub fn new(w: u32, h: u32, mut x: (f64, f64), mut y: (f64, f64), pad: bool) -> Self {
         for r in [&mut x, &mut y] {
-            if !(r.1 > r.0) {
+            if r.1.partial_cmp(&r.0) != Some(std::cmp::Ordering::Greater) {
                 *r = (r.0 - 0.5, r.0 + 0.5);
             }
             if pad {
@@ -255,8 +255,11 @@ impl Axes {
     }
 }
 
+/// A named series of (x, y) points and its colour.
+pub type Series<'a> = (&'a str, Vec<(f64, f64)>, Color);
+
 /// Line plot of named series.
-pub fn line_plot(series: &[(&str, Vec<(f64, f64)>, Color)], w: u32, h: u32) -> RgbImage {
+pub fn line_plot(series: &[Series<'_>], w: u32, h: u32) -> RgbImage {
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.1.is_finite()).collect();
     let xr = all.iter().fold((f64::MAX, f64::MIN), |r, p| (r.0.min(p.0), r.1.max(p.0)));
     let yr = all.iter().fold((f64::MAX, f64::MIN), |r, p| (r.0.min(p.1), r.1.max(p.1)));

@@ -129,9 +129,18 @@ fn train_writes_metrics_and_checkpoints_that_reload() {
     let e2 = ok(&["eval", "--checkpoint", &last, "--data", &f.data, "--iw", "4"]);
     assert_eq!(e1, e2);
     let test3: f64 = rows[3].split(',').nth(4).unwrap().parse().unwrap();
-    let elbo: f64 = e1.lines().find(|l| l.starts_with("negative ELBO")).unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+    let elbo: f64 = e1
+        .lines()
+        .find(|l| l.starts_with("negative ELBO"))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((elbo - test3).abs() < 1e-3, "eval {elbo} vs training's test loss {test3}");
-    let iw: f64 = e1.lines().find(|l| l.starts_with("importance")).unwrap().split_whitespace().nth(4).unwrap().parse().unwrap();
+    let iw: f64 =
+        e1.lines().find(|l| l.starts_with("importance")).unwrap().split_whitespace().nth(4).unwrap().parse().unwrap();
     assert!(iw.is_finite() && iw < elbo + 1.0, "iw {iw} elbo {elbo}");
 
     // Pictures have the sizes their layout implies (12×12 images, 2-pixel borders).
@@ -197,7 +206,8 @@ fn errors_are_one_line_and_non_zero() {
     f.train("z2", &["--epochs", "1"]);
     let mut t = TensorFile::read(Path::new(&f.path("z2/last.safetensors"))).unwrap();
     t.metadata.clear();
-    vaecuda::checkpoint::write_tensors(Path::new(&f.path("torch.safetensors")), &t.tensors, Default::default()).unwrap();
+    vaecuda::checkpoint::write_tensors(Path::new(&f.path("torch.safetensors")), &t.tensors, Default::default())
+        .unwrap();
     let torch = f.path("torch.safetensors");
     // Without metadata the flags describe the model: right sizes load, wrong ones are named.
     ok(&["eval", "-c", &torch, "--data", &f.data, "--hidden", "32", "--latent", "2"]);
@@ -210,4 +220,41 @@ fn errors_are_one_line_and_non_zero() {
     let nan = f.path("nan");
     let msg = fails(&["train", "--data", &f.data, "--hidden", "32", "--out", &nan, "--lr", "1e30", "--epochs", "2"]);
     assert!(msg.contains("at step") && msg.contains("epoch 1"), "{msg}");
+}
+
+#[test]
+fn trains_on_a_folder_of_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("faces");
+    std::fs::create_dir(&dir).unwrap();
+    // Different sizes and aspect ratios: every one is center-cropped and resized.
+    for i in 0..12u32 {
+        let (w, h) = (20 + i, 16 + 2 * i);
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 7) as u8, (i * 20) as u8]));
+        img.save(dir.join(format!("{i:03}.png"))).unwrap();
+    }
+    std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    let out = tmp.path().join("run");
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let log = ok(&[
+        "train",
+        "--data",
+        d,
+        "--image-size",
+        "8",
+        "--hidden",
+        "16",
+        "--latent",
+        "3",
+        "--epochs",
+        "1",
+        "--out",
+        o,
+    ]);
+    assert!(log.contains("on 11 images, testing on 1"), "{log}");
+    let t = TensorFile::read(&out.join("last.safetensors")).unwrap();
+    assert_eq!(t.tensors["fc1.weight"].shape, [16, 3 * 8 * 8]);
+    let c = out.to_str().unwrap();
+    ok(&["reconstruct", "-c", c, "--data", d, "--image-size", "8", "--n", "1"]);
+    assert_eq!(png_size(out.join("reconstructions.png").to_str().unwrap()), (8 + 2 * 2, 2 * 8 + 3 * 2));
 }

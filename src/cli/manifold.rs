@@ -37,7 +37,8 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         c.latent
     );
     let q: Vec<f64> = (0..a.n).map(|i| normal_quantile(0.05 + 0.9 * i as f64 / (a.n - 1) as f64)).collect();
-    let z: Vec<f64> = (0..a.n).flat_map(|row| (0..a.n).flat_map(|col| [q[col], q[a.n - 1 - row]]).collect::<Vec<_>>()).collect();
+    let z: Vec<f64> =
+        (0..a.n).flat_map(|row| (0..a.n).flat_map(|col| [q[col], q[a.n - 1 - row]]).collect::<Vec<_>>()).collect();
     let px = l.model.decode(&z);
     let path = out_path(&a.out, &l.dir, "manifold.png");
     save_png(&image_grid(&px, a.n * a.n, [c.channels, c.height, c.width], a.n, 0), &path)?;

@@ -133,7 +133,6 @@ pub enum Opened {
     // `with_backend!`.
 }
 
-
 fn open_device(choice: DeviceChoice) -> Result<Opened> {
     match choice {
         DeviceChoice::Cpu => Ok(Opened::Cpu(Cpu::default())),

@@ -34,7 +34,14 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
     let mut l = a.ckpt.load(be)?;
     let c = l.model.vae.config.clone();
     let test = a.ckpt.test_data(&c)?;
-    ensure!(a.first + a.n <= test.len, "--first {} --n {} needs {} test images; there are {}", a.first, a.n, a.first + a.n, test.len);
+    ensure!(
+        a.first + a.n <= test.len,
+        "--first {} --n {} needs {} test images; there are {}",
+        a.first,
+        a.n,
+        a.first + a.n,
+        test.len
+    );
     let idx: Vec<usize> = (a.first..a.first + a.n).collect();
     let originals = test.gather(&idx);
     let dev = DeviceData::upload(&l.model.backend, &test);

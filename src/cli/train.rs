@@ -140,7 +140,8 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         let path = dir.join("run.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot resume: {} is missing (was the run started here?)", path.display()))?;
-        let mut s: Settings = serde_json::from_str(&text).with_context(|| format!("{} is unreadable", path.display()))?;
+        let mut s: Settings =
+            serde_json::from_str(&text).with_context(|| format!("{} is unreadable", path.display()))?;
         if let Some(e) = a.epochs {
             s.epochs = e;
         }
