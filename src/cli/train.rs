@@ -244,6 +244,10 @@ fn train<B: Backend>(be: B, dir: &Path, s: Settings, resumed: bool) -> Result<()
     } else {
         write_text(&dir.join("run.json"), &serde_json::to_string_pretty(&s)?)?;
     }
+    if resumed && p.epoch >= s.epochs {
+        println!("this run already has {} epochs; pass a larger --epochs to continue it", p.epoch);
+        return Ok(());
+    }
     if let Some(pat) = s.patience {
         if p.bad_epochs >= pat && p.epoch > 0 {
             println!("early stopping had already ended this run (no improvement for {pat} epochs)");
