@@ -3,11 +3,16 @@
 //!
 //! Reading order: [`tensor`] → [`backend`] (the interface) → [`ops`] (one file per op, CPU
 //! reference and tape function side by side) → [`tape`] → [`nn`] (layers and the three VAEs)
-//! → [`optim`] → [`train`].
+//! → [`optim`] → [`train`]. Around them: [`data`] (IDX and image folders), [`checkpoint`]
+//! (safetensors), [`eval`] (ELBO, importance weighting, encode/decode) and [`image_out`] (PNGs).
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod eval;
 pub mod gradcheck;
+pub mod image_out;
 pub mod nn;
 pub mod ops;
 pub mod optim;

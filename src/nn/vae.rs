@@ -57,6 +57,39 @@ impl ModelConfig {
     }
 }
 
+/// Checks what [`Vae::new`] would otherwise assert, so a bad flag or checkpoint is an error
+/// message rather than a panic.
+pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
+    use anyhow::ensure;
+    ensure!(
+        c.channels > 0 && c.height > 0 && c.width > 0,
+        "image shape {}×{}×{} is empty",
+        c.channels,
+        c.height,
+        c.width
+    );
+    ensure!(c.latent > 0, "the latent size must be at least 1");
+    match c.arch {
+        Arch::Mlp => ensure!(c.hidden > 0, "--hidden must be at least 1"),
+        Arch::Conv => {
+            let (h2, w2) = (down(c.height), down(c.width));
+            ensure!(
+                output_padding(down(h2), h2) == output_padding(down(w2), w2)
+                    && output_padding(h2, c.height) == output_padding(w2, c.width),
+                "conv needs height and width of the same parity at every stage (got {}×{})",
+                c.height,
+                c.width
+            );
+        }
+        Arch::ConvBn => {
+            ensure!(!c.hiddens.is_empty(), "conv-bn needs at least one width in --hiddens");
+            ensure!(c.hiddens.iter().all(|&h| h > 0), "--hiddens widths must be at least 1");
+            ensure!(c.height == c.width, "conv-bn expects square images, got {}×{}", c.height, c.width);
+        }
+    }
+    Ok(())
+}
+
 /// Output size of a 3×3, stride-2, pad-1 convolution.
 fn down(s: usize) -> usize {
     (s + 2 - 3) / 2 + 1
@@ -368,5 +401,33 @@ mod tests {
             assert!(store.find(name).is_some(), "{name} missing");
         }
         assert!(store.counters.contains_key("final_layer.1.num_batches_tracked"));
+    }
+
+    #[test]
+    fn conv_bn_handles_64x64_rgb() {
+        let be = Cpu::<f32>::default();
+        let mut store = ParamStore::default();
+        let cfg = ModelConfig { channels: 3, height: 64, width: 64, latent: 8, ..ModelConfig::mnist(Arch::ConvBn) };
+        validate(&cfg).unwrap();
+        let vae = Vae::new(cfg, &mut store, &be, 0);
+        // PyTorch-VAE's layout at 64×64: 64 → 32 → 16 → 8, so fc_mu reads 128·8·8 features.
+        assert_eq!(store.values[store.find("fc_mu.weight").unwrap()].shape, [8, 128 * 8 * 8]);
+        let mut tape = Tape::new(&be, &mut store, true);
+        let x = tape.input(crate::tensor::Tensor::zeros(&be, &[2, 3, 64, 64]));
+        let (mu, _) = vae.encode(&mut tape, x);
+        let y = vae.decode_logits(&mut tape, mu);
+        assert_eq!(tape.shape(y), [2, 3, 64, 64]);
+    }
+
+    #[test]
+    fn validate_rejects_what_new_would_assert() {
+        let mut c = ModelConfig::mnist(Arch::ConvBn);
+        c.width = 30;
+        assert!(validate(&c).is_err());
+        c = ModelConfig::mnist(Arch::Conv);
+        c.width = 27;
+        assert!(validate(&c).is_err());
+        c.latent = 0;
+        assert!(validate(&c).is_err());
     }
 }

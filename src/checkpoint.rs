@@ -1,0 +1,315 @@
+//! Checkpoints as safetensors. A model file holds exactly the PyTorch `state_dict` (the
+//! [`ParamStore`] names and shapes; batch norm's `num_batches_tracked` as a 0-d int64), so
+//! `safetensors.torch.load_file` + `load_state_dict` reads it; the [`ModelConfig`] rides in the
+//! header metadata under [`CONFIG_KEY`]. Optimizer state goes to a separate file with `m.<name>`
+//! and `v.<name>` tensors. Every file is written to `<path>.tmp` and renamed into place, so a
+//! crash never leaves a half-written checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use crate::backend::Backend;
+use crate::nn::{ModelConfig, Vae};
+use crate::optim::Adam;
+use crate::tape::ParamStore;
+use crate::tensor::{Float, Tensor};
+
+/// Metadata key of the model configuration (JSON).
+pub const CONFIG_KEY: &str = "vaecuda_config";
+
+/// One tensor read from or written to a file: dtype, shape, little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn from_floats<E: Float>(shape: &[usize], v: &[E]) -> Self {
+        let dtype = if E::NAME == "f64" { Dtype::F64 } else { Dtype::F32 };
+        RawTensor { dtype, shape: shape.to_vec(), bytes: bytemuck::cast_slice(v).to_vec() }
+    }
+    pub fn scalar_i64(v: i64) -> Self {
+        RawTensor { dtype: Dtype::I64, shape: vec![], bytes: v.to_le_bytes().to_vec() }
+    }
+    /// The values as floats of type `E` (from F32, F64, F16 or BF16 storage).
+    pub fn to_floats<E: Float>(&self, name: &str) -> Result<Vec<E>> {
+        let b = &self.bytes;
+        Ok(match self.dtype {
+            Dtype::F32 => b.chunks_exact(4).map(|c| E::of(f32::from_le_bytes(c.try_into().unwrap()) as f64)).collect(),
+            Dtype::F64 => b.chunks_exact(8).map(|c| E::of(f64::from_le_bytes(c.try_into().unwrap()))).collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| E::of(half::f16::from_le_bytes([c[0], c[1]]).to_f64())).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| E::of(half::bf16::from_le_bytes([c[0], c[1]]).to_f64())).collect(),
+            d => bail!("tensor {name} has dtype {d:?}; expected a float type"),
+        })
+    }
+    /// An integer scalar (I64 or I32 storage, shape [] or [1]).
+    pub fn to_i64(&self, name: &str) -> Result<i64> {
+        ensure!(
+            self.shape.iter().product::<usize>() == 1,
+            "tensor {name} should be a scalar, has shape {:?}",
+            self.shape
+        );
+        Ok(match self.dtype {
+            Dtype::I64 => i64::from_le_bytes(self.bytes[..8].try_into().unwrap()),
+            Dtype::I32 => i32::from_le_bytes(self.bytes[..4].try_into().unwrap()) as i64,
+            d => bail!("tensor {name} has dtype {d:?}; expected int64"),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+/// Serializes named tensors with string metadata, atomically.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, RawTensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    write_atomic(path, &bytes)
+}
+
+/// A safetensors file read into memory.
+#[derive(Clone, Debug)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    pub metadata: HashMap<String, String>,
+    pub tensors: BTreeMap<String, RawTensor>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a safetensors file ({e})", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a safetensors file ({e})", path.display()))?;
+        let tensors = st
+            .iter()
+            .map(|(n, v)| {
+                (n.to_string(), RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() })
+            })
+            .collect();
+        Ok(TensorFile { path: path.to_path_buf(), metadata: meta.metadata().clone().unwrap_or_default(), tensors })
+    }
+
+    /// The model configuration stored in the metadata, if any.
+    pub fn config(&self) -> Result<Option<ModelConfig>> {
+        match self.metadata.get(CONFIG_KEY) {
+            None => Ok(None),
+            Some(j) => Ok(Some(
+                serde_json::from_str(j)
+                    .with_context(|| format!("{}: unreadable model configuration in metadata", self.path.display()))?,
+            )),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<&RawTensor> {
+        self.tensors.get(name).with_context(|| format!("{} has no tensor {name}", self.path.display()))
+    }
+
+    /// Overwrites every tensor of `store` with the file's, insisting the names and shapes are
+    /// exactly those of the model (as PyTorch's strict `load_state_dict`).
+    pub fn load_into<B: Backend>(&self, backend: &B, store: &mut ParamStore<B>) -> Result<()> {
+        let p = self.path.display();
+        for i in 0..store.len() {
+            let name = &store.names[i];
+            let t = self.get(name).with_context(|| format!("{p} does not fit this architecture"))?;
+            let want = &store.values[i].shape;
+            ensure!(
+                &t.shape == want,
+                "{p} does not fit this architecture: tensor {name} has shape {:?} in the file but the model needs {want:?}",
+                t.shape
+            );
+            let v: Vec<B::E> = t.to_floats(name)?;
+            store.values[i] = Tensor::from_host(backend, want, &v);
+        }
+        let names: Vec<String> = store.counters.keys().cloned().collect();
+        for name in names {
+            let v = self.get(&name).with_context(|| format!("{p} does not fit this architecture"))?.to_i64(&name)?;
+            store.counters.insert(name, v.max(0) as u64);
+        }
+        let unexpected: Vec<&String> =
+            self.tensors.keys().filter(|n| store.find(n).is_none() && !store.counters.contains_key(*n)).collect();
+        ensure!(
+            unexpected.is_empty(),
+            "{p} does not fit this architecture: unexpected tensor {} (shape {:?})",
+            unexpected[0],
+            self.tensors[unexpected[0]].shape
+        );
+        Ok(())
+    }
+}
+
+/// The model's tensors as they go into a file.
+pub fn model_tensors<B: Backend>(backend: &B, store: &ParamStore<B>) -> BTreeMap<String, RawTensor> {
+    let mut out = BTreeMap::new();
+    for i in 0..store.len() {
+        let v = store.values[i].to_host(backend);
+        out.insert(store.names[i].clone(), RawTensor::from_floats(&store.values[i].shape, &v));
+    }
+    for (name, &c) in &store.counters {
+        out.insert(name.clone(), RawTensor::scalar_i64(c as i64));
+    }
+    out
+}
+
+/// Writes a model file: the state_dict plus the configuration (and any extra metadata).
+pub fn save_model<B: Backend>(
+    path: &Path,
+    backend: &B,
+    store: &ParamStore<B>,
+    config: &ModelConfig,
+    extra: &[(&str, String)],
+) -> Result<()> {
+    let mut meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (CONFIG_KEY.to_string(), serde_json::to_string(config)?),
+    ]);
+    for (k, v) in extra {
+        meta.insert(k.to_string(), v.clone());
+    }
+    write_tensors(path, &model_tensors(backend, store), meta)
+}
+
+/// A model rebuilt from a checkpoint.
+pub struct LoadedModel<B: Backend> {
+    pub config: ModelConfig,
+    pub vae: Vae,
+    pub store: ParamStore<B>,
+    pub file: TensorFile,
+}
+
+/// Reads a model file. Its metadata supplies the configuration; a file without one (saved by
+/// PyTorch) needs `fallback` (from the command line).
+pub fn load_model<B: Backend>(path: &Path, backend: &B, fallback: Option<ModelConfig>) -> Result<LoadedModel<B>> {
+    let file = TensorFile::read(path)?;
+    let config = match (file.config()?, fallback) {
+        (Some(c), _) => c,
+        (None, Some(c)) => c,
+        (None, None) => bail!(
+            "{} has no vaecuda configuration in its metadata (saved by PyTorch?); pass --arch and the sizes",
+            path.display()
+        ),
+    };
+    crate::nn::vae::validate(&config)?;
+    let mut store = ParamStore::default();
+    let vae = Vae::new(config.clone(), &mut store, backend, 0);
+    file.load_into(backend, &mut store)?;
+    Ok(LoadedModel { config, vae, store, file })
+}
+
+/// Writes the optimizer moments (`m.<name>`, `v.<name>`) and a JSON state blob.
+pub fn save_optimizer<B: Backend>(
+    path: &Path,
+    backend: &B,
+    adam: &Adam<B>,
+    store: &ParamStore<B>,
+    state_json: String,
+) -> Result<()> {
+    let mut t = BTreeMap::new();
+    for i in 0..store.len() {
+        if let (Some(m), Some(v)) = (&adam.m[i], &adam.v[i]) {
+            let shape = &store.values[i].shape;
+            t.insert(format!("m.{}", store.names[i]), RawTensor::from_floats(shape, &backend.download(m)));
+            t.insert(format!("v.{}", store.names[i]), RawTensor::from_floats(shape, &backend.download(v)));
+        }
+    }
+    let meta =
+        HashMap::from([("vaecuda_optimizer".to_string(), state_json), ("adam_step".into(), adam.step.to_string())]);
+    write_tensors(path, &t, meta)
+}
+
+/// Restores what [`save_optimizer`] wrote; returns the JSON state blob.
+pub fn load_optimizer<B: Backend>(
+    path: &Path,
+    backend: &B,
+    adam: &mut Adam<B>,
+    store: &ParamStore<B>,
+) -> Result<String> {
+    let f = TensorFile::read(path)?;
+    for i in 0..store.len() {
+        if adam.m[i].is_some() {
+            let name = &store.names[i];
+            for (slot, prefix) in [(&mut adam.m[i], "m"), (&mut adam.v[i], "v")] {
+                let key = format!("{prefix}.{name}");
+                let t = f.get(&key)?;
+                ensure!(
+                    t.shape == store.values[i].shape,
+                    "{}: tensor {key} has shape {:?}, expected {:?}",
+                    path.display(),
+                    t.shape,
+                    store.values[i].shape
+                );
+                *slot = Some(backend.upload(&t.to_floats::<B::E>(&key)?));
+            }
+        }
+    }
+    adam.step = f
+        .metadata
+        .get("adam_step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{} has no adam_step", path.display()))?;
+    f.metadata.get("vaecuda_optimizer").cloned().with_context(|| format!("{} has no optimizer state", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Arch;
+    use crate::Cpu;
+
+    #[test]
+    fn model_round_trips_and_mismatch_names_the_tensor() {
+        let be = Cpu::<f32>::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut cfg = ModelConfig::mnist(Arch::ConvBn);
+        cfg.hiddens = vec![4, 8];
+        cfg.latent = 3;
+        let mut store = ParamStore::<Cpu<f32>>::default();
+        Vae::new(cfg.clone(), &mut store, &be, 5);
+        *store.counters.values_mut().next().unwrap() = 7;
+        save_model(&path, &be, &store, &cfg, &[]).unwrap();
+        let loaded = load_model::<Cpu<f32>>(&path, &be, None).unwrap();
+        assert_eq!(loaded.config, cfg);
+        for i in 0..store.len() {
+            assert_eq!(store.values[i].buf, loaded.store.values[i].buf, "{}", store.names[i]);
+        }
+        assert_eq!(store.counters, loaded.store.counters);
+
+        let mut other = cfg.clone();
+        other.latent = 4;
+        let err = TensorFile::read(&path)
+            .unwrap()
+            .load_into(&be, &mut {
+                let mut s = ParamStore::default();
+                Vae::new(other, &mut s, &be, 0);
+                s
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("fc_mu.weight has shape [3, 392]"), "{err:#}");
+    }
+}

@@ -1,0 +1,339 @@
+//! The `vae` command line: one file per subcommand, plus what they share here (device choice,
+//! data, model and checkpoint flags).
+
+mod bench;
+mod eval;
+mod interpolate;
+mod latent;
+mod manifold;
+mod plot;
+mod reconstruct;
+mod sample;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use vaecuda::backend::{Backend, Recon};
+use vaecuda::checkpoint::load_model;
+use vaecuda::data::Source;
+use vaecuda::eval::Model;
+use vaecuda::nn::{Arch, ModelConfig};
+use vaecuda::Cpu;
+
+const ABOUT: &str = "Train, evaluate and look at variational autoencoders (CPU, or CUDA GPUs).";
+
+const LONG_ABOUT: &str = "\
+Train, evaluate and look at variational autoencoders (CPU, or CUDA GPUs).
+
+Without flags, `vae train` trains the pytorch/examples MLP VAE on the MNIST copy bundled with
+the sources (checked against data/mnist/SHA256SUMS) and writes runs/<arch>-<UTC time>/:
+metrics.csv, last.safetensors, best.safetensors (PyTorch state_dict names, loadable with
+safetensors.torch.load_file + load_state_dict), optim-last.safetensors and run.json.
+
+Examples:
+  vae train                                   # MLP VAE, 10 epochs, bundled MNIST
+  vae train --arch conv-bn --data ~/celeba --image-size 64 --recon mse --out runs/celeba
+  vae train --out runs/celeba --resume --epochs 30
+  vae eval --checkpoint runs/mlp --iw 100     # −ELBO and importance-weighted −log p(x)
+  vae sample --checkpoint runs/mlp            # writes runs/mlp/samples.png
+  vae plot runs/mlp                           # loss curves from runs/mlp/metrics.csv
+  vae bench --device cpu --json bench.json";
+
+/// Runs `$body` with `$be` bound to the concrete backend inside `$opened`.
+macro_rules! with_backend {
+    ($opened:expr, $be:ident => $body:expr) => {
+        match $opened {
+            Opened::Cpu($be) => $body,
+            // CUDA (integrator): Opened::Cuda($be) => $body,
+        }
+    };
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "vae", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// Where to compute: auto (the first GPU when there is one, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Train(train::Args),
+    Eval(eval::Args),
+    Sample(sample::Args),
+    Reconstruct(reconstruct::Args),
+    Interpolate(interpolate::Args),
+    Manifold(manifold::Args),
+    Latent(latent::Args),
+    Plot(plot::Args),
+    Bench(bench::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        // Plotting a CSV needs no device.
+        Command::Plot(a) => plot::run(a),
+        command => {
+            let opened = open_device(cli.device)?;
+            with_backend!(opened, be => {
+                eprintln!("device: {}", be.describe());
+                match command {
+                    Command::Train(a) => train::run(be, a),
+                    Command::Eval(a) => eval::run(be, a),
+                    Command::Sample(a) => sample::run(be, a),
+                    Command::Reconstruct(a) => reconstruct::run(be, a),
+                    Command::Interpolate(a) => interpolate::run(be, a),
+                    Command::Manifold(a) => manifold::run(be, a),
+                    Command::Latent(a) => latent::run(be, a),
+                    Command::Bench(a) => bench::run(be, a),
+                    Command::Plot(_) => unreachable!(),
+                }
+            })
+        }
+    }
+}
+
+// ---- devices ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (expected auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// An opened backend. Everything below `run` is generic over `B: Backend`; this enum and
+/// [`with_backend!`] are the only places that name concrete backends.
+pub enum Opened {
+    Cpu(Cpu<f32>),
+    // CUDA (integrator): add `Cuda(vaecuda::backend::cuda::Cuda<f32>)` here and an arm in
+    // `with_backend!`.
+}
+
+fn open_device(choice: DeviceChoice) -> Result<Opened> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Opened::Cpu(Cpu::default())),
+        DeviceChoice::Cuda(n) => open_cuda(n).map_err(|e| anyhow::anyhow!("cannot use cuda:{n}: {e}")),
+        DeviceChoice::Auto => match open_cuda(0) {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                eprintln!("note: no GPU ({e}); using the CPU");
+                Ok(Opened::Cpu(Cpu::default()))
+            }
+        },
+    }
+}
+
+/// The one place that opens a GPU. CUDA (integrator): replace the body with
+/// `vaecuda::backend::cuda::Cuda::<f32>::new(ordinal).map(Opened::Cuda)` (after checking
+/// `vaecuda::backend::cuda::probe()` lists the ordinal, for a clearer message).
+fn open_cuda(ordinal: usize) -> Result<Opened, String> {
+    let _ = ordinal;
+    Err("this build has no CUDA backend".into())
+}
+
+// ---- flags shared by several subcommands ----
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// A directory with the four IDX files (train-images-idx3-ubyte[.gz], train-labels-...,
+    /// t10k-images-..., t10k-labels-...; e.g. Fashion-MNIST) or a folder of images
+    /// (png/jpg, CelebA-style; the last 10% by name are the test set). Default: the bundled
+    /// MNIST.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Side of the square that folder images are center-cropped and resized to (RGB).
+    #[arg(long, default_value_t = 64, value_name = "PIXELS")]
+    image_size: usize,
+    /// Use only the first N training images.
+    #[arg(long, value_name = "N")]
+    limit_train: Option<usize>,
+    /// Use only the first N test images.
+    #[arg(long, value_name = "N")]
+    limit_test: Option<usize>,
+}
+
+impl DataArgs {
+    fn source(&self) -> Result<Source> {
+        vaecuda::data::Source::detect(self.data.as_deref(), self.image_size)
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReconArg {
+    /// Binary cross-entropy on sigmoid outputs, summed over pixels (Bernoulli decoder).
+    Bce,
+    /// Squared error summed over pixels.
+    Mse,
+}
+
+impl ReconArg {
+    pub fn recon(self) -> Recon {
+        match self {
+            ReconArg::Bce => Recon::Bce,
+            ReconArg::Mse => Recon::Mse,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ReconArg::Bce => "bce",
+            ReconArg::Mse => "mse",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Architecture: mlp (pytorch/examples), conv (the tutorials' conv VAE) or conv-bn
+    /// (PyTorch-VAE's VanillaVAE with batch norm).
+    #[arg(long, value_enum, default_value_t = Arch::Mlp)]
+    arch: Arch,
+    /// Latent dimensions.
+    #[arg(long, default_value_t = 20, value_name = "Z")]
+    latent: usize,
+    /// Hidden width of the mlp.
+    #[arg(long, default_value_t = 400, value_name = "H")]
+    hidden: usize,
+    /// Channel widths of the conv-bn blocks, comma-separated.
+    #[arg(long, default_value = "32,64,128", value_delimiter = ',', value_name = "C,C,..")]
+    hiddens: Vec<usize>,
+}
+
+impl ModelArgs {
+    fn config(&self, shape: [usize; 3]) -> ModelConfig {
+        ModelConfig {
+            arch: self.arch,
+            channels: shape[0],
+            height: shape[1],
+            width: shape[2],
+            latent: self.latent,
+            hidden: self.hidden,
+            hiddens: self.hiddens.clone(),
+        }
+    }
+}
+
+/// Flags of the commands that read a trained model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// A model file (.safetensors), or a run directory (its best.safetensors).
+    #[arg(long, short = 'c', value_name = "FILE|DIR")]
+    checkpoint: PathBuf,
+    /// For checkpoints without vaecuda metadata (saved by PyTorch): the architecture and
+    /// sizes; the image shape comes from --data.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Reconstruction loss the model was trained with [default: the checkpoint's, else bce].
+    #[arg(long, value_enum)]
+    recon: Option<ReconArg>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+/// A loaded checkpoint and what the commands need around it.
+pub struct Loaded<B: Backend> {
+    model: Model<B>,
+    recon: Recon,
+    /// Where outputs go by default: the checkpoint's directory.
+    dir: PathBuf,
+}
+
+impl CheckpointArgs {
+    fn file(&self) -> Result<PathBuf> {
+        let p = &self.checkpoint;
+        if p.is_dir() {
+            for name in ["best.safetensors", "last.safetensors"] {
+                if p.join(name).is_file() {
+                    return Ok(p.join(name));
+                }
+            }
+            bail!("{} has no best.safetensors or last.safetensors", p.display());
+        }
+        if !p.exists() {
+            bail!("checkpoint {} does not exist", p.display());
+        }
+        Ok(p.clone())
+    }
+
+    /// The image shape of --data, read cheaply (folders: from --image-size).
+    fn data_shape(&self) -> Result<[usize; 3]> {
+        Ok(match self.data.source()? {
+            Source::Folder(_, s) => [3, s, s],
+            src => {
+                let t = src.load_test(Some(1))?;
+                [t.channels, t.height, t.width]
+            }
+        })
+    }
+
+    fn load<B: Backend>(&self, be: B) -> Result<Loaded<B>> {
+        let file = self.file()?;
+        let fallback = match vaecuda::checkpoint::TensorFile::read(&file)?.config()? {
+            Some(_) => None,
+            None => Some(self.model.config(self.data_shape()?)),
+        };
+        let m = load_model(&file, &be, fallback)?;
+        let recon = match (self.recon, m.file.metadata.get("vaecuda_recon")) {
+            (Some(r), _) => r.recon(),
+            (None, Some(s)) if s == "mse" => Recon::Mse,
+            _ => Recon::Bce,
+        };
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Loaded { model: Model { backend: be, vae: m.vae, store: m.store }, recon, dir })
+    }
+
+    /// The test set, checked against the model's image shape.
+    fn test_data(&self, config: &ModelConfig) -> Result<vaecuda::data::Dataset> {
+        let t = self.data.source()?.load_test(self.data.limit_test)?;
+        let want = [config.channels, config.height, config.width];
+        if [t.channels, t.height, t.width] != want {
+            bail!(
+                "the data has {}×{}×{} images but the model expects {}×{}×{}",
+                t.channels,
+                t.height,
+                t.width,
+                want[0],
+                want[1],
+                want[2]
+            );
+        }
+        Ok(t)
+    }
+}
+
+/// `path` when given, else `dir/name`.
+fn out_path(path: &Option<PathBuf>, dir: &Path, name: &str) -> PathBuf {
+    path.clone().unwrap_or_else(|| dir.join(name))
+}
+
+/// Writes a text file, creating its directory.
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}

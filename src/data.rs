@@ -1,0 +1,405 @@
+//! Datasets: IDX files (MNIST, Fashion-MNIST, any directory of the four standard files, `.gz`
+//! or raw), the MNIST copy bundled in `data/mnist/` (checked against its SHA256SUMS), and
+//! folders of images (CelebA-style: center-cropped, resized, RGB). Pixels are scaled to [0, 1].
+//!
+//! A dataset is uploaded to the backend once ([`DeviceData`]); batches are gathered on the
+//! device by index, so an epoch moves only the shuffled index list.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::backend::Backend;
+use crate::rng::Rng;
+use crate::tensor::{Float, Tensor};
+
+/// Images in [0, 1], NCHW, with optional class labels.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub images: Vec<f32>,
+    pub labels: Option<Vec<u8>>,
+    pub len: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Dataset {
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+    /// The first `n` images (all of them when `n` is larger).
+    pub fn truncate(mut self, n: usize) -> Self {
+        let n = n.min(self.len);
+        self.images.truncate(n * self.image_len());
+        if let Some(l) = &mut self.labels {
+            l.truncate(n);
+        }
+        self.len = n;
+        self
+    }
+    /// Image `i`'s pixels.
+    pub fn image(&self, i: usize) -> &[f32] {
+        let l = self.image_len();
+        &self.images[i * l..(i + 1) * l]
+    }
+    /// Images at `idx`, concatenated.
+    pub fn gather(&self, idx: &[usize]) -> Vec<f32> {
+        idx.iter().flat_map(|&i| self.image(i).iter().copied()).collect()
+    }
+}
+
+/// An IDX array: its dimensions and unsigned-byte payload.
+#[derive(Clone, Debug)]
+pub struct Idx {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Reads a whole file, decompressing it when its name ends in `.gz`.
+pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = vec![];
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{} is not a valid gzip file", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses IDX bytes (magic 0x00 0x00 0x08 ndim, big-endian u32 dims, then the bytes).
+pub fn parse_idx(bytes: &[u8]) -> Result<Idx> {
+    ensure!(bytes.len() >= 4, "too short for an IDX header ({} bytes)", bytes.len());
+    ensure!(
+        bytes[0] == 0 && bytes[1] == 0,
+        "bad IDX magic number {:02x}{:02x}{:02x}{:02x}",
+        bytes[0],
+        bytes[1],
+        bytes[2],
+        bytes[3]
+    );
+    ensure!(bytes[2] == 0x08, "IDX element type 0x{:02x} is not unsigned byte (0x08)", bytes[2]);
+    let ndim = bytes[3] as usize;
+    ensure!((1..=4).contains(&ndim), "IDX file has {ndim} dimensions");
+    let header = 4 + 4 * ndim;
+    ensure!(bytes.len() >= header, "IDX header truncated");
+    let dims: Vec<usize> =
+        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let n: usize = dims.iter().product();
+    ensure!(
+        bytes.len() - header == n,
+        "IDX dimensions {dims:?} need {n} bytes of data but the file has {}",
+        bytes.len() - header
+    );
+    Ok(Idx { dims, data: bytes[header..].to_vec() })
+}
+
+/// The bytes of `<dir>/<name>` or `<dir>/<name>.gz`, decompressed, and the path used.
+fn read_named(dir: &Path, name: &str) -> Result<(Vec<u8>, PathBuf)> {
+    for candidate in [dir.join(name), dir.join(format!("{name}.gz"))] {
+        if candidate.is_file() {
+            return Ok((read_maybe_gz(&candidate)?, candidate));
+        }
+    }
+    bail!("{} has no {name} (or {name}.gz)", dir.display())
+}
+
+/// Expected SHA-256 of decompressed files, from a `SHA256SUMS` file (`<hex>  <name>` lines).
+fn read_sums(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
+    let path = dir.join("SHA256SUMS");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((it.next()?.to_lowercase(), it.next()?.trim_start_matches('*').to_string()))
+            })
+            .collect(),
+    ))
+}
+
+/// Loads one split (`train` or `t10k`) of an IDX directory, checking that images and labels
+/// agree and, when the directory has a SHA256SUMS, that the decompressed bytes match it.
+pub fn load_idx_split(dir: &Path, split: &str) -> Result<Dataset> {
+    let sums = read_sums(dir)?;
+    let read = |name: String| -> Result<Idx> {
+        let (bytes, path) = read_named(dir, &name)?;
+        if let Some(sums) = &sums {
+            if let Some((want, _)) = sums.iter().find(|(_, n)| *n == name) {
+                let got: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                ensure!(
+                    &got == want,
+                    "{} is corrupt: SHA-256 of its contents is {got}, SHA256SUMS says {want}",
+                    path.display()
+                );
+            }
+        }
+        parse_idx(&bytes).with_context(|| format!("{} is not a valid IDX file", path.display()))
+    };
+    let images_name = format!("{split}-images-idx3-ubyte");
+    let labels_name = format!("{split}-labels-idx1-ubyte");
+    let images = read(images_name.clone())?;
+    let labels = read(labels_name.clone())?;
+    ensure!(
+        images.dims.len() == 3,
+        "{}/{images_name}: expected 3 dimensions [n, rows, cols], found {:?}",
+        dir.display(),
+        images.dims
+    );
+    ensure!(
+        labels.dims.len() == 1,
+        "{}/{labels_name}: expected 1 dimension [n], found {:?}",
+        dir.display(),
+        labels.dims
+    );
+    ensure!(
+        images.dims[0] == labels.dims[0],
+        "{}: {images_name} has {} images but {labels_name} has {} labels",
+        dir.display(),
+        images.dims[0],
+        labels.dims[0]
+    );
+    let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
+    Ok(Dataset {
+        images: images.data.iter().map(|&b| b as f32 / 255.0).collect(),
+        labels: Some(labels.data),
+        len: n,
+        channels: 1,
+        height: h,
+        width: w,
+    })
+}
+
+/// Where the bundled MNIST lives: next to the sources this binary was built from, else
+/// `data/mnist` under the working directory, else next to the executable (and two levels up,
+/// for `target/<profile>/vae`).
+pub fn bundled_mnist_dir() -> Result<PathBuf> {
+    let mut tried = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist"), PathBuf::from("data/mnist")];
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        tried.push(exe_dir.join("data/mnist"));
+        tried.push(exe_dir.join("../../data/mnist"));
+    }
+    for dir in &tried {
+        if dir.join("SHA256SUMS").is_file() {
+            return Ok(dir.clone());
+        }
+    }
+    let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    bail!("the bundled MNIST was not found (looked in {}); pass --data DIR", list.join(", "))
+}
+
+/// True when `dir` holds IDX training files.
+pub fn is_idx_dir(dir: &Path) -> bool {
+    ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"].iter().any(|n| dir.join(n).is_file())
+}
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
+
+/// Image files directly in `dir`, sorted by name.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Center-crops to a square, resizes to `size`×`size` and converts to RGB in [0, 1], CHW.
+pub fn prepare_image(img: image::DynamicImage, size: usize) -> Vec<f32> {
+    let (w, h) = (img.width(), img.height());
+    let s = w.min(h);
+    let img = img.crop_imm((w - s) / 2, (h - s) / 2, s, s);
+    let img = img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle).to_rgb8();
+    let mut out = vec![0f32; 3 * size * size];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 255.0;
+        }
+    }
+    out
+}
+
+/// Every image of a folder (the first `limit` by name when given), as RGB `size`×`size`.
+pub fn load_image_folder(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
+    let mut files = image_files(dir)?;
+    ensure!(!files.is_empty(), "{} has no IDX files and no images ({})", dir.display(), IMAGE_EXTENSIONS.join(", "));
+    if let Some(l) = limit {
+        files.truncate(l);
+    }
+    use rayon::prelude::*;
+    let images: Vec<Vec<f32>> = files
+        .par_iter()
+        .map(|f| {
+            let img = image::open(f).with_context(|| format!("cannot decode image {}", f.display()))?;
+            Ok(prepare_image(img, size))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Dataset { len: images.len(), images: images.concat(), labels: None, channels: 3, height: size, width: size })
+}
+
+/// Where images come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Source {
+    /// A directory of IDX files (`None`: the bundled MNIST).
+    Idx(Option<PathBuf>),
+    /// A folder of images, resized to the given square size.
+    Folder(PathBuf, usize),
+}
+
+impl Source {
+    /// Chooses by contents: IDX files win, otherwise a folder of images.
+    pub fn detect(dir: Option<&Path>, image_size: usize) -> Result<Self> {
+        match dir {
+            None => Ok(Source::Idx(None)),
+            Some(d) => {
+                ensure!(d.is_dir(), "data directory {} does not exist", d.display());
+                Ok(if is_idx_dir(d) {
+                    Source::Idx(Some(d.to_path_buf()))
+                } else {
+                    Source::Folder(d.to_path_buf(), image_size)
+                })
+            }
+        }
+    }
+
+    /// The train and test sets, each cut to its limit. Image folders hold out their last 10%
+    /// (by file name) as the test set.
+    pub fn load(&self, limit_train: Option<usize>, limit_test: Option<usize>) -> Result<(Dataset, Dataset)> {
+        let cut = |d: Dataset, l: Option<usize>| l.map_or(d.clone(), |l| d.truncate(l));
+        match self {
+            Source::Idx(dir) => {
+                let dir = match dir {
+                    Some(d) => d.clone(),
+                    None => bundled_mnist_dir()?,
+                };
+                let train = load_idx_split(&dir, "train")?;
+                let test = load_idx_split(&dir, "t10k")?;
+                ensure!(
+                    (train.height, train.width) == (test.height, test.width),
+                    "{}: train images are {}×{} but test images are {}×{}",
+                    dir.display(),
+                    train.height,
+                    train.width,
+                    test.height,
+                    test.width
+                );
+                Ok((cut(train, limit_train), cut(test, limit_test)))
+            }
+            Source::Folder(dir, size) => {
+                let total = limit_train.zip(limit_test).map(|(a, b)| a + b);
+                let all = load_image_folder(dir, *size, total)?;
+                let n_test = match (limit_train, limit_test) {
+                    (Some(a), Some(_)) => all.len.saturating_sub(a),
+                    _ => (all.len / 10).max(1).min(all.len.saturating_sub(1)),
+                };
+                ensure!(all.len >= 2, "{} needs at least 2 images (one to train, one to test)", dir.display());
+                let n_train = all.len - n_test;
+                let l = all.image_len();
+                let test = Dataset {
+                    images: all.images[n_train * l..].to_vec(),
+                    labels: None,
+                    len: n_test,
+                    channels: all.channels,
+                    height: all.height,
+                    width: all.width,
+                };
+                let train = all.truncate(n_train);
+                Ok((cut(train, limit_train), cut(test, limit_test)))
+            }
+        }
+    }
+
+    /// Only the test set.
+    pub fn load_test(&self, limit: Option<usize>) -> Result<Dataset> {
+        match self {
+            Source::Idx(dir) => {
+                let dir = match dir {
+                    Some(d) => d.clone(),
+                    None => bundled_mnist_dir()?,
+                };
+                let test = load_idx_split(&dir, "t10k")?;
+                Ok(limit.map_or(test.clone(), |l| test.truncate(l)))
+            }
+            Source::Folder(..) => Ok(self.load(None, limit)?.1),
+        }
+    }
+}
+
+/// A dataset uploaded to the backend once, plus a reusable batch buffer.
+pub struct DeviceData<B: Backend> {
+    pub all: Tensor<B>,
+    pub len: usize,
+    pub shape: [usize; 3],
+}
+
+impl<B: Backend> DeviceData<B> {
+    pub fn upload(backend: &B, d: &Dataset) -> Self {
+        let host: Vec<B::E> = d.images.iter().map(|&v| B::E::of(v as f64)).collect();
+        DeviceData {
+            all: Tensor::from_host(backend, &[d.len, d.channels, d.height, d.width], &host),
+            len: d.len,
+            shape: [d.channels, d.height, d.width],
+        }
+    }
+    /// The images at `idx` as a [idx.len(), c, h, w] tensor, gathered on the device.
+    pub fn batch(&self, backend: &B, idx: &[u32]) -> Tensor<B> {
+        let row: usize = self.shape.iter().product();
+        let mut out = Tensor::zeros(backend, &[idx.len(), self.shape[0], self.shape[1], self.shape[2]]);
+        backend.gather_rows(&self.all.buf, row, idx, &mut out.buf);
+        out
+    }
+    /// Index batches of one epoch: shuffled with `rng` when given, the last batch partial.
+    pub fn epoch_batches(&self, batch: usize, rng: Option<&mut Rng>) -> Vec<Vec<u32>> {
+        let mut order: Vec<u32> = (0..self.len as u32).collect();
+        if let Some(r) = rng {
+            r.shuffle(&mut order);
+        }
+        order.chunks(batch.max(1)).map(<[u32]>::to_vec).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend(d.to_be_bytes());
+        }
+        v.extend(data);
+        v
+    }
+
+    #[test]
+    fn parses_and_validates_idx() {
+        let ok = parse_idx(&idx_bytes(&[2, 2, 1], &[1, 2, 3, 4])).unwrap();
+        assert_eq!(ok.dims, [2, 2, 1]);
+        assert!(parse_idx(&idx_bytes(&[2, 2, 2], &[1, 2, 3, 4])).is_err());
+        let mut bad = idx_bytes(&[1], &[0]);
+        bad[0] = 7;
+        assert!(parse_idx(&bad).unwrap_err().to_string().contains("magic"));
+    }
+
+    #[test]
+    fn bundled_mnist_matches_its_sums() {
+        let test = Source::Idx(None).load_test(Some(10)).unwrap();
+        assert_eq!((test.len, test.channels, test.height, test.width), (10, 1, 28, 28));
+        assert_eq!(test.labels.as_ref().unwrap()[..3], [7, 2, 1]);
+        assert!(test.images.iter().all(|&p| (0.0..=1.0).contains(&p)));
+    }
+}

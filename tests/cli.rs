@@ -1,0 +1,260 @@
+//! The `vae` binary end to end on tiny data: what it writes (PNGs of the right size, CSVs with
+//! the right rows), that checkpoints reload to the same numbers, that a resumed run equals an
+//! uninterrupted one, and that errors are one `error:` line with a non-zero exit.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vaecuda::checkpoint::TensorFile;
+
+fn vae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).args(["--device", "cpu"]).output().expect("run vae")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vae(args);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "vae {args:?} failed\nstdout:\n{out}\nstderr:\n{err}");
+    out.into_owned()
+}
+
+/// Fails, with exactly one `error:` line on stderr and no panic.
+fn fails(args: &[&str]) -> String {
+    let o = vae(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "vae {args:?} should fail");
+    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("device:") && !l.starts_with("note:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    lines[0].to_string()
+}
+
+fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&[0, 0, 8, dims.len() as u8]).unwrap();
+    for d in dims {
+        f.write_all(&d.to_be_bytes()).unwrap();
+    }
+    f.write_all(data).unwrap();
+}
+
+/// A tiny 12×12 IDX dataset: blobs whose position depends on the label.
+fn tiny_dataset(dir: &Path, n_train: usize, n_test: usize) {
+    let mut seed = 1u64;
+    let mut split = |name: &str, n: usize| {
+        let mut px = vec![];
+        let mut labels = vec![];
+        for _ in 0..n {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let label = (seed >> 33) as usize % 4;
+            labels.push(label as u8);
+            let (cx, cy) = (3 + 6 * (label % 2), 3 + 6 * (label / 2));
+            for y in 0..12usize {
+                for x in 0..12usize {
+                    let d2 = (x as i64 - cx as i64).pow(2) + (y as i64 - cy as i64).pow(2);
+                    let noise = (seed >> (x + y)) & 31;
+                    px.push(if d2 <= 5 { 224 + noise as u8 } else { noise as u8 });
+                }
+            }
+        }
+        write_idx(&dir.join(format!("{name}-images-idx3-ubyte")), &[n as u32, 12, 12], &px);
+        write_idx(&dir.join(format!("{name}-labels-idx1-ubyte")), &[n as u32], &labels);
+    };
+    split("train", n_train);
+    split("t10k", n_test);
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    data: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let data = root.join("data");
+        std::fs::create_dir(&data).unwrap();
+        tiny_dataset(&data, 300, 100);
+        Fixture { data: data.to_str().unwrap().to_string(), root, _tmp: tmp }
+    }
+    fn path(&self, p: &str) -> String {
+        self.root.join(p).to_str().unwrap().to_string()
+    }
+    fn train(&self, out: &str, extra: &[&str]) -> String {
+        let out = self.path(out);
+        let mut args =
+            vec!["train", "--data", &self.data, "--hidden", "32", "--latent", "2", "--batch-size", "32", "--out", &out];
+        args.extend_from_slice(extra);
+        ok(&args)
+    }
+}
+
+fn png_size(path: &str) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (img.width(), img.height())
+}
+
+fn tensors(path: &str) -> Vec<(String, Vec<u8>)> {
+    TensorFile::read(Path::new(path)).unwrap().tensors.into_iter().map(|(n, t)| (n, t.bytes)).collect()
+}
+
+#[test]
+fn train_writes_metrics_and_checkpoints_that_reload() {
+    let f = Fixture::new();
+    let log = f.train("run", &["--epochs", "3"]);
+    assert_eq!(log.lines().filter(|l| l.starts_with("epoch")).count(), 3, "{log}");
+    let csv = std::fs::read_to_string(f.path("run/metrics.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "epoch,train_loss,recon,kl,test_loss,seconds,images_per_s");
+    assert_eq!(rows.len(), 4);
+    for (i, r) in rows[1..].iter().enumerate() {
+        let v: Vec<f64> = r.split(',').map(|x| x.parse().unwrap()).collect();
+        assert_eq!(v.len(), 7);
+        assert_eq!(v[0] as usize, i + 1);
+        assert!(v[1].is_finite() && v[4].is_finite() && (v[1] - v[2] - v[3]).abs() < 1e-3, "{r}");
+    }
+    // The model file is the PyTorch state_dict of the MLP VAE.
+    let t = TensorFile::read(Path::new(&f.path("run/best.safetensors"))).unwrap();
+    assert_eq!(t.tensors["fc1.weight"].shape, [32, 144]);
+    assert_eq!(t.tensors["fc4.bias"].shape, [144]);
+    assert!(t.metadata.contains_key("vaecuda_config"));
+
+    // Reloading gives the same numbers each time, and the same as training measured.
+    let last = f.path("run/last.safetensors");
+    let e1 = ok(&["eval", "--checkpoint", &last, "--data", &f.data, "--iw", "4"]);
+    let e2 = ok(&["eval", "--checkpoint", &last, "--data", &f.data, "--iw", "4"]);
+    assert_eq!(e1, e2);
+    let test3: f64 = rows[3].split(',').nth(4).unwrap().parse().unwrap();
+    let elbo: f64 = e1
+        .lines()
+        .find(|l| l.starts_with("negative ELBO"))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((elbo - test3).abs() < 1e-3, "eval {elbo} vs training's test loss {test3}");
+    let iw: f64 =
+        e1.lines().find(|l| l.starts_with("importance")).unwrap().split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(iw.is_finite() && iw < elbo + 1.0, "iw {iw} elbo {elbo}");
+
+    // Pictures have the sizes their layout implies (12×12 images, 2-pixel borders).
+    let run = f.path("run");
+    let d = ["--data", f.data.as_str()];
+    ok(&[&["sample", "-c", &run, "--n", "6", "--cols", "3"][..], &d].concat());
+    assert_eq!(png_size(&f.path("run/samples.png")), (3 * 14 + 2, 2 * 14 + 2));
+    ok(&[&["reconstruct", "-c", &run, "--n", "5"][..], &d].concat());
+    assert_eq!(png_size(&f.path("run/reconstructions.png")), (5 * 14 + 2, 2 * 14 + 2));
+    ok(&[&["interpolate", "-c", &run, "--steps", "4"][..], &d].concat());
+    assert_eq!(png_size(&f.path("run/interpolation.png")), (6 * 14 + 2, 14 + 2));
+    ok(&[&["manifold", "-c", &run, "--n", "5"][..], &d].concat());
+    assert_eq!(png_size(&f.path("run/manifold.png")), (60, 60));
+    ok(&[&["latent", "-c", &run][..], &d].concat());
+    assert_eq!(png_size(&f.path("run/latent.png")), (800, 800));
+    let lat = std::fs::read_to_string(f.path("run/latent.csv")).unwrap();
+    assert_eq!(lat.lines().next().unwrap(), "index,label,z1,z2,x,y");
+    assert_eq!(lat.lines().count(), 101);
+    ok(&["plot", &run]);
+    assert_eq!(png_size(&f.path("run/loss.png")), (800, 500));
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let f = Fixture::new();
+    let extra = ["--kl-warmup", "2", "--optimizer", "adamw", "--weight-decay", "0.01"];
+    f.train("full", &[&["--epochs", "4"][..], &extra].concat());
+    f.train("part", &[&["--epochs", "2"][..], &extra].concat());
+    let out = f.path("part");
+    ok(&["train", "--out", &out, "--resume", "--epochs", "4"]);
+    for file in ["last.safetensors", "best.safetensors", "optim-last.safetensors"] {
+        assert_eq!(tensors(&f.path(&format!("full/{file}"))), tensors(&f.path(&format!("part/{file}"))), "{file}");
+    }
+    let losses = |run: &str| -> Vec<String> {
+        let csv = std::fs::read_to_string(f.path(&format!("{run}/metrics.csv"))).unwrap();
+        csv.lines().map(|l| l.split(',').take(5).collect::<Vec<_>>().join(",")).collect()
+    };
+    assert_eq!(losses("full"), losses("part"));
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() {
+    let f = Fixture::new();
+    let missing = f.path("nowhere");
+    assert!(fails(&["train", "--data", &missing]).contains("does not exist"));
+    assert!(fails(&["train", "--arch", "transformer"]).contains("transformer"));
+    assert!(fails(&["eval", "--checkpoint", &missing]).contains("does not exist"));
+
+    // A corrupt IDX file is named.
+    let bad = f.root.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    tiny_dataset(&bad, 10, 10);
+    write_idx(&bad.join("t10k-labels-idx1-ubyte"), &[7], &[0; 7]);
+    let msg = fails(&["train", "--data", bad.to_str().unwrap(), "--epochs", "1"]);
+    assert!(msg.contains("10 images") && msg.contains("7 labels"), "{msg}");
+    std::fs::write(bad.join("t10k-labels-idx1-ubyte"), b"\x01\x02\x03\x04\x00").unwrap();
+    assert!(fails(&["eval", "-c", &missing, "--data", bad.to_str().unwrap()]).contains("does not exist"));
+
+    // A checkpoint that is not one, and one that does not fit the architecture.
+    let junk = f.path("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    assert!(fails(&["eval", "-c", &junk, "--data", &f.data]).contains("not a safetensors file"));
+    f.train("z2", &["--epochs", "1"]);
+    let mut t = TensorFile::read(Path::new(&f.path("z2/last.safetensors"))).unwrap();
+    t.metadata.clear();
+    vaecuda::checkpoint::write_tensors(Path::new(&f.path("torch.safetensors")), &t.tensors, Default::default())
+        .unwrap();
+    let torch = f.path("torch.safetensors");
+    // Without metadata the flags describe the model: right sizes load, wrong ones are named.
+    ok(&["eval", "-c", &torch, "--data", &f.data, "--hidden", "32", "--latent", "2"]);
+    let msg = fails(&["eval", "-c", &torch, "--data", &f.data, "--hidden", "32", "--latent", "3"]);
+    assert!(msg.contains("fc21.weight") && msg.contains("[2, 32]") && msg.contains("[3, 32]"), "{msg}");
+    assert!(fails(&["manifold", "-c", &torch, "--data", &f.data, "--hidden", "32", "--latent", "2", "--n", "1"])
+        .contains("--n"));
+
+    // A diverging run stops at the step, keeps the last good checkpoint, exits non-zero.
+    let nan = f.path("nan");
+    let msg = fails(&["train", "--data", &f.data, "--hidden", "32", "--out", &nan, "--lr", "1e30", "--epochs", "2"]);
+    assert!(msg.contains("at step") && msg.contains("epoch 1"), "{msg}");
+}
+
+#[test]
+fn trains_on_a_folder_of_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("faces");
+    std::fs::create_dir(&dir).unwrap();
+    // Different sizes and aspect ratios: every one is center-cropped and resized.
+    for i in 0..12u32 {
+        let (w, h) = (20 + i, 16 + 2 * i);
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 7) as u8, (i * 20) as u8]));
+        img.save(dir.join(format!("{i:03}.png"))).unwrap();
+    }
+    std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    let out = tmp.path().join("run");
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let log = ok(&[
+        "train",
+        "--data",
+        d,
+        "--image-size",
+        "8",
+        "--hidden",
+        "16",
+        "--latent",
+        "3",
+        "--epochs",
+        "1",
+        "--out",
+        o,
+    ]);
+    assert!(log.contains("on 11 images, testing on 1"), "{log}");
+    let t = TensorFile::read(&out.join("last.safetensors")).unwrap();
+    assert_eq!(t.tensors["fc1.weight"].shape, [16, 3 * 8 * 8]);
+    let c = out.to_str().unwrap();
+    ok(&["reconstruct", "-c", c, "--data", d, "--image-size", "8", "--n", "1"]);
+    assert_eq!(png_size(out.join("reconstructions.png").to_str().unwrap()), (8 + 2 * 2, 2 * 8 + 3 * 2));
+}
