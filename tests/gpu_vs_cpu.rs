@@ -49,7 +49,7 @@ fn cmp(fails: &mut Vec<String>, what: &str, gpu: &[f32], cpu: &[f32], terms: usi
         let (g, c) = (g as f64, c as f64);
         let d = (g - c).abs();
         // NaN (e.g. an output the kernel never wrote over the poison) fails too.
-        if !(d <= bound * (1.0 + c.abs())) {
+        if d.is_nan() || d > bound * (1.0 + c.abs()) {
             fails.push(format!("{what}[{i}]: gpu {g:e}, cpu {c:e} (bound {:e})", bound * (1.0 + c.abs())));
             return;
         }
@@ -193,7 +193,8 @@ fn batch_norm_matches_cpu() {
         t.cpu.batch_norm_forward_train(&x.0, &g.0, &be.0, &mut y.0, &mut sm.0, &mut si.0, &mut rm.0, &mut rv.0, d);
         t.gpu.batch_norm_forward_train(&x.1, &g.1, &be.1, &mut y.1, &mut sm.1, &mut si.1, &mut rm.1, &mut rv.1, d);
         let m = outer * inner;
-        for (name, pair) in [("y", &y), ("save_mean", &sm), ("save_invstd", &si), ("running_mean", &rm), ("running_var", &rv)]
+        for (name, pair) in
+            [("y", &y), ("save_mean", &sm), ("save_invstd", &si), ("running_mean", &rm), ("running_var", &rv)]
         {
             let gv = t.gpu.download(&pair.1);
             cmp(&mut t.fails, &format!("bn_forward_train {name} {tag}"), &gv, &pair.0, m);
@@ -317,8 +318,24 @@ fn elementwise_and_reductions_match_cpu() {
         for mask in 0..4u32 {
             let (hz, hk) = (mask & 1 != 0, mask & 2 != 0);
             let (mut dmu, mut dlv) = (t.preset(n), t.preset(n));
-            t.cpu.reparam_kl_backward(&a.0, &lv.0, &eps.0, hz.then_some(&dz.0), hk.then_some(&dout.0), Some(&mut dmu.0), Some(&mut dlv.0));
-            t.gpu.reparam_kl_backward(&a.1, &lv.1, &eps.1, hz.then_some(&dz.1), hk.then_some(&dout.1), Some(&mut dmu.1), Some(&mut dlv.1));
+            t.cpu.reparam_kl_backward(
+                &a.0,
+                &lv.0,
+                &eps.0,
+                hz.then_some(&dz.0),
+                hk.then_some(&dout.0),
+                Some(&mut dmu.0),
+                Some(&mut dlv.0),
+            );
+            t.gpu.reparam_kl_backward(
+                &a.1,
+                &lv.1,
+                &eps.1,
+                hz.then_some(&dz.1),
+                hk.then_some(&dout.1),
+                Some(&mut dmu.1),
+                Some(&mut dlv.1),
+            );
             t.cmp(&format!("reparam dmu mask{mask} n{n}"), &dmu, 1);
             t.cmp(&format!("reparam dlogvar mask{mask} n{n}"), &dlv, 1);
         }
@@ -471,7 +488,8 @@ fn seeded_gpu_runs_are_bitwise_identical() {
     let gpu = gpu32();
     for arch in [Arch::Mlp, Arch::ConvBn] {
         let run = || {
-            let mut t = Trainer::new(gpu.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 3);
+            let mut t =
+                Trainer::new(gpu.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 3);
             let mut losses = vec![];
             let mut allocs = vec![];
             for s in 0..4 {

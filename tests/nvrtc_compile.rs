@@ -3,7 +3,7 @@
 //! GPU, only NVRTC (`source scripts/nvrtc-env.sh`; `scripts/test.sh` does it). When NVRTC is
 //! missing the test fails under CI (env `CI` set) and otherwise prints a note and passes.
 
-use vaecuda::backend::cuda::{compile_all_for_arch, compile::nvrtc_present};
+use vaecuda::backend::cuda::{compile::nvrtc_present, compile_all_for_arch};
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc_present() {

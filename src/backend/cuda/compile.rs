@@ -64,11 +64,7 @@ pub const FILES: &[KernelFile] = &[
         source: include_str!("../../../kernels/vae_loss.cu"),
         kernels: &["reparam_kl_fwd", "reparam_bwd_mu", "reparam_bwd_logvar", "loss_fwd", "loss_bwd"],
     },
-    KernelFile {
-        name: "adam.cu",
-        source: include_str!("../../../kernels/adam.cu"),
-        kernels: &["adam"],
-    },
+    KernelFile { name: "adam.cu", source: include_str!("../../../kernels/adam.cu"), kernels: &["adam"] },
 ];
 
 /// Options every program is compiled with (besides the architecture).
@@ -190,7 +186,10 @@ pub fn kernel_names(file: &KernelFile) -> Vec<String> {
 /// kernel's symbol name).
 fn has_symbol(binary: &[u8], name: &str) -> bool {
     let needle: Vec<u8> = name.bytes().chain([0]).collect();
-    binary.windows(needle.len()).enumerate().any(|(i, w)| w == needle && (i == 0 || binary[i - 1] == 0 || binary[i - 1] == b'.'))
+    binary
+        .windows(needle.len())
+        .enumerate()
+        .any(|(i, w)| w == needle && (i == 0 || binary[i - 1] == 0 || binary[i - 1] == b'.'))
 }
 
 /// Compiles every kernel file for `arch` (e.g. "sm_80") with NVRTC alone: no GPU, no driver.

@@ -103,11 +103,11 @@ fn probe_inner() -> Result<Vec<GpuInfo>, String> {
 }
 
 // Every kernel the backend launches, by base name; `<base>_f32` / `<base>_f64` are loaded
-// once at start-up into a vector indexed by `K`, so no launch looks a name up.
+// once at start-up into a vector indexed by `Kernel`, so no launch looks a name up.
 macro_rules! kernels {
     ($($v:ident = $name:literal),* $(,)?) => {
         #[derive(Clone, Copy, Debug)]
-        enum K { $($v),* }
+        enum Kernel { $($v),* }
         const KERNEL_NAMES: &[&str] = &[$($name),*];
     };
 }
@@ -275,7 +275,11 @@ fn cfg_per_channel(channels: usize) -> LaunchConfig {
 fn cfg_tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
     let (gx, gy) = (n.div_ceil(TILE), m.div_ceil(TILE));
     assert!(gy <= 65535 && splits <= 65535, "GEMM grid too large");
-    LaunchConfig { grid_dim: (gx as u32, gy as u32, splits as u32), block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (gx as u32, gy as u32, splits as u32),
+        block_dim: (TILE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// How to cut a reduction of length k for an m × n output into deterministic chunks:
@@ -397,7 +401,7 @@ impl<E: CudaFloat> Cuda<E> {
     fn reduce_final(&self, part: &CudaBuf<f64>, g: usize, scale: f64, out: &mut CudaBuf<E>) {
         let gi = i(g);
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.inner, K::ReduceFinal, one; part.s(), &gi, &scale, out.sm());
+        launch!(self.inner, Kernel::ReduceFinal, one; part.s(), &gi, &scale, out.sm());
     }
 
     /// C (+)= A·B through strided operands; see kernels/gemm.cu. Long reductions with few
@@ -411,14 +415,14 @@ impl<E: CudaFloat> Cuda<E> {
         let (splits, kc) = split_k(m, n, k);
         if splits <= 1 || bias.is_some() {
             let bias_s = bias.map_or(&self.inner.dummy, |b| b.s());
-            launch!(self.inner, K::Gemm, cfg_tiles(m, n, 1); &g, a.s(), b.s(), c.sm(), bias_s);
+            launch!(self.inner, Kernel::Gemm, cfg_tiles(m, n, 1); &g, a.s(), b.s(), c.sm(), bias_s);
             return;
         }
         let mut part = self.inner.pool.take(splits * m * n);
         let gs = GemmArgs { kc: i(kc), ..g };
-        launch!(self.inner, K::GemmSplitK, cfg_tiles(m, n, splits); &gs, a.s(), b.s(), part.sm());
+        launch!(self.inner, Kernel::GemmSplitK, cfg_tiles(m, n, splits); &gs, a.s(), b.s(), part.sm());
         let (si, len) = (i(splits), i(m * n));
-        launch!(self.inner, K::SplitKReduce, cfg_1d(m * n); part.s(), &si, &len, c.sm(), &g.accumulate);
+        launch!(self.inner, Kernel::SplitKReduce, cfg_1d(m * n); part.s(), &si, &len, c.sm(), &g.accumulate);
     }
 
     fn measure_bandwidth(&self) -> f64 {
@@ -447,7 +451,7 @@ impl<E: CudaFloat> Cuda<E> {
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let iters: i32 = if E::NAME == "f32" { 1 << 16 } else { 1 << 13 };
         let seed = E::of(0.5);
-        let run = || launch!(self.inner, K::FmaPeak, cfg; &self.inner.dummy, &iters, &seed);
+        let run = || launch!(self.inner, Kernel::FmaPeak, cfg; &self.inner.dummy, &iters, &seed);
         run();
         self.sync_or_panic();
         let mut best = f64::MAX;
@@ -541,7 +545,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let n = buf.len();
         if n > 0 {
             let ni = i(n);
-            launch!(self.inner, K::Fill, cfg_1d(n); buf.sm(), &value, &ni);
+            launch!(self.inner, Kernel::Fill, cfg_1d(n); buf.sm(), &value, &ni);
         }
     }
     fn gather_rows(&self, src: &CudaBuf<E>, row_len: usize, idx: &[u32], dst: &mut CudaBuf<E>) {
@@ -562,10 +566,17 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         // Stream-ordered: a previous gather still reading the old indices finishes first.
         self.inner.stream.memcpy_htod(idx, ib).unwrap_or_else(|e| panic!("CUDA upload: {e:?}"));
         let (rl, ni) = (i(row_len), i(n));
-        launch!(self.inner, K::GatherRows, cfg_1d(n); src.s(), &*ib, &rl, dst.sm(), &ni);
+        launch!(self.inner, Kernel::GatherRows, cfg_1d(n); src.s(), &*ib, &rl, dst.sm(), &ni);
     }
 
-    fn linear_forward(&self, x: &CudaBuf<E>, w: &CudaBuf<E>, b: Option<&CudaBuf<E>>, y: &mut CudaBuf<E>, d: LinearDims) {
+    fn linear_forward(
+        &self,
+        x: &CudaBuf<E>,
+        w: &CudaBuf<E>,
+        b: Option<&CudaBuf<E>>,
+        y: &mut CudaBuf<E>,
+        d: LinearDims,
+    ) {
         assert!(x.len() >= d.n * d.d_in && w.len() >= d.d_out * d.d_in, "linear_forward: operand too small");
         // y[n, out] = x[n, in] · Wᵀ: B[k, j] = W[j, k] at w[k + j·in].
         let (din, dout) = (i(d.d_in), i(d.d_out));
@@ -587,14 +598,34 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         assert!(dy.len() >= d.n * d.d_out && w.len() >= d.d_out * d.d_in, "linear_backward_data: operand too small");
         // dx[n, in] += dy[n, out] · W[out, in]
         let (din, dout) = (i(d.d_in), i(d.d_out));
-        let g = GemmArgs { m: i(d.n), n: din, k: dout, a_rs: dout, a_cs: 1, b_rs: din, b_cs: 1, accumulate: 1, ..Default::default() };
+        let g = GemmArgs {
+            m: i(d.n),
+            n: din,
+            k: dout,
+            a_rs: dout,
+            a_cs: 1,
+            b_rs: din,
+            b_cs: 1,
+            accumulate: 1,
+            ..Default::default()
+        };
         self.gemm(g, dy, w, dx, None);
     }
     fn linear_backward_weight(&self, dy: &CudaBuf<E>, x: &CudaBuf<E>, dw: &mut CudaBuf<E>, d: LinearDims) {
         assert!(dy.len() >= d.n * d.d_out && x.len() >= d.n * d.d_in, "linear_backward_weight: operand too small");
         // dW[out, in] += dyᵀ[out, n] · x[n, in]: A[o, k] = dy[k, o] at dy[o + k·out].
         let (din, dout) = (i(d.d_in), i(d.d_out));
-        let g = GemmArgs { m: dout, n: din, k: i(d.n), a_rs: 1, a_cs: dout, b_rs: din, b_cs: 1, accumulate: 1, ..Default::default() };
+        let g = GemmArgs {
+            m: dout,
+            n: din,
+            k: i(d.n),
+            a_rs: 1,
+            a_cs: dout,
+            b_rs: din,
+            b_cs: 1,
+            accumulate: 1,
+            ..Default::default()
+        };
         self.gemm(g, dy, x, dw, None);
     }
 
@@ -605,7 +636,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(y.len() >= n && b.len() >= channels, "bias_add: operand too small");
         let (ci, ii, ni) = (i(channels), i(inner), i(n));
-        launch!(self.inner, K::BiasAdd, cfg_1d(n); y.sm(), b.s(), &ci, &ii, &ni);
+        launch!(self.inner, Kernel::BiasAdd, cfg_1d(n); y.sm(), b.s(), &ci, &ii, &ni);
     }
     fn bias_backward(&self, dy: &CudaBuf<E>, db: &mut CudaBuf<E>, outer: usize, channels: usize, inner: usize) {
         if channels == 0 || outer * inner == 0 {
@@ -613,18 +644,28 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(dy.len() >= outer * channels * inner && db.len() >= channels, "bias_backward: operand too small");
         let (oi, ci, ii) = (i(outer), i(channels), i(inner));
-        launch!(self.inner, K::BiasBwd, cfg_per_channel(channels); dy.s(), db.sm(), &oi, &ci, &ii);
+        launch!(self.inner, Kernel::BiasBwd, cfg_per_channel(channels); dy.s(), db.sm(), &oi, &ci, &ii);
     }
 
-    fn conv2d_forward(&self, x: &CudaBuf<E>, w: &CudaBuf<E>, b: Option<&CudaBuf<E>>, y: &mut CudaBuf<E>, d: Conv2dDims) {
-        assert!(x.len() >= d.x_len() && w.len() >= d.w_len() && y.len() >= d.y_len(), "conv2d_forward: operand too small");
+    fn conv2d_forward(
+        &self,
+        x: &CudaBuf<E>,
+        w: &CudaBuf<E>,
+        b: Option<&CudaBuf<E>>,
+        y: &mut CudaBuf<E>,
+        d: Conv2dDims,
+    ) {
+        assert!(
+            x.len() >= d.x_len() && w.len() >= d.w_len() && y.len() >= d.y_len(),
+            "conv2d_forward: operand too small"
+        );
         if d.y_len() == 0 {
             return;
         }
         let a = ConvArgs { has_bias: b.is_some() as i32, ..ConvArgs::of(&d) };
         let bias = b.map_or(&self.inner.dummy, |b| b.s());
         let cfg = cfg_tiles(d.c_out, d.n * d.oh * d.ow, 1);
-        launch!(self.inner, K::ConvFwd, cfg; &a, x.s(), w.s(), bias, y.sm());
+        launch!(self.inner, Kernel::ConvFwd, cfg; &a, x.s(), w.s(), bias, y.sm());
     }
     fn conv2d_backward_data(&self, dy: &CudaBuf<E>, w: &CudaBuf<E>, dx: &mut CudaBuf<E>, d: Conv2dDims) {
         assert!(
@@ -636,7 +677,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         let a = ConvArgs::of(&d);
         let cfg = cfg_tiles(d.c_in, d.n * d.h * d.w, 1);
-        launch!(self.inner, K::ConvBwdData, cfg; &a, dy.s(), w.s(), dx.sm());
+        launch!(self.inner, Kernel::ConvBwdData, cfg; &a, dy.s(), w.s(), dx.sm());
     }
     fn conv2d_backward_weight(&self, dy: &CudaBuf<E>, x: &CudaBuf<E>, dw: &mut CudaBuf<E>, d: Conv2dDims) {
         assert!(
@@ -650,9 +691,9 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let (splits, kc) = split_k(m, n, k);
         let a = ConvArgs { kc: i(kc), ..ConvArgs::of(&d) };
         let mut part = self.inner.pool.take(splits * m * n);
-        launch!(self.inner, K::ConvBwdWeight, cfg_tiles(m, n, splits); &a, dy.s(), x.s(), part.sm());
+        launch!(self.inner, Kernel::ConvBwdWeight, cfg_tiles(m, n, splits); &a, dy.s(), x.s(), part.sm());
         let (si, len, acc) = (i(splits), i(m * n), 1i32);
-        launch!(self.inner, K::SplitKReduce, cfg_1d(m * n); part.s(), &si, &len, dw.sm(), &acc);
+        launch!(self.inner, Kernel::SplitKReduce, cfg_1d(m * n); part.s(), &si, &len, dw.sm(), &acc);
     }
 
     fn batch_norm_forward_train(
@@ -673,7 +714,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(x.len() >= n && y.len() >= n && gamma.len() >= d.channels, "batch_norm_forward_train: too small");
         let a = BnArgs::of(&d);
-        launch!(self.inner, K::BnFwdTrain, cfg_per_channel(d.channels);
+        launch!(self.inner, Kernel::BnFwdTrain, cfg_per_channel(d.channels);
             &a, x.s(), gamma.s(), beta.s(), y.sm(), save_mean.sm(), save_invstd.sm(), running_mean.sm(), running_var.sm());
     }
     fn batch_norm_forward_eval(
@@ -692,7 +733,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(x.len() >= n && y.len() >= n && gamma.len() >= d.channels, "batch_norm_forward_eval: too small");
         let a = BnArgs::of(&d);
-        launch!(self.inner, K::BnFwdEval, cfg_1d(n);
+        launch!(self.inner, Kernel::BnFwdEval, cfg_1d(n);
             &a, x.s(), gamma.s(), beta.s(), running_mean.s(), running_var.s(), y.sm());
     }
     fn batch_norm_backward(
@@ -722,7 +763,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             ..BnArgs::of(&d)
         };
         let (dxs, dgs, dbs) = (dxs.unwrap_or(dummy), dgs.unwrap_or(dummy), dbs.unwrap_or(dummy));
-        launch!(self.inner, K::BnBwd, cfg_per_channel(d.channels);
+        launch!(self.inner, Kernel::BnBwd, cfg_per_channel(d.channels);
             &a, dy.s(), x.s(), gamma.s(), save_mean.s(), save_invstd.s(), dxs, dgs, dbs);
     }
 
@@ -734,7 +775,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         assert!(y.len() >= n, "unary_forward: output too small");
         let (code, slope) = unary_code::<E>(op);
         let ni = i(n);
-        launch!(self.inner, K::UnaryFwd, cfg_1d(n); &code, &slope, x.s(), y.sm(), &ni);
+        launch!(self.inner, Kernel::UnaryFwd, cfg_1d(n); &code, &slope, x.s(), y.sm(), &ni);
     }
     fn unary_backward(&self, op: Unary, x: &CudaBuf<E>, y: &CudaBuf<E>, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) {
         let n = dx.len();
@@ -744,7 +785,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         assert!(x.len() >= n && y.len() >= n && dy.len() >= n, "unary_backward: operand too small");
         let (code, slope) = unary_code::<E>(op);
         let ni = i(n);
-        launch!(self.inner, K::UnaryBwd, cfg_1d(n); &code, &slope, x.s(), y.s(), dy.s(), dx.sm(), &ni);
+        launch!(self.inner, Kernel::UnaryBwd, cfg_1d(n); &code, &slope, x.s(), y.s(), dy.s(), dx.sm(), &ni);
     }
     fn mul(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, y: &mut CudaBuf<E>) {
         let n = y.len();
@@ -753,7 +794,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(a.len() >= n && b.len() >= n, "mul: operand too small");
         let ni = i(n);
-        launch!(self.inner, K::Mul, cfg_1d(n); a.s(), b.s(), y.sm(), &ni);
+        launch!(self.inner, Kernel::Mul, cfg_1d(n); a.s(), b.s(), y.sm(), &ni);
     }
     fn mul_accumulate(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, out: &mut CudaBuf<E>) {
         let n = out.len();
@@ -762,7 +803,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(a.len() >= n && b.len() >= n, "mul_accumulate: operand too small");
         let ni = i(n);
-        launch!(self.inner, K::MulAcc, cfg_1d(n); a.s(), b.s(), out.sm(), &ni);
+        launch!(self.inner, Kernel::MulAcc, cfg_1d(n); a.s(), b.s(), out.sm(), &ni);
     }
     fn axpy(&self, alpha: E, x: &CudaBuf<E>, y: &mut CudaBuf<E>) {
         let n = y.len();
@@ -771,7 +812,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(x.len() >= n, "axpy: x too small");
         let ni = i(n);
-        launch!(self.inner, K::Axpy, cfg_1d(n); &alpha, x.s(), y.sm(), &ni);
+        launch!(self.inner, Kernel::Axpy, cfg_1d(n); &alpha, x.s(), y.sm(), &ni);
     }
     fn sum(&self, x: &CudaBuf<E>, out: &mut CudaBuf<E>) {
         let n = x.len();
@@ -783,7 +824,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let mut part = self.inner.scratch.take(g);
         let ni = i(n);
         let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.inner, K::SumPartial, cfg; x.s(), &ni, part.sm());
+        launch!(self.inner, Kernel::SumPartial, cfg; x.s(), &ni, part.sm());
         self.reduce_final(&part, g, 1.0, out);
     }
     fn broadcast_scalar_accumulate(&self, dout: &CudaBuf<E>, alpha: E, dx: &mut CudaBuf<E>) {
@@ -792,7 +833,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         let ni = i(n);
-        launch!(self.inner, K::BroadcastAcc, cfg_1d(n); dout.s(), &alpha, dx.sm(), &ni);
+        launch!(self.inner, Kernel::BroadcastAcc, cfg_1d(n); dout.s(), &alpha, dx.sm(), &ni);
     }
 
     fn reparam_kl_forward(
@@ -813,7 +854,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let mut part = self.inner.scratch.take(g);
         let ni = i(n);
         let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.inner, K::ReparamKlFwd, cfg; mu.s(), logvar.s(), eps.s(), z.sm(), &ni, part.sm());
+        launch!(self.inner, Kernel::ReparamKlFwd, cfg; mu.s(), logvar.s(), eps.s(), z.sm(), &ni, part.sm());
         self.reduce_final(&part, g, -0.5, kl);
     }
     fn reparam_kl_backward(
@@ -835,10 +876,10 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let (dkls, hk) = dkl.map_or((dummy, 0i32), |b| (b.s(), 1));
         let ni = i(n);
         if let Some(dmu) = dmu {
-            launch!(self.inner, K::ReparamBwdMu, cfg_1d(n); mu.s(), dzs, &hz, dkls, &hk, dmu.sm(), &ni);
+            launch!(self.inner, Kernel::ReparamBwdMu, cfg_1d(n); mu.s(), dzs, &hz, dkls, &hk, dmu.sm(), &ni);
         }
         if let Some(dlv) = dlogvar {
-            launch!(self.inner, K::ReparamBwdLogvar, cfg_1d(n);
+            launch!(self.inner, Kernel::ReparamBwdLogvar, cfg_1d(n);
                 logvar.s(), eps.s(), dzs, &hz, dkls, &hk, dlv.sm(), &ni);
         }
     }
@@ -853,7 +894,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let mut part = self.inner.scratch.take(g);
         let (code, ni) = (recon_code(kind), i(n));
         let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.inner, K::LossFwd, cfg; &code, x.s(), target.s(), &ni, part.sm());
+        launch!(self.inner, Kernel::LossFwd, cfg; &code, x.s(), target.s(), &ni, part.sm());
         self.reduce_final(&part, g, 1.0, out);
     }
     fn recon_loss_backward(
@@ -870,10 +911,17 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(x.len() >= n && target.len() >= n, "recon_loss_backward: operand too small");
         let (code, ni) = (recon_code(kind), i(n));
-        launch!(self.inner, K::LossBwd, cfg_1d(n); &code, x.s(), target.s(), dout.s(), dx.sm(), &ni);
+        launch!(self.inner, Kernel::LossBwd, cfg_1d(n); &code, x.s(), target.s(), dout.s(), dx.sm(), &ni);
     }
 
-    fn adam_step(&self, param: &mut CudaBuf<E>, grad: &CudaBuf<E>, m: &mut CudaBuf<E>, v: &mut CudaBuf<E>, s: AdamStep) {
+    fn adam_step(
+        &self,
+        param: &mut CudaBuf<E>,
+        grad: &CudaBuf<E>,
+        m: &mut CudaBuf<E>,
+        v: &mut CudaBuf<E>,
+        s: AdamStep,
+    ) {
         let n = param.len();
         if n == 0 {
             return;
@@ -900,7 +948,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             },
             n: i(n),
         };
-        launch!(self.inner, K::Adam, cfg_1d(n); &a, param.sm(), grad.s(), m.sm(), v.sm());
+        launch!(self.inner, Kernel::Adam, cfg_1d(n); &a, param.sm(), grad.s(), m.sm(), v.sm());
     }
 }
 
