@@ -65,3 +65,20 @@ fn compile_errors_name_file_and_line() {
     let err = vaecuda::backend::cuda::compile::compile_file(&bad, "sm_80").err().expect("a broken kernel compiled");
     assert!(err.contains("broken.cu(3)"), "the log does not point at broken.cu line 3:\n{err}");
 }
+
+/// The symbol check behind `missing_kernels` finds what a file defines and nothing else.
+#[test]
+fn symbol_check_tells_defined_from_missing() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    use vaecuda::backend::cuda::compile::{compile_file, has_symbol, KernelFile};
+    let f = KernelFile {
+        name: "probe.cu",
+        source: "#include \"common.cuh\"\nextern \"C\" __global__ void present_f32(float* p) { p[0] = 1.0f; }\n",
+        kernels: &[],
+    };
+    let bin = compile_file(&f, "sm_80").unwrap_or_else(|e| panic!("{e}")).binary;
+    assert!(has_symbol(&bin, "present_f32"));
+    assert!(!has_symbol(&bin, "present_f64") && !has_symbol(&bin, "absent_f32"));
+}

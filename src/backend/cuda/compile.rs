@@ -184,7 +184,7 @@ pub fn kernel_names(file: &KernelFile) -> Vec<String> {
 
 /// Whether `name` appears NUL-terminated in a CUBIN (an ELF whose string table holds every
 /// kernel's symbol name).
-fn has_symbol(binary: &[u8], name: &str) -> bool {
+pub fn has_symbol(binary: &[u8], name: &str) -> bool {
     let needle: Vec<u8> = name.bytes().chain([0]).collect();
     binary
         .windows(needle.len())
