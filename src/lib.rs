@@ -21,6 +21,7 @@ pub mod tape;
 pub mod tensor;
 
 pub use backend::cpu::Cpu;
+pub use backend::cuda::Cuda;
 pub use backend::Backend;
 pub use tape::{ParamStore, Tape, Var};
 pub use tensor::{Float, Tensor};

@@ -1,0 +1,137 @@
+// Shared by every kernel file. NVRTC compiles each .cu as its own program with this header
+// pasted in front (see src/backend/cuda/compile.rs), so there are no system headers here.
+//
+// Conventions:
+// - Every kernel is a template over the element type T, instantiated for float and double
+//   with extern "C" names <op>_f32 / <op>_f64 by the INSTANTIATE macros below.
+// - Shapes arrive as int arguments by value (never through device memory).
+// - Reductions accumulate in double (acc_t) like the CPU reference, and combine partial sums
+//   in a fixed tree order: no atomics, so results are bitwise reproducible.
+
+typedef double acc_t;
+
+// Threads per block for 1-D elementwise and reduction kernels (a power of two: the tree
+// reductions below rely on it).
+#define BLOCK 256
+
+// Grid-stride loop over [0, n): correct for any grid size, including ragged tails.
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// Sum of one value per thread over a block of BLOCK threads, in a fixed tree order.
+// Every thread must call it; the result is returned to thread 0 (others get partial sums).
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared /* [BLOCK] */) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    acc_t r = shared[0];
+    __syncthreads();  // shared may be reused right after
+    return r;
+}
+
+__device__ __forceinline__ float exp_t(float x) { return expf(x); }
+__device__ __forceinline__ double exp_t(double x) { return exp(x); }
+__device__ __forceinline__ float tanh_t(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_t(double x) { return tanh(x); }
+__device__ __forceinline__ float sqrt_t(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_t(double x) { return sqrt(x); }
+
+// ---- the tiled GEMM engine (used by gemm.cu and conv2d.cu) ----
+//
+// C[m, n] = Σ_{k in [k_begin, k_end)} A(m, k) · B(k, n), M × N outputs per grid.
+// A block of TILE_THREADS = 256 threads computes a TILE_M × TILE_N = 64 × 64 tile of C,
+// walking K in steps of TILE_K = 16 through shared memory. Thread (ty, tx) = (tid / 16,
+// tid % 16) owns the 4 × 4 register micro-tile of rows m0 + ty + 16·i and columns
+// n0 + tx + 16·j (i, j in 0..4): strided so that a warp reads 16 consecutive B columns
+// (no bank conflicts) and writes 16 consecutive C columns (coalesced).
+//
+// Operands are read through loader functors, so the same engine does plain GEMM with any
+// transposes (strided loads) and implicit-GEMM convolutions (index math in the loader):
+//   struct Loader { bool k_fast; T operator()(int mn, int k) const; };
+// `k_fast` says which index is contiguous in memory, so consecutive threads load
+// consecutive addresses. Out-of-range elements (ragged M, N, K tails) load as 0 and the
+// loader is never called for them. The store functor is called once per in-range (m, n).
+#define TILE_M 64
+#define TILE_N 64
+#define TILE_K 16
+#define TILE_THREADS 256
+
+template <typename T, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                          const ST& st) {
+    // +1 padding: the k-fast store pattern (consecutive threads → consecutive kk) hits
+    // distinct banks.
+    __shared__ T As[TILE_K][TILE_M + 1];
+    __shared__ T Bs[TILE_K][TILE_N + 1];
+    const int tid = threadIdx.x;
+    const int tx = tid % 16, ty = tid / 16;
+    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    T acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+
+    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
+        // A tile: TILE_M × TILE_K elements, TILE_M·TILE_K / TILE_THREADS = 4 per thread.
+        for (int e = tid; e < TILE_M * TILE_K; e += TILE_THREADS) {
+            int mm, kk;
+            if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
+            else           { kk = e / TILE_M; mm = e % TILE_M; }
+            const int gm = m0 + mm, gk = k0 + kk;
+            As[kk][mm] = (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+        }
+        // B tile: TILE_K × TILE_N elements.
+        for (int e = tid; e < TILE_N * TILE_K; e += TILE_THREADS) {
+            int nn, kk;
+            if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
+            else           { kk = e / TILE_N; nn = e % TILE_N; }
+            const int gn = n0 + nn, gk = k0 + kk;
+            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILE_K; ++kk) {
+            T a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m < M && n < N) st(m, n, acc[i][j]);
+        }
+}
+
+// The K range of split `z` when K is cut into chunks of kc (the last one ragged).
+__device__ __forceinline__ void split_range(int K, int kc, int z, int* kb, int* ke) {
+    *kb = z * kc;
+    *ke = min(K, *kb + kc);
+}
+
+// Store functor of a split-K pass: chunk z writes its partial product to part[z][m][n].
+template <typename T>
+struct PartialStore {
+    T* part;
+    int M, N;
+    __device__ void operator()(int m, int n, T v) const {
+        part[((long long)blockIdx.z * M + m) * N + n] = v;
+    }
+};
+
+// Every kernel file ends with FILE_KERNELS(float, f32) FILE_KERNELS(double, f64), where
+// FILE_KERNELS defines the extern "C" wrappers that call the templates.

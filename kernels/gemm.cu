@@ -1,0 +1,89 @@
+// Dense GEMM for `linear` (forward, backward-data, backward-weight): the tile engine of
+// common.cuh with strided operand loaders, so every transpose is free.
+//   C[m, n] = (accumulate ? C[m, n] : 0) + Σ_k A[m, k]·B[k, n] (+ bias)
+// A[m, k] lives at a[m·a_rs + k·a_cs], B[k, n] at b[k·b_rs + n·b_cs]; C is row-major M × N.
+#include "common.cuh"
+
+// Mirror of `GemmArgs` in src/backend/cuda/mod.rs (#[repr(C)], all int).
+struct GemmArgs {
+    int m, n, k;
+    int a_rs, a_cs, b_rs, b_cs;
+    int bias_mode;   // 0: none, 1: bias[n] per column, 2: bias[m] per row
+    int accumulate;  // 1: C += product
+    int kc;          // split-K chunk length (gemm_splitk only)
+};
+
+template <typename T>
+struct StridedA {
+    const T* p;
+    int rs, cs;
+    bool k_fast;
+    __device__ T operator()(int m, int k) const { return p[(long long)m * rs + (long long)k * cs]; }
+};
+template <typename T>
+struct StridedB {
+    const T* p;
+    int rs, cs;
+    bool k_fast;
+    __device__ T operator()(int k, int n) const { return p[(long long)k * rs + (long long)n * cs]; }
+};
+
+template <typename T>
+struct GemmStore {
+    T* c;
+    const T* bias;
+    int N, bias_mode, accumulate;
+    __device__ void operator()(int m, int n, T v) const {
+        const long long at = (long long)m * N + n;
+        if (bias_mode == 1) v += bias[n];
+        else if (bias_mode == 2) v += bias[m];
+        c[at] = accumulate ? c[at] + v : v;
+    }
+};
+
+// Grid: (ceil(N / TILE_N), ceil(M / TILE_M)), TILE_THREADS threads.
+template <typename T>
+__device__ void gemm_impl(GemmArgs g, const T* a, const T* b, T* c, const T* bias) {
+    StridedA<T> la{a, g.a_rs, g.a_cs, g.a_cs == 1};
+    StridedB<T> lb{b, g.b_rs, g.b_cs, g.b_rs == 1};
+    GemmStore<T> st{c, bias, g.n, g.bias_mode, g.accumulate};
+    tile_gemm<T>(g.m, g.n, 0, g.k, la, lb, st);
+}
+
+// Split-K: grid z = number of chunks; chunk z covers k in [z·kc, min(K, (z+1)·kc)) and
+// writes part[z][m][n]. `splitk_reduce` then sums the chunks in order (deterministic).
+template <typename T>
+__device__ void gemm_splitk_impl(GemmArgs g, const T* a, const T* b, T* part) {
+    StridedA<T> la{a, g.a_rs, g.a_cs, g.a_cs == 1};
+    StridedB<T> lb{b, g.b_rs, g.b_cs, g.b_rs == 1};
+    PartialStore<T> st{part, g.m, g.n};
+    int kb, ke;
+    split_range(g.k, g.kc, blockIdx.z, &kb, &ke);
+    tile_gemm<T>(g.m, g.n, kb, ke, la, lb, st);
+}
+
+// c[i] = (accumulate ? c[i] : 0) + Σ_{z = 0..splits-1} part[z][i], z in increasing order.
+template <typename T>
+__device__ void splitk_reduce_impl(const T* part, int splits, int len, T* c, int accumulate) {
+    GRID_STRIDE(i, len) {
+        acc_t s = 0;
+        for (int z = 0; z < splits; ++z) s += (acc_t)part[(long long)z * len + i];
+        c[i] = accumulate ? (T)((acc_t)c[i] + s) : (T)s;
+    }
+}
+
+#define FILE_KERNELS(T, S)                                                                          \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                     \
+        gemm_##S(GemmArgs g, const T* a, const T* b, T* c, const T* bias) {                        \
+        gemm_impl<T>(g, a, b, c, bias);                                                            \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                     \
+        gemm_splitk_##S(GemmArgs g, const T* a, const T* b, T* part) {                             \
+        gemm_splitk_impl<T>(g, a, b, part);                                                        \
+    }                                                                                              \
+    extern "C" __global__ void splitk_reduce_##S(const T* part, int splits, int len, T* c, int acc) { \
+        splitk_reduce_impl<T>(part, splits, len, c, acc);                                          \
+    }
+
+FILE_KERNELS(float, f32)
+FILE_KERNELS(double, f64)

@@ -1,1 +1,0 @@
-//! The CUDA backend (filled in by the CUDA issue).

@@ -1,0 +1,265 @@
+//! Kernel sources, NVRTC compilation and the on-disk cache.
+//!
+//! The `.cu` files under `kernels/` are embedded in the binary with `include_str!` (so cargo
+//! rebuilds when they change; `build.rs` also watches the folder). Each file is compiled as
+//! its own NVRTC program named after the file, with `common.cuh` pasted in front under
+//! `#line` directives: NVRTC's messages name the real file and line (`gemm.cu(42): error`).
+//! Compiling for `sm_XY` gives a CUBIN, cached on disk under a key that hashes the sources,
+//! the architecture, the options and the NVRTC version.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{result, sys};
+use sha2::{Digest, Sha256};
+
+/// The shared header, pasted in front of every file.
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// One kernel file: its name under `kernels/`, its source, and the kernels it defines
+/// (base names; each exists as `<base>_f32` and `<base>_f64`).
+pub struct KernelFile {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+pub const FILES: &[KernelFile] = &[
+    KernelFile {
+        name: "gemm.cu",
+        source: include_str!("../../../kernels/gemm.cu"),
+        kernels: &["gemm", "gemm_splitk", "splitk_reduce"],
+    },
+    KernelFile {
+        name: "conv2d.cu",
+        source: include_str!("../../../kernels/conv2d.cu"),
+        kernels: &["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"],
+    },
+    KernelFile {
+        name: "batchnorm.cu",
+        source: include_str!("../../../kernels/batchnorm.cu"),
+        kernels: &["bn_fwd_train", "bn_fwd_eval", "bn_bwd"],
+    },
+    KernelFile {
+        name: "elementwise.cu",
+        source: include_str!("../../../kernels/elementwise.cu"),
+        kernels: &[
+            "unary_fwd",
+            "unary_bwd",
+            "mul",
+            "mul_acc",
+            "axpy",
+            "fill",
+            "broadcast_acc",
+            "gather_rows",
+            "bias_add",
+            "bias_bwd",
+            "sum_partial",
+            "reduce_final",
+            "fma_peak",
+        ],
+    },
+    KernelFile {
+        name: "vae_loss.cu",
+        source: include_str!("../../../kernels/vae_loss.cu"),
+        kernels: &["reparam_kl_fwd", "reparam_bwd_mu", "reparam_bwd_logvar", "loss_fwd", "loss_bwd"],
+    },
+    KernelFile { name: "adam.cu", source: include_str!("../../../kernels/adam.cu"), kernels: &["adam"] },
+];
+
+/// Options every program is compiled with (besides the architecture).
+const OPTIONS: &[&str] = &["-std=c++17"];
+
+/// The full text NVRTC sees for one file: common.cuh, then the file with its
+/// `#include "common.cuh"` line blanked (so line numbers stay those of the file).
+pub fn program_source(file: &KernelFile) -> String {
+    let body: String = file
+        .source
+        .lines()
+        .map(|l| if l.trim() == "#include \"common.cuh\"" { "" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{body}\n", file.name)
+}
+
+/// The one-line error for a missing NVRTC.
+pub fn nvrtc_missing() -> String {
+    "NVRTC (libnvrtc.so.13, CUDA's runtime compiler) could not be loaded: install the CUDA 13 toolkit or \
+     `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH (or use the CPU backend)"
+        .to_string()
+}
+
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// NVRTC's (major, minor) version.
+pub fn nvrtc_version() -> Result<(i32, i32), String> {
+    if !nvrtc_present() {
+        return Err(nvrtc_missing());
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+    Ok((major, minor))
+}
+
+/// The result of compiling one file.
+pub struct Compiled {
+    /// CUBIN for the requested `sm_XY`.
+    pub binary: Vec<u8>,
+    /// NVRTC's program log (warnings); empty for a clean compile.
+    pub log: String,
+}
+
+fn log_of(prog: sys::nvrtcProgram) -> String {
+    // SAFETY: prog is a live program.
+    match unsafe { result::get_program_log(prog) } {
+        Ok(raw) => {
+            let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            String::from_utf8_lossy(&bytes).trim().to_string()
+        }
+        Err(e) => format!("(could not read the NVRTC log: {e:?})"),
+    }
+}
+
+/// Compiles one kernel file for `arch` (e.g. "sm_90") to CUBIN. An error carries NVRTC's log,
+/// whose messages name the file and line.
+pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, String> {
+    if !nvrtc_present() {
+        return Err(nvrtc_missing());
+    }
+    let src = CString::new(program_source(file)).map_err(|_| format!("{}: NUL byte in source", file.name))?;
+    let name = CString::new(file.name).unwrap();
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("nvrtcCreateProgram: {e:?}"))?;
+    let mut opts: Vec<String> = vec![format!("--gpu-architecture={arch}")];
+    opts.extend(OPTIONS.iter().map(|s| s.to_string()));
+    // SAFETY: prog was just created and is destroyed below, on every path.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    let log = log_of(prog);
+    let out = match compiled {
+        Err(e) => Err(format!("NVRTC failed to compile kernels/{} for {arch} ({e:?}):\n{log}", file.name)),
+        Ok(()) => cubin_of(prog).map(|binary| Compiled { binary, log }),
+    };
+    // SAFETY: prog is live and not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+fn cubin_of(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+    let mut size = 0usize;
+    // SAFETY: prog compiled successfully; the buffer has the size NVRTC reported.
+    unsafe {
+        sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
+        let mut buf = vec![0u8; size];
+        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))?;
+        Ok(buf)
+    }
+}
+
+/// What `compile_all_for_arch` did, file by file.
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    pub arch: String,
+    pub nvrtc_version: (i32, i32),
+    pub files: Vec<FileReport>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FileReport {
+    pub file: &'static str,
+    /// NVRTC's log (empty when the file compiled without a message).
+    pub log: String,
+    pub binary_bytes: usize,
+    /// `extern "C"` kernel names (`<base>_f32`, `<base>_f64`) that the file must define and
+    /// that were not found in the CUBIN's symbol names.
+    pub missing_kernels: Vec<String>,
+}
+
+/// The `extern "C"` names a file defines.
+pub fn kernel_names(file: &KernelFile) -> Vec<String> {
+    file.kernels.iter().flat_map(|k| [format!("{k}_f32"), format!("{k}_f64")]).collect()
+}
+
+/// Whether `name` appears NUL-terminated in a CUBIN (an ELF whose string table holds every
+/// kernel's symbol name).
+pub fn has_symbol(binary: &[u8], name: &str) -> bool {
+    let needle: Vec<u8> = name.bytes().chain([0]).collect();
+    binary
+        .windows(needle.len())
+        .enumerate()
+        .any(|(i, w)| w == needle && (i == 0 || binary[i - 1] == 0 || binary[i - 1] == b'.'))
+}
+
+/// Compiles every kernel file for `arch` (e.g. "sm_80") with NVRTC alone: no GPU, no driver.
+pub fn compile_all_for_arch(arch: &str) -> Result<CompileReport, String> {
+    let nvrtc_version = nvrtc_version()?;
+    let mut files = vec![];
+    for f in FILES {
+        let c = compile_file(f, arch)?;
+        let missing_kernels = kernel_names(f).into_iter().filter(|n| !has_symbol(&c.binary, n)).collect();
+        files.push(FileReport { file: f.name, log: c.log, binary_bytes: c.binary.len(), missing_kernels });
+    }
+    Ok(CompileReport { arch: arch.to_string(), nvrtc_version, files })
+}
+
+/// `$VAECUDA_CACHE`, else `$XDG_CACHE_HOME/vaecuda`, else `~/.cache/vaecuda`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("VAECUDA_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("vaecuda")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("vaecuda")))
+}
+
+/// Hex key of everything that determines a file's CUBIN.
+fn cache_key(file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    for part in [COMMON, file.name, file.source, arch, &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1)] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    for o in OPTIONS {
+        h.update(o.as_bytes());
+    }
+    h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename,
+/// so a concurrent reader sees the whole file or none.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{:?}.tmp",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The CUBIN of `file` for `arch`: from the disk cache when present, else compiled (and then
+/// cached; a cache that cannot be written is skipped silently).
+pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Vec<u8>, String> {
+    let nvrtc = nvrtc_version()?;
+    let path = cache_dir().map(|d| {
+        let stem = file.name.trim_end_matches(".cu");
+        d.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)))
+    });
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let c = compile_file(file, arch)?;
+    if let Some(p) = &path {
+        let _ = write_atomic(p, &c.binary);
+    }
+    Ok(c.binary)
+}

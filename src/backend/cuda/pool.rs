@@ -1,0 +1,73 @@
+//! Device memory pool: freed buffers go back to a free list keyed by their exact length and
+//! are handed out again, so once a training step has run, the next ones (same shapes) make no
+//! new `cuMemAlloc`. The pool never returns memory to the driver while the backend lives.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+
+pub struct Pool<T: DeviceRepr> {
+    stream: Arc<CudaStream>,
+    free: Mutex<HashMap<usize, Vec<CudaSlice<T>>>>,
+    /// Real device allocations made so far (for tests and logs).
+    allocations: AtomicUsize,
+}
+
+impl<T: DeviceRepr> Pool<T> {
+    pub fn new(stream: Arc<CudaStream>) -> Arc<Self> {
+        Arc::new(Pool { stream, free: Mutex::new(HashMap::new()), allocations: AtomicUsize::new(0) })
+    }
+
+    /// A buffer of `len` elements with undefined contents.
+    pub fn take(self: &Arc<Self>, len: usize) -> CudaBuf<T> {
+        let slice = (len > 0).then(|| {
+            let reused = self.free.lock().unwrap().get_mut(&len).and_then(Vec::pop);
+            reused.unwrap_or_else(|| {
+                self.allocations.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: the contents are undefined until written; every caller writes
+                // (zero-fills, uploads or runs a kernel that overwrites) before reading.
+                unsafe { self.stream.alloc::<T>(len) }
+                    .unwrap_or_else(|e| panic!("CUDA out of memory allocating {len} elements: {e:?}"))
+            })
+        });
+        CudaBuf { slice, len, pool: self.clone() }
+    }
+
+    pub fn allocations(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+}
+
+/// A device buffer of `len` elements that returns to its pool when dropped. Zero-length
+/// buffers own no memory.
+pub struct CudaBuf<T: DeviceRepr> {
+    slice: Option<CudaSlice<T>>,
+    len: usize,
+    pool: Arc<Pool<T>>,
+}
+
+impl<T: DeviceRepr> CudaBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The device slice (callers skip zero-length buffers before asking).
+    pub fn s(&self) -> &CudaSlice<T> {
+        self.slice.as_ref().expect("zero-length CUDA buffer has no device memory")
+    }
+    pub fn sm(&mut self) -> &mut CudaSlice<T> {
+        self.slice.as_mut().expect("zero-length CUDA buffer has no device memory")
+    }
+}
+
+impl<T: DeviceRepr> Drop for CudaBuf<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            self.pool.free.lock().unwrap().entry(self.len).or_default().push(s);
+        }
+    }
+}

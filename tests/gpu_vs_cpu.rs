@@ -1,0 +1,509 @@
+//! The CUDA backend against the CPU reference. Every test needs a GPU and is ignored by default:
+//! run `cargo test --release --test gpu_vs_cpu -- --ignored --test-threads=1` on a GPU machine
+//! (or `scripts/gpu-check.sh` from a prebuilt `dist/`).
+//!
+//! f32 tolerance, used throughout: |gpu − cpu| ≤ RTOL·√terms·(1 + |cpu|), RTOL = 2e-5, where
+//! `terms` is the number of products summed into one output (1 for elementwise ops). Inputs
+//! are O(1); f32 rounds each operation by ≤ 2⁻²⁴ ≈ 6e-8 and the two backends sum in different
+//! orders, so their difference behaves like a random walk of √terms steps of a few ulps of
+//! the running sum. 2e-5·√terms is ~300× that ulp-level walk: comfortable for rounding, yet
+//! an indexing or formula bug (off by O(1) relative) fails by orders of magnitude. Reductions
+//! the kernels do in double (losses, KL, sums, batch norm) are held to the same bound.
+
+mod common;
+
+use vaecuda::backend::cuda::{Cuda, CudaBuf};
+use vaecuda::backend::{Backend, Recon};
+use vaecuda::gradcheck::{check, check_store, weighted_sum, GradCheck};
+use vaecuda::nn::{Arch, ModelConfig, Vae};
+use vaecuda::ops::adam::AdamStep;
+use vaecuda::ops::batch_norm::BatchNormDims;
+use vaecuda::ops::conv2d::Conv2dDims;
+use vaecuda::ops::linear::LinearDims;
+use vaecuda::ops::unary::Unary;
+use vaecuda::optim::AdamConfig;
+use vaecuda::rng::Rng;
+use vaecuda::tape::ParamStore;
+use vaecuda::train::{LossConfig, Trainer};
+use vaecuda::{Cpu, Tensor};
+
+const RTOL: f64 = 2e-5;
+
+fn gpu32() -> Cuda<f32> {
+    Cuda::<f32>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"))
+}
+
+/// Fresh random values in [lo, hi).
+fn rnd(rng: &mut Rng, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    (0..n).map(|_| rng.uniform(lo, hi) as f32).collect()
+}
+
+/// Compares one output; collects a message on failure.
+fn cmp(fails: &mut Vec<String>, what: &str, gpu: &[f32], cpu: &[f32], terms: usize) {
+    if gpu.len() != cpu.len() {
+        fails.push(format!("{what}: lengths {} vs {}", gpu.len(), cpu.len()));
+        return;
+    }
+    let bound = RTOL * (terms.max(1) as f64).sqrt();
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let (g, c) = (g as f64, c as f64);
+        let d = (g - c).abs();
+        // NaN (e.g. an output the kernel never wrote over the poison) fails too.
+        if d.is_nan() || d > bound * (1.0 + c.abs()) {
+            fails.push(format!("{what}[{i}]: gpu {g:e}, cpu {c:e} (bound {:e})", bound * (1.0 + c.abs())));
+            return;
+        }
+    }
+}
+
+struct Both {
+    cpu: Cpu<f32>,
+    gpu: Cuda<f32>,
+    rng: Rng,
+    fails: Vec<String>,
+}
+
+impl Both {
+    /// A random input on both sides.
+    fn input(&mut self, n: usize, lo: f64, hi: f64) -> (Vec<f32>, CudaBuf<f32>) {
+        let v = rnd(&mut self.rng, n, lo, hi);
+        let g = self.gpu.upload(&v);
+        (v, g)
+    }
+    /// An output poisoned with NaN (for methods that overwrite).
+    fn poisoned(&mut self, n: usize) -> (Vec<f32>, CudaBuf<f32>) {
+        let v = vec![f32::NAN; n];
+        let g = self.gpu.upload(&v);
+        (v, g)
+    }
+    /// An output holding the same random values on both sides (for methods that add into it).
+    fn preset(&mut self, n: usize) -> (Vec<f32>, CudaBuf<f32>) {
+        self.input(n, -1.0, 1.0)
+    }
+    fn cmp(&mut self, what: &str, pair: &(Vec<f32>, CudaBuf<f32>), terms: usize) {
+        let g = self.gpu.download(&pair.1);
+        cmp(&mut self.fails, what, &g, &pair.0, terms);
+    }
+}
+
+fn both() -> Both {
+    Both { cpu: Cpu::default(), gpu: gpu32(), rng: Rng::new(2024), fails: vec![] }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_matches_cpu() {
+    let mut t = both();
+    // Tiny, ragged (not multiples of the 64 tile or the 16 k-step) and the MLP's real shapes.
+    for &(n, d_in, d_out) in &[(1, 3, 2), (3, 5, 7), (130, 65, 67), (128, 784, 400), (128, 400, 20), (17, 1, 33)] {
+        let d = LinearDims { n, d_in, d_out };
+        let tag = format!("n{n} {d_in}->{d_out}");
+        let x = t.input(n * d_in, -1.0, 1.0);
+        let w = t.input(d_out * d_in, -1.0, 1.0);
+        let b = t.input(d_out, -1.0, 1.0);
+        for bias in [false, true] {
+            let mut y = t.poisoned(n * d_out);
+            t.cpu.linear_forward(&x.0, &w.0, bias.then_some(&b.0), &mut y.0, d);
+            t.gpu.linear_forward(&x.1, &w.1, bias.then_some(&b.1), &mut y.1, d);
+            t.cmp(&format!("linear_forward bias={bias} {tag}"), &y, d_in);
+        }
+        let dy = t.input(n * d_out, -1.0, 1.0);
+        let mut dx = t.preset(n * d_in);
+        t.cpu.linear_backward_data(&dy.0, &w.0, &mut dx.0, d);
+        t.gpu.linear_backward_data(&dy.1, &w.1, &mut dx.1, d);
+        t.cmp(&format!("linear_backward_data {tag}"), &dx, d_out);
+        let mut dw = t.preset(d_out * d_in);
+        t.cpu.linear_backward_weight(&dy.0, &x.0, &mut dw.0, d);
+        t.gpu.linear_backward_weight(&dy.1, &x.1, &mut dw.1, d);
+        t.cmp(&format!("linear_backward_weight {tag}"), &dw, n);
+        let mut db = t.preset(d_out);
+        t.cpu.bias_backward(&dy.0, &mut db.0, n, d_out, 1);
+        t.gpu.bias_backward(&dy.1, &mut db.1, n, d_out, 1);
+        t.cmp(&format!("bias_backward {tag}"), &db, n);
+    }
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv2d_matches_cpu() {
+    let mut t = both();
+    // (n, c_in, h, w, c_out, k, stride, pad): the common cases' shapes, 1-channel inputs and
+    // outputs, and the conv VAE's real layers (whose weight gradients take the split-K path).
+    let shapes = [
+        (1, 1, 5, 5, 1, 3, 1, 0),
+        (2, 3, 7, 6, 2, 3, 2, 1),
+        (1, 2, 5, 8, 4, 3, 2, 0),
+        (2, 2, 6, 7, 3, 2, 2, 1),
+        (3, 5, 9, 11, 70, 3, 1, 1),
+        (16, 1, 28, 28, 32, 3, 1, 1),
+        (16, 32, 28, 28, 64, 3, 2, 1),
+        (16, 64, 14, 14, 128, 3, 2, 1),
+        (16, 32, 28, 28, 1, 3, 1, 1),
+    ];
+    for &(n, c_in, h, w, c_out, k, s, p) in &shapes {
+        let d = Conv2dDims::new(n, c_in, h, w, c_out, k, k, s, p);
+        let tag = format!("n{n} {c_in}x{h}x{w}->{c_out} k{k} s{s} p{p}");
+        let x = t.input(d.x_len(), -1.0, 1.0);
+        let wt = t.input(d.w_len(), -1.0, 1.0);
+        let b = t.input(c_out, -1.0, 1.0);
+        for bias in [false, true] {
+            let mut y = t.poisoned(d.y_len());
+            t.cpu.conv2d_forward(&x.0, &wt.0, bias.then_some(&b.0), &mut y.0, d);
+            t.gpu.conv2d_forward(&x.1, &wt.1, bias.then_some(&b.1), &mut y.1, d);
+            t.cmp(&format!("conv2d_forward bias={bias} {tag}"), &y, c_in * k * k);
+        }
+        let dy = t.input(d.y_len(), -1.0, 1.0);
+        let mut dx = t.preset(d.x_len());
+        t.cpu.conv2d_backward_data(&dy.0, &wt.0, &mut dx.0, d);
+        t.gpu.conv2d_backward_data(&dy.1, &wt.1, &mut dx.1, d);
+        t.cmp(&format!("conv2d_backward_data {tag}"), &dx, c_out * k * k);
+        let mut dw = t.preset(d.w_len());
+        t.cpu.conv2d_backward_weight(&dy.0, &x.0, &mut dw.0, d);
+        t.gpu.conv2d_backward_weight(&dy.1, &x.1, &mut dw.1, d);
+        t.cmp(&format!("conv2d_backward_weight {tag}"), &dw, n * d.oh * d.ow);
+        let l = d.oh * d.ow;
+        let mut y = t.preset(d.y_len());
+        t.cpu.bias_add(&mut y.0, &b.0, n, c_out, l);
+        t.gpu.bias_add(&mut y.1, &b.1, n, c_out, l);
+        t.cmp(&format!("bias_add {tag}"), &y, 1);
+        let mut db = t.preset(c_out);
+        t.cpu.bias_backward(&dy.0, &mut db.0, n, c_out, l);
+        t.gpu.bias_backward(&dy.1, &mut db.1, n, c_out, l);
+        t.cmp(&format!("bias_backward {tag}"), &db, n * l);
+    }
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn batch_norm_matches_cpu() {
+    let mut t = both();
+    for &(outer, c, inner) in &[(2, 3, 6), (4, 1, 1), (5, 3, 1), (128, 32, 196), (128, 64, 49), (7, 300, 3)] {
+        let d = BatchNormDims { outer, channels: c, inner, eps: 1e-5, momentum: 0.1 };
+        let tag = format!("{outer}x{c}x{inner}");
+        let len = outer * c * inner;
+        // Offset data: a mean far from 0 tests the one-pass variance.
+        let x = t.input(len, 2.0, 4.0);
+        let g = t.input(c, 0.5, 1.5);
+        let be = t.input(c, -1.0, 1.0);
+        let mut y = t.poisoned(len);
+        let (mut sm, mut si) = (t.poisoned(c), t.poisoned(c));
+        let (mut rm, mut rv) = (t.preset(c), t.input(c, 0.5, 1.5));
+        t.cpu.batch_norm_forward_train(&x.0, &g.0, &be.0, &mut y.0, &mut sm.0, &mut si.0, &mut rm.0, &mut rv.0, d);
+        t.gpu.batch_norm_forward_train(&x.1, &g.1, &be.1, &mut y.1, &mut sm.1, &mut si.1, &mut rm.1, &mut rv.1, d);
+        let m = outer * inner;
+        for (name, pair) in
+            [("y", &y), ("save_mean", &sm), ("save_invstd", &si), ("running_mean", &rm), ("running_var", &rv)]
+        {
+            let gv = t.gpu.download(&pair.1);
+            cmp(&mut t.fails, &format!("bn_forward_train {name} {tag}"), &gv, &pair.0, m);
+        }
+        let mut ye = t.poisoned(len);
+        t.cpu.batch_norm_forward_eval(&x.0, &g.0, &be.0, &rm.0, &rv.0, &mut ye.0, d);
+        t.gpu.batch_norm_forward_eval(&x.1, &g.1, &be.1, &rm.1, &rv.1, &mut ye.1, d);
+        t.cmp(&format!("bn_forward_eval {tag}"), &ye, 1);
+        let dy = t.input(len, -1.0, 1.0);
+        // Every subset of the optional outputs.
+        for mask in 1..8u32 {
+            let (mut dx, mut dg, mut db) = (t.preset(len), t.preset(c), t.preset(c));
+            let (want_dx, want_dg, want_db) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+            t.cpu.batch_norm_backward(
+                &dy.0,
+                &x.0,
+                &g.0,
+                &sm.0,
+                &si.0,
+                want_dx.then_some(&mut dx.0),
+                want_dg.then_some(&mut dg.0),
+                want_db.then_some(&mut db.0),
+                d,
+            );
+            t.gpu.batch_norm_backward(
+                &dy.1,
+                &x.1,
+                &g.1,
+                &sm.1,
+                &si.1,
+                want_dx.then_some(&mut dx.1),
+                want_dg.then_some(&mut dg.1),
+                want_db.then_some(&mut db.1),
+                d,
+            );
+            t.cmp(&format!("bn_backward dx mask{mask} {tag}"), &dx, m);
+            t.cmp(&format!("bn_backward dgamma mask{mask} {tag}"), &dg, m);
+            t.cmp(&format!("bn_backward dbeta mask{mask} {tag}"), &db, m);
+        }
+    }
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn elementwise_and_reductions_match_cpu() {
+    let mut t = both();
+    for &n in &[1usize, 5, 257, 100_003, 1 << 20] {
+        let x = t.input(n, -3.0, 3.0);
+        let a = t.input(n, -1.0, 1.0);
+        for op in [Unary::Relu, Unary::Sigmoid, Unary::Tanh, Unary::LeakyRelu(0.2)] {
+            let mut y = t.poisoned(n);
+            t.cpu.unary_forward(op, &x.0, &mut y.0);
+            t.gpu.unary_forward(op, &x.1, &mut y.1);
+            t.cmp(&format!("{op:?} forward n{n}"), &y, 1);
+            let mut dx = t.preset(n);
+            t.cpu.unary_backward(op, &x.0, &y.0, &a.0, &mut dx.0);
+            t.gpu.unary_backward(op, &x.1, &y.1, &a.1, &mut dx.1);
+            t.cmp(&format!("{op:?} backward n{n}"), &dx, 1);
+        }
+        let mut y = t.poisoned(n);
+        t.cpu.mul(&x.0, &a.0, &mut y.0);
+        t.gpu.mul(&x.1, &a.1, &mut y.1);
+        t.cmp(&format!("mul n{n}"), &y, 1);
+        let mut y = t.preset(n);
+        t.cpu.mul_accumulate(&x.0, &a.0, &mut y.0);
+        t.gpu.mul_accumulate(&x.1, &a.1, &mut y.1);
+        t.cmp(&format!("mul_accumulate n{n}"), &y, 1);
+        let mut y = t.preset(n);
+        t.cpu.axpy(-0.75, &x.0, &mut y.0);
+        t.gpu.axpy(-0.75, &x.1, &mut y.1);
+        t.cmp(&format!("axpy n{n}"), &y, 1);
+        let mut y = t.poisoned(n);
+        t.cpu.fill(&mut y.0, 1.25);
+        t.gpu.fill(&mut y.1, 1.25);
+        t.cmp(&format!("fill n{n}"), &y, 1);
+        let mut y = t.poisoned(n);
+        t.cpu.copy(&x.0, &mut y.0);
+        t.gpu.copy(&x.1, &mut y.1);
+        t.cmp(&format!("copy n{n}"), &y, 1);
+        let mut s = t.poisoned(1);
+        t.cpu.sum(&x.0, &mut s.0);
+        t.gpu.sum(&x.1, &mut s.1);
+        t.cmp(&format!("sum n{n}"), &s, n);
+        let dout = t.input(1, -2.0, 2.0);
+        let mut dx = t.preset(n);
+        t.cpu.broadcast_scalar_accumulate(&dout.0, 0.5, &mut dx.0);
+        t.gpu.broadcast_scalar_accumulate(&dout.1, 0.5, &mut dx.1);
+        t.cmp(&format!("broadcast_scalar_accumulate n{n}"), &dx, 1);
+        // Losses on probabilities in (0, 1) (and exact 0/1 for BCE's clamp), targets in [0, 1].
+        let mut p = t.input(n, 0.001, 0.999);
+        if n > 2 {
+            p.0[0] = 0.0;
+            p.0[1] = 1.0;
+            p.1 = t.gpu.upload(&p.0);
+        }
+        let tg = t.input(n, 0.0, 1.0);
+        for kind in [Recon::Bce, Recon::BceWithLogits, Recon::Mse] {
+            let input = if kind == Recon::BceWithLogits { &x } else { &p };
+            let mut l = t.poisoned(1);
+            t.cpu.recon_loss_forward(kind, &input.0, &tg.0, &mut l.0);
+            t.gpu.recon_loss_forward(kind, &input.1, &tg.1, &mut l.1);
+            t.cmp(&format!("{kind:?} forward n{n}"), &l, n);
+            if kind == Recon::Bce && n > 2 {
+                continue; // the gradient at p = 0 or 1 is PyTorch's huge 1e12-scaled value
+            }
+            let mut dx = t.preset(n);
+            t.cpu.recon_loss_backward(kind, &input.0, &tg.0, &dout.0, &mut dx.0);
+            t.gpu.recon_loss_backward(kind, &input.1, &tg.1, &dout.1, &mut dx.1);
+            t.cmp(&format!("{kind:?} backward n{n}"), &dx, 1);
+        }
+        // Reparameterization + KL, with every combination of incoming gradients.
+        let lv = t.input(n, -2.0, 1.0);
+        let eps = t.input(n, -2.0, 2.0);
+        let (mut z, mut kl) = (t.poisoned(n), t.poisoned(1));
+        t.cpu.reparam_kl_forward(&a.0, &lv.0, &eps.0, &mut z.0, &mut kl.0);
+        t.gpu.reparam_kl_forward(&a.1, &lv.1, &eps.1, &mut z.1, &mut kl.1);
+        t.cmp(&format!("reparam z n{n}"), &z, 1);
+        t.cmp(&format!("reparam kl n{n}"), &kl, n);
+        let dz = t.input(n, -1.0, 1.0);
+        for mask in 0..4u32 {
+            let (hz, hk) = (mask & 1 != 0, mask & 2 != 0);
+            let (mut dmu, mut dlv) = (t.preset(n), t.preset(n));
+            t.cpu.reparam_kl_backward(
+                &a.0,
+                &lv.0,
+                &eps.0,
+                hz.then_some(&dz.0),
+                hk.then_some(&dout.0),
+                Some(&mut dmu.0),
+                Some(&mut dlv.0),
+            );
+            t.gpu.reparam_kl_backward(
+                &a.1,
+                &lv.1,
+                &eps.1,
+                hz.then_some(&dz.1),
+                hk.then_some(&dout.1),
+                Some(&mut dmu.1),
+                Some(&mut dlv.1),
+            );
+            t.cmp(&format!("reparam dmu mask{mask} n{n}"), &dmu, 1);
+            t.cmp(&format!("reparam dlogvar mask{mask} n{n}"), &dlv, 1);
+        }
+        // Adam: plain, L2 and decoupled decay, at step 3.
+        for (wd, dec) in [(0.0, false), (0.01, false), (0.01, true)] {
+            let s = AdamStep::new(1e-3, 0.9, 0.999, 1e-8, wd, dec, 3);
+            let (mut p, mut m, mut v) = (t.preset(n), t.preset(n), t.input(n, 0.0, 1.0));
+            t.cpu.adam_step(&mut p.0, &a.0, &mut m.0, &mut v.0, s);
+            t.gpu.adam_step(&mut p.1, &a.1, &mut m.1, &mut v.1, s);
+            for (name, pair) in [("param", &p), ("m", &m), ("v", &v)] {
+                let g = t.gpu.download(&pair.1);
+                cmp(&mut t.fails, &format!("adam {name} wd{wd} decoupled={dec} n{n}"), &g, &pair.0, 1);
+            }
+        }
+    }
+    // gather_rows: rows picked out of order, with repeats.
+    let (rows, row_len) = (50, 784);
+    let src = t.input(rows * row_len, 0.0, 1.0);
+    let idx: Vec<u32> = (0..37).map(|r| ((r * 7 + 3) % rows) as u32).collect();
+    let mut dst = t.poisoned(idx.len() * row_len);
+    t.cpu.gather_rows(&src.0, row_len, &idx, &mut dst.0);
+    t.gpu.gather_rows(&src.1, row_len, &idx, &mut dst.1);
+    t.cmp("gather_rows", &dst, 1);
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+/// Every op case of `tests/common` through the tape (forward and every input's gradient).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_op_case_on_the_tape_matches_cpu() {
+    let (cpu, gpu) = (Cpu::<f32>::default(), gpu32());
+    let mut fails = vec![];
+    for case in common::all_cases() {
+        let (yc, gc) = common::forward_backward(&cpu, &case);
+        let (yg, gg) = common::forward_backward(&gpu, &case);
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        // The cases are small: at most a few hundred terms per output.
+        cmp(&mut fails, &format!("{} forward", case.name), &f(&yg), &f(&yc), 400);
+        for (i, (a, b)) in gg.iter().zip(&gc).enumerate() {
+            cmp(&mut fails, &format!("{} grad of input {i}", case.name), &f(a), &f(b), 400);
+        }
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
+/// f64 central differences of every op, computed entirely on the GPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_op_gradient_checks_in_f64_on_gpu() {
+    let be = Cuda::<f64>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    let mut failures = vec![];
+    for case in &common::all_cases() {
+        let result = check(&be, &case.inputs, true, GradCheck::default(), |tape, vars| {
+            let y = case.run(tape, vars);
+            weighted_sum(tape, y, 5)
+        });
+        if let Err(e) = result {
+            failures.push(format!("{}: {e}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "gradient check on the GPU failed:\n{}", failures.join("\n"));
+}
+
+/// The whole conv-BN VAE's gradients against finite differences, on the GPU in f64.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn whole_conv_bn_model_gradient_checks_on_gpu() {
+    let be = Cuda::<f64>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    let config = ModelConfig::mnist(Arch::ConvBn);
+    let n = 3;
+    let mut store = ParamStore::default();
+    let model = Vae::new(config.clone(), &mut store, &be, 11);
+    let mut rng = Rng::new(12);
+    let x: Vec<f64> = (0..n * config.image_len()).map(|_| rng.next_f64()).collect();
+    let eps: Vec<f64> = (0..n * config.latent).map(|_| rng.normal()).collect();
+    let img = [n, config.channels, config.height, config.width];
+    let cfg = GradCheck { max_entries: 8, ..GradCheck::default() };
+    check_store(&be, &mut store, true, cfg, |tape| {
+        let xv = tape.input(Tensor::from_host(&tape.backend, &img, &x));
+        let ev = tape.input(Tensor::from_host(&tape.backend, &[n, config.latent], &eps));
+        model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn batch<B: Backend<E = f32>>(be: &B, seed: u64, n: usize) -> Tensor<B> {
+    let mut rng = Rng::new(seed);
+    let d: Vec<f32> = (0..n * 784).map(|_| rng.next_f64() as f32).collect();
+    Tensor::from_host(be, &[n, 1, 28, 28], &d)
+}
+
+/// One training step from the same weights, data and noise on both backends: the losses, every
+/// gradient and every updated weight agree.
+fn training_step_matches(arch: Arch) {
+    let (cpu, gpu) = (Cpu::<f32>::default(), gpu32());
+    let cfg = ModelConfig::mnist(arch);
+    let mut tc = Trainer::new(cpu, cfg.clone(), LossConfig::default(), AdamConfig::default(), 5);
+    let mut tg = Trainer::new(gpu.clone(), cfg, LossConfig::default(), AdamConfig::default(), 5);
+    let n = 16;
+    let lc = tc.step(batch(&cpu, 9, n), 1.0).expect("finite CPU loss");
+    let lg = tg.step(batch(&gpu, 9, n), 1.0).expect("finite GPU loss");
+    let mut fails = vec![];
+    // The loss sums n·784 BCE terms.
+    for (name, g, c) in [("loss", lg.loss, lc.loss), ("recon", lg.recon, lc.recon), ("kl", lg.kl, lc.kl)] {
+        cmp(&mut fails, &format!("{arch:?} {name}"), &[g as f32], &[c as f32], n * 784);
+    }
+    for i in 0..tc.store.len() {
+        let name = &tc.store.names[i];
+        if let (Some(gc), Some(gg)) = (&tc.store.grads[i], &tg.store.grads[i]) {
+            // Gradients are sums over the batch and the whole network: compare relative to the
+            // tensor's largest gradient (a tiny entry may be pure cancellation noise).
+            let (c, g) = (gc.to_host(&cpu), gg.to_host(&gpu));
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+            let (c, g): (Vec<f32>, Vec<f32>) = c.iter().zip(&g).map(|(a, b)| (a / scale, b / scale)).unzip();
+            cmp(&mut fails, &format!("{arch:?} grad {name} (÷{scale:e})"), &g, &c, 2500);
+        }
+        // After one Adam step every weight moved by about lr·sign(g): where a gradient is
+        // cancellation noise its sign may differ, so weights agree within 2·lr.
+        let (c, g) = (tc.store.values[i].to_host(&cpu), tg.store.values[i].to_host(&gpu));
+        if let Some((j, (a, b))) = c.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).abs() > 2.1e-3) {
+            fails.push(format!("{arch:?} weight {name}[{j}]: cpu {a}, gpu {b}"));
+        }
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mlp_training_step_matches_cpu() {
+    training_step_matches(Arch::Mlp);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv_training_step_matches_cpu() {
+    training_step_matches(Arch::Conv);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv_bn_training_step_matches_cpu() {
+    training_step_matches(Arch::ConvBn);
+}
+
+/// Two seeded runs of a few steps are bitwise identical (no atomics, fixed reduction orders),
+/// and after the first step the memory pool makes no new device allocation.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn seeded_gpu_runs_are_bitwise_identical() {
+    let gpu = gpu32();
+    for arch in [Arch::Mlp, Arch::ConvBn] {
+        let run = || {
+            let mut t =
+                Trainer::new(gpu.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 3);
+            let mut losses = vec![];
+            let mut allocs = vec![];
+            for s in 0..4 {
+                losses.push(t.step(batch(&gpu, 100 + s, 32), 1.0).expect("finite loss").loss.to_bits());
+                allocs.push(gpu.device_allocations());
+            }
+            let weights: Vec<Vec<u32>> =
+                t.store.values.iter().map(|v| v.to_host(&gpu).iter().map(|x| x.to_bits()).collect()).collect();
+            (losses, weights, allocs)
+        };
+        let (l1, w1, a1) = run();
+        let (l2, w2, _) = run();
+        assert_eq!(l1, l2, "{arch:?}: losses differ between seeded runs");
+        assert!(w1 == w2, "{arch:?}: weights differ between seeded runs");
+        assert_eq!(a1[1], a1[3], "{arch:?}: device allocations after the first step: {a1:?}");
+    }
+}
