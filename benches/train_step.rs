@@ -38,6 +38,10 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: B, label: &str) {
 }
 
 fn benches(c: &mut Criterion) {
+    match vaecuda::backend::cuda::probe().and_then(|_| vaecuda::backend::cuda::Cuda::<f32>::new(0)) {
+        Ok(gpu) => bench_backend(c, gpu, "cuda"),
+        Err(e) => eprintln!("no GPU benches: {e}"),
+    }
     bench_backend(c, Cpu::<f32>::default(), "cpu");
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Every case owns its buffers and a closure that launches one call; inputs are held in
 //! several copies and rotated so a small case does not run from a warm cache (the copies add up
-//! to more than the H100's 50 MB L2). Times are wall-clock around many launches with a
-//! synchronize before the clock stops.
+//! to more than the H100's 50 MB L2). Kernel times come from `Backend::time` around many
+//! launches: CUDA events on the GPU, the wall clock between synchronizations on the CPU.
 
 use std::time::Instant;
 
@@ -218,12 +218,12 @@ pub fn time_case<B: Backend>(be: &B, case: &mut KernelCase, warmup: usize, reps:
     // Batches of calls per sample so launch gaps average out on the GPU.
     let per = 5;
     for _ in 0..reps.div_ceil(per) {
-        let t = Instant::now();
-        for _ in 0..per {
-            (case.run)();
-        }
-        be.synchronize();
-        samples.push(t.elapsed().as_secs_f64() / per as f64);
+        let took = be.time(&mut || {
+            for _ in 0..per {
+                (case.run)();
+            }
+        });
+        samples.push(took.as_secs_f64() / per as f64);
     }
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -239,6 +239,7 @@ pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> (f64,
     let x = Tensor::from_host(be, &[batch, 1, 28, 28], &data);
     let mut samples = vec![];
     for i in 0..steps + 2 {
+        // Wall clock: a step reads its loss back to the host, and that is part of its cost.
         let start = Instant::now();
         t.step(x.duplicate(be), 1.0).expect("finite loss");
         be.synchronize();

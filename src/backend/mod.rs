@@ -37,6 +37,16 @@ pub trait Backend: Clone + 'static {
     fn describe(&self) -> String;
     /// Wait until queued work is done (no-op on the CPU).
     fn synchronize(&self) {}
+    /// Device time taken by the work `f` queues. The default is the wall clock between two
+    /// synchronizations; the CUDA backend records timing events on its stream instead, so host
+    /// time before the first launch and after the last is not counted.
+    fn time(&self, f: &mut dyn FnMut()) -> std::time::Duration {
+        self.synchronize();
+        let start = std::time::Instant::now();
+        f();
+        self.synchronize();
+        start.elapsed()
+    }
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Self::Buf;

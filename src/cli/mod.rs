@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use vaecuda::backend::cuda::{probe, Cuda};
 use vaecuda::backend::{Backend, Recon};
 use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
@@ -47,7 +48,7 @@ macro_rules! with_backend {
     ($opened:expr, $be:ident => $body:expr) => {
         match $opened {
             Opened::Cpu($be) => $body,
-            // CUDA (integrator): Opened::Cuda($be) => $body,
+            Opened::Cuda($be) => $body,
         }
     };
 }
@@ -129,8 +130,7 @@ impl FromStr for DeviceChoice {
 /// [`with_backend!`] are the only places that name concrete backends.
 pub enum Opened {
     Cpu(Cpu<f32>),
-    // CUDA (integrator): add `Cuda(vaecuda::backend::cuda::Cuda<f32>)` here and an arm in
-    // `with_backend!`.
+    Cuda(Cuda<f32>),
 }
 
 fn open_device(choice: DeviceChoice) -> Result<Opened> {
@@ -140,19 +140,29 @@ fn open_device(choice: DeviceChoice) -> Result<Opened> {
         DeviceChoice::Auto => match open_cuda(0) {
             Ok(o) => Ok(o),
             Err(e) => {
-                eprintln!("note: no GPU ({e}); using the CPU");
+                eprintln!("note: no usable GPU, using the CPU: {e}");
                 Ok(Opened::Cpu(Cpu::default()))
             }
         },
     }
 }
 
-/// The one place that opens a GPU. CUDA (integrator): replace the body with
-/// `vaecuda::backend::cuda::Cuda::<f32>::new(ordinal).map(Opened::Cuda)` (after checking
-/// `vaecuda::backend::cuda::probe()` lists the ordinal, for a clearer message).
+/// The one place that opens a GPU. `probe` never panics (cudarc does when libcuda or libnvrtc
+/// is missing, so it checks for them first) and its error is one line saying what to install.
 fn open_cuda(ordinal: usize) -> Result<Opened, String> {
-    let _ = ordinal;
-    Err("this build has no CUDA backend".into())
+    let gpus = probe()?;
+    if !gpus.iter().any(|g| g.ordinal == ordinal) {
+        return Err(if gpus.is_empty() {
+            "no CUDA GPU found".to_string()
+        } else {
+            format!(
+                "there is no cuda:{ordinal}; this machine has {} GPU(s), cuda:0..cuda:{}",
+                gpus.len(),
+                gpus.len() - 1
+            )
+        });
+    }
+    Cuda::<f32>::new(ordinal).map(Opened::Cuda)
 }
 
 // ---- flags shared by several subcommands ----

@@ -509,6 +509,17 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     fn synchronize(&self) {
         self.sync_or_panic();
     }
+    fn time(&self, f: &mut dyn FnMut()) -> std::time::Duration {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let stream = &self.inner.stream;
+        let record = || stream.record_event(Some(CU_EVENT_DEFAULT)).unwrap_or_else(|e| panic!("CUDA error: {e:?}"));
+        self.sync_or_panic();
+        let start = record();
+        f();
+        let end = record();
+        let ms = start.elapsed_ms(&end).unwrap_or_else(|e| panic!("CUDA error: {e:?}"));
+        std::time::Duration::from_secs_f64(ms as f64 / 1e3)
+    }
 
     fn zeros(&self, len: usize) -> CudaBuf<E> {
         let mut b = self.inner.pool.take(len);
