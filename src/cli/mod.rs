@@ -162,7 +162,15 @@ fn open_cuda(ordinal: usize) -> Result<Opened, String> {
             )
         });
     }
-    Cuda::<f32>::new(ordinal).map(Opened::Cuda)
+    // The first open on a machine compiles every kernel through NVRTC (seconds); later opens
+    // load the cached CUBINs. Saying how long it took explains a slow first start.
+    let start = std::time::Instant::now();
+    let gpu = Cuda::<f32>::new(ordinal)?;
+    eprintln!(
+        "kernels: ready in {:.2} s (NVRTC compiles on first use, then loads from the disk cache)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(Opened::Cuda(gpu))
 }
 
 // ---- flags shared by several subcommands ----
