@@ -351,8 +351,14 @@ impl<E: CudaFloat> Cuda<E> {
         let arch = format!("sm_{major}{minor}");
         let mut by_name = HashMap::new();
         for f in compile::FILES {
-            let bin = compile::cubin_cached(f, &arch)?;
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(err(f.name))?;
+            let load = |bin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin));
+            let cubin = compile::cubin_cached(f, &arch)?;
+            let module = match load(cubin.binary) {
+                Ok(m) => m,
+                // A cached CUBIN the driver refuses (damaged on disk): compile afresh, once.
+                Err(_) if cubin.from_cache => load(compile::cubin_fresh(f, &arch)?.binary).map_err(err(f.name))?,
+                Err(e) => return Err(err(f.name)(e)),
+            };
             for k in f.kernels {
                 by_name.insert(*k, module.clone());
             }
