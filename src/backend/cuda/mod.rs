@@ -177,6 +177,11 @@ unsafe impl DeviceRepr for ConvArgs {}
 
 impl ConvArgs {
     fn of(d: &Conv2dDims) -> Self {
+        // The kernels form these products in 32-bit int (GEMM sizes and the column and
+        // reduction indices); element offsets are 64-bit.
+        for v in [d.n * d.oh * d.ow, d.n * d.h * d.w, d.c_in * d.kh * d.kw, d.c_out * d.kh * d.kw] {
+            i(v);
+        }
         ConvArgs {
             n: i(d.n),
             c_in: i(d.c_in),
