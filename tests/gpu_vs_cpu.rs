@@ -95,7 +95,11 @@ fn both() -> Both {
 fn linear_matches_cpu() {
     let mut t = both();
     // Tiny, ragged (not multiples of the 64 tile or the 16 k-step) and the MLP's real shapes.
-    for &(n, d_in, d_out) in &[(1, 3, 2), (3, 5, 7), (130, 65, 67), (128, 784, 400), (128, 400, 20), (17, 1, 33)] {
+    // (2000, 1030, 3) takes the split-K path (gemm_splitk + splitk_reduce) in the forward
+    // without bias (2 chunks, overwriting a poisoned output) and in backward-weight (3 chunks,
+    // accumulating); no other shape here reaches it.
+    let shapes = [(1, 3, 2), (3, 5, 7), (130, 65, 67), (128, 784, 400), (128, 400, 20), (17, 1, 33), (2000, 1030, 3)];
+    for &(n, d_in, d_out) in &shapes {
         let d = LinearDims { n, d_in, d_out };
         let tag = format!("n{n} {d_in}->{d_out}");
         let x = t.input(n * d_in, -1.0, 1.0);
@@ -130,20 +134,26 @@ fn conv2d_matches_cpu() {
     let mut t = both();
     // (n, c_in, h, w, c_out, k, stride, pad): the common cases' shapes, 1-channel inputs and
     // outputs, and the conv VAE's real layers (whose weight gradients take the split-K path).
+    // Non-square kernels (kh ≠ kw: a swapped kh/kw would pass every square case), stride 3
+    // and padding 2 are here too. Tuples: (n, c_in, h, w, c_out, kh, kw, stride, pad).
     let shapes = [
-        (1, 1, 5, 5, 1, 3, 1, 0),
-        (2, 3, 7, 6, 2, 3, 2, 1),
-        (1, 2, 5, 8, 4, 3, 2, 0),
-        (2, 2, 6, 7, 3, 2, 2, 1),
-        (3, 5, 9, 11, 70, 3, 1, 1),
-        (16, 1, 28, 28, 32, 3, 1, 1),
-        (16, 32, 28, 28, 64, 3, 2, 1),
-        (16, 64, 14, 14, 128, 3, 2, 1),
-        (16, 32, 28, 28, 1, 3, 1, 1),
+        (1, 1, 5, 5, 1, 3, 3, 1, 0),
+        (2, 3, 7, 6, 2, 3, 3, 2, 1),
+        (1, 2, 5, 8, 4, 3, 3, 2, 0),
+        (2, 2, 6, 7, 3, 2, 2, 2, 1),
+        (3, 5, 9, 11, 70, 3, 3, 1, 1),
+        (2, 3, 9, 7, 5, 3, 2, 2, 1),
+        (1, 2, 6, 11, 3, 1, 4, 3, 2),
+        (2, 2, 10, 9, 67, 5, 3, 3, 2),
+        (16, 1, 28, 28, 32, 3, 3, 1, 1),
+        (16, 32, 28, 28, 64, 3, 3, 2, 1),
+        (16, 64, 14, 14, 128, 3, 3, 2, 1),
+        (16, 32, 28, 28, 1, 3, 3, 1, 1),
     ];
-    for &(n, c_in, h, w, c_out, k, s, p) in &shapes {
-        let d = Conv2dDims::new(n, c_in, h, w, c_out, k, k, s, p);
-        let tag = format!("n{n} {c_in}x{h}x{w}->{c_out} k{k} s{s} p{p}");
+    for &(n, c_in, h, w, c_out, kh, kw, s, p) in &shapes {
+        let d = Conv2dDims::new(n, c_in, h, w, c_out, kh, kw, s, p);
+        let k = kh * kw;
+        let tag = format!("n{n} {c_in}x{h}x{w}->{c_out} k{kh}x{kw} s{s} p{p}");
         let x = t.input(d.x_len(), -1.0, 1.0);
         let wt = t.input(d.w_len(), -1.0, 1.0);
         let b = t.input(c_out, -1.0, 1.0);
@@ -151,13 +161,13 @@ fn conv2d_matches_cpu() {
             let mut y = t.poisoned(d.y_len());
             t.cpu.conv2d_forward(&x.0, &wt.0, bias.then_some(&b.0), &mut y.0, d);
             t.gpu.conv2d_forward(&x.1, &wt.1, bias.then_some(&b.1), &mut y.1, d);
-            t.cmp(&format!("conv2d_forward bias={bias} {tag}"), &y, c_in * k * k);
+            t.cmp(&format!("conv2d_forward bias={bias} {tag}"), &y, c_in * k);
         }
         let dy = t.input(d.y_len(), -1.0, 1.0);
         let mut dx = t.preset(d.x_len());
         t.cpu.conv2d_backward_data(&dy.0, &wt.0, &mut dx.0, d);
         t.gpu.conv2d_backward_data(&dy.1, &wt.1, &mut dx.1, d);
-        t.cmp(&format!("conv2d_backward_data {tag}"), &dx, c_out * k * k);
+        t.cmp(&format!("conv2d_backward_data {tag}"), &dx, c_out * k);
         let mut dw = t.preset(d.w_len());
         t.cpu.conv2d_backward_weight(&dy.0, &x.0, &mut dw.0, d);
         t.gpu.conv2d_backward_weight(&dy.1, &x.1, &mut dw.1, d);
@@ -179,7 +189,9 @@ fn conv2d_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn batch_norm_matches_cpu() {
     let mut t = both();
-    for &(outer, c, inner) in &[(2, 3, 6), (4, 1, 1), (5, 3, 1), (128, 32, 196), (128, 64, 49), (7, 300, 3)] {
+    // (1, 3, 1): one element per channel (m = 1: the unbiased variance falls back to the biased).
+    for &(outer, c, inner) in &[(2, 3, 6), (4, 1, 1), (5, 3, 1), (1, 3, 1), (128, 32, 196), (128, 64, 49), (7, 300, 3)]
+    {
         let d = BatchNormDims { outer, channels: c, inner, eps: 1e-5, momentum: 0.1 };
         let tag = format!("{outer}x{c}x{inner}");
         let len = outer * c * inner;
@@ -242,7 +254,8 @@ fn batch_norm_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn elementwise_and_reductions_match_cpu() {
     let mut t = both();
-    for &n in &[1usize, 5, 257, 100_003, 1 << 20] {
+    // 2_500_001 > 8192·256 (the 1-D launch's grid cap): the grid-stride loops take a second lap.
+    for &n in &[1usize, 5, 257, 100_003, 1 << 20, 2_500_001] {
         let x = t.input(n, -3.0, 3.0);
         let a = t.input(n, -1.0, 1.0);
         for op in [Unary::Relu, Unary::Sigmoid, Unary::Tanh, Unary::LeakyRelu(0.2)] {
@@ -315,8 +328,10 @@ fn elementwise_and_reductions_match_cpu() {
         t.cmp(&format!("reparam z n{n}"), &z, 1);
         t.cmp(&format!("reparam kl n{n}"), &kl, n);
         let dz = t.input(n, -1.0, 1.0);
-        for mask in 0..4u32 {
-            let (hz, hk) = (mask & 1 != 0, mask & 2 != 0);
+        // Bits 0, 1: dz, dkl present; bits 2, 3: dmu, dlogvar absent (an absent output's
+        // buffer must stay as preset).
+        for mask in 0..16u32 {
+            let (hz, hk, wmu, wlv) = (mask & 1 != 0, mask & 2 != 0, mask & 4 == 0, mask & 8 == 0);
             let (mut dmu, mut dlv) = (t.preset(n), t.preset(n));
             t.cpu.reparam_kl_backward(
                 &a.0,
@@ -324,8 +339,8 @@ fn elementwise_and_reductions_match_cpu() {
                 &eps.0,
                 hz.then_some(&dz.0),
                 hk.then_some(&dout.0),
-                Some(&mut dmu.0),
-                Some(&mut dlv.0),
+                wmu.then_some(&mut dmu.0),
+                wlv.then_some(&mut dlv.0),
             );
             t.gpu.reparam_kl_backward(
                 &a.1,
@@ -333,8 +348,8 @@ fn elementwise_and_reductions_match_cpu() {
                 &eps.1,
                 hz.then_some(&dz.1),
                 hk.then_some(&dout.1),
-                Some(&mut dmu.1),
-                Some(&mut dlv.1),
+                wmu.then_some(&mut dmu.1),
+                wlv.then_some(&mut dlv.1),
             );
             t.cmp(&format!("reparam dmu mask{mask} n{n}"), &dmu, 1);
             t.cmp(&format!("reparam dlogvar mask{mask} n{n}"), &dlv, 1);
@@ -351,15 +366,46 @@ fn elementwise_and_reductions_match_cpu() {
             }
         }
     }
-    // gather_rows: rows picked out of order, with repeats.
+    // gather_rows: rows picked out of order, with repeats; then more rows than the device
+    // index buffer holds (it is regrown) and fewer (reused while the earlier gathers may still
+    // be queued), all checked only after the last one.
     let (rows, row_len) = (50, 784);
     let src = t.input(rows * row_len, 0.0, 1.0);
-    let idx: Vec<u32> = (0..37).map(|r| ((r * 7 + 3) % rows) as u32).collect();
-    let mut dst = t.poisoned(idx.len() * row_len);
-    t.cpu.gather_rows(&src.0, row_len, &idx, &mut dst.0);
-    t.gpu.gather_rows(&src.1, row_len, &idx, &mut dst.1);
-    t.cmp("gather_rows", &dst, 1);
+    let mut gathered = vec![];
+    for (count, mul) in [(37usize, 7usize), (100, 13), (5, 3)] {
+        let idx: Vec<u32> = (0..count).map(|r| ((r * mul + 3) % rows) as u32).collect();
+        let mut dst = t.poisoned(idx.len() * row_len);
+        t.cpu.gather_rows(&src.0, row_len, &idx, &mut dst.0);
+        t.gpu.gather_rows(&src.1, row_len, &idx, &mut dst.1);
+        gathered.push((count, dst));
+    }
+    for (count, dst) in &gathered {
+        t.cmp(&format!("gather_rows {count} rows"), dst, 1);
+    }
     assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+/// `zeros` really zeroes a buffer the pool hands out again (one that held NaN), and `upload`
+/// overwrites one; the second round makes no new device allocation (the buffers were reused).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn pool_reuse_zeros_and_overwrites() {
+    let gpu = gpu32();
+    let mut fails = vec![];
+    for &n in &[1usize, 1000, 3_000_001] {
+        drop(gpu.upload(&vec![f32::NAN; n]));
+        let before = gpu.device_allocations();
+        let z = gpu.zeros(n);
+        cmp(&mut fails, &format!("zeros({n}) on a reused buffer"), &gpu.download(&z), &vec![0.0; n], 1);
+        let fresh: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        drop(z);
+        let u = gpu.upload(&fresh);
+        cmp(&mut fails, &format!("upload({n}) into a reused buffer"), &gpu.download(&u), &fresh, 1);
+        if gpu.device_allocations() != before {
+            fails.push(format!("n{n}: the pool allocated instead of reusing a freed buffer"));
+        }
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
 }
 
 /// Every op case of `tests/common` through the tape (forward and every input's gradient).

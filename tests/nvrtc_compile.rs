@@ -31,6 +31,7 @@ fn compile_clean(arch: &str) {
             problems.push(format!("{} for {arch}: kernels not defined: {:?}", f.file, f.missing_kernels));
         }
         assert!(f.binary_bytes > 0, "{}: empty CUBIN", f.file);
+        assert!(f.whole, "{}: the CUBIN fails the whole-ELF check the cache loader applies", f.file);
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     eprintln!(
@@ -81,4 +82,35 @@ fn symbol_check_tells_defined_from_missing() {
     let bin = compile_file(&f, "sm_80").unwrap_or_else(|e| panic!("{e}")).binary;
     assert!(has_symbol(&bin, "present_f32"));
     assert!(!has_symbol(&bin, "present_f64") && !has_symbol(&bin, "absent_f32"));
+}
+
+/// The disk cache: a second request is served from it; a truncated or garbage cache file is
+/// never handed to the driver (it takes no length) but recompiled and overwritten.
+#[test]
+fn damaged_cache_files_are_recompiled() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    use vaecuda::backend::cuda::compile::{cubin_cached_in, cubin_is_whole, FILES};
+    let dir = std::env::temp_dir().join(format!("vaecuda-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let f = FILES.iter().find(|f| f.name == "adam.cu").unwrap();
+    let first = cubin_cached_in(Some(&dir), f, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!first.from_cache && cubin_is_whole(&first.binary));
+    let again = cubin_cached_in(Some(&dir), f, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.from_cache && again.binary == first.binary, "the cache did not serve the second request");
+    let path = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cubin"))
+        .expect("no cache file written");
+    let n = first.binary.len();
+    for damaged in [first.binary[..n / 2].to_vec(), first.binary[..n - 1].to_vec(), b"not an ELF".to_vec(), vec![]] {
+        assert!(!cubin_is_whole(&damaged));
+        std::fs::write(&path, &damaged).unwrap();
+        let c = cubin_cached_in(Some(&dir), f, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.from_cache && c.binary == first.binary, "a damaged cache file was used");
+        assert_eq!(std::fs::read(&path).unwrap(), first.binary, "the damaged cache file was not overwritten");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

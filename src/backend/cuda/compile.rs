@@ -172,6 +172,8 @@ pub struct FileReport {
     /// NVRTC's log (empty when the file compiled without a message).
     pub log: String,
     pub binary_bytes: usize,
+    /// Whether the CUBIN passes `cubin_is_whole` (the check a cached file must pass).
+    pub whole: bool,
     /// `extern "C"` kernel names (`<base>_f32`, `<base>_f64`) that the file must define and
     /// that were not found in the CUBIN's symbol names.
     pub missing_kernels: Vec<String>,
@@ -199,7 +201,8 @@ pub fn compile_all_for_arch(arch: &str) -> Result<CompileReport, String> {
     for f in FILES {
         let c = compile_file(f, arch)?;
         let missing_kernels = kernel_names(f).into_iter().filter(|n| !has_symbol(&c.binary, n)).collect();
-        files.push(FileReport { file: f.name, log: c.log, binary_bytes: c.binary.len(), missing_kernels });
+        let (binary_bytes, whole) = (c.binary.len(), cubin_is_whole(&c.binary));
+        files.push(FileReport { file: f.name, log: c.log, binary_bytes, whole, missing_kernels });
     }
     Ok(CompileReport { arch: arch.to_string(), nvrtc_version, files })
 }
@@ -242,24 +245,89 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
-/// The CUBIN of `file` for `arch`: from the disk cache when present, else compiled (and then
-/// cached; a cache that cannot be written is skipped silently).
-pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Vec<u8>, String> {
+/// Whether `bytes` is a whole 64-bit little-endian ELF image (a CUBIN): the header, the program
+/// and section header tables and every section's contents lie inside the file. The driver's
+/// `cuModuleLoadData` takes no length, so a truncated cache file must never reach it (it would
+/// read past the buffer); other damage is caught by the load failing (see `cubin_fresh`).
+pub fn cubin_is_whole(bytes: &[u8]) -> bool {
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u64);
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as u64);
+    let u64_at = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let whole = || -> Option<bool> {
+        if bytes.len() < 64 || bytes[..4] != *b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+            return Some(false);
+        }
+        let len = bytes.len() as u64;
+        let inside = |off: u64, size: u64| off.checked_add(size).is_some_and(|end| end <= len);
+        let (phoff, shoff) = (u64_at(0x20)?, u64_at(0x28)?);
+        let (phentsize, phnum, shentsize, shnum) = (u16_at(0x36)?, u16_at(0x38)?, u16_at(0x3a)?, u16_at(0x3c)?);
+        if shnum == 0 || shentsize < 64 || (phnum > 0 && phentsize < 56) {
+            return Some(false);
+        }
+        if !inside(phoff, phentsize * phnum) || !inside(shoff, shentsize * shnum) {
+            return Some(false);
+        }
+        for s in 0..shnum {
+            let h = (shoff + s * shentsize) as usize;
+            const SHT_NOBITS: u64 = 8;
+            if u32_at(h + 4)? != SHT_NOBITS && !inside(u64_at(h + 0x18)?, u64_at(h + 0x20)?) {
+                return Some(false);
+            }
+        }
+        for p in 0..phnum {
+            let h = (phoff + p * phentsize) as usize;
+            if !inside(u64_at(h + 8)?, u64_at(h + 0x20)?) {
+                return Some(false);
+            }
+        }
+        Some(true)
+    };
+    whole().unwrap_or(false)
+}
+
+/// Where the CUBIN of `file` for `arch` is cached under `dir`.
+fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> PathBuf {
+    let stem = file.name.trim_end_matches(".cu");
+    dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)))
+}
+
+/// A CUBIN and whether it was read from the disk cache (rather than compiled just now).
+pub struct Cubin {
+    pub binary: Vec<u8>,
+    pub from_cache: bool,
+}
+
+/// The CUBIN of `file` for `arch`: from the disk cache when present and whole, else compiled
+/// (and then cached; a cache that cannot be written is skipped silently). A truncated or
+/// otherwise broken cache file is recompiled and overwritten.
+pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+    cubin_cached_in(cache_dir().as_deref(), file, arch)
+}
+
+/// `cubin_cached` with an explicit cache folder (`None`: no cache).
+pub fn cubin_cached_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, String> {
     let nvrtc = nvrtc_version()?;
-    let path = cache_dir().map(|d| {
-        let stem = file.name.trim_end_matches(".cu");
-        d.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)))
-    });
-    if let Some(p) = &path {
-        if let Ok(bytes) = std::fs::read(p) {
-            if !bytes.is_empty() {
-                return Ok(bytes);
+    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)) {
+        if let Ok(bytes) = std::fs::read(&p) {
+            if cubin_is_whole(&bytes) {
+                return Ok(Cubin { binary: bytes, from_cache: true });
             }
         }
     }
+    cubin_fresh_in(dir, file, arch)
+}
+
+/// Compiles `file` for `arch` and overwrites its cache entry: for a cached CUBIN the driver
+/// refused to load (damaged inside, or written by a different NVRTC build).
+pub fn cubin_fresh(file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+    cubin_fresh_in(cache_dir().as_deref(), file, arch)
+}
+
+fn cubin_fresh_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+    let nvrtc = nvrtc_version()?;
     let c = compile_file(file, arch)?;
-    if let Some(p) = &path {
-        let _ = write_atomic(p, &c.binary);
+    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)) {
+        let _ = write_atomic(&p, &c.binary);
     }
-    Ok(c.binary)
+    Ok(Cubin { binary: c.binary, from_cache: false })
 }

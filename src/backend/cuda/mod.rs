@@ -177,6 +177,11 @@ unsafe impl DeviceRepr for ConvArgs {}
 
 impl ConvArgs {
     fn of(d: &Conv2dDims) -> Self {
+        // The kernels form these products in 32-bit int (GEMM sizes and the column and
+        // reduction indices); element offsets are 64-bit.
+        for v in [d.n * d.oh * d.ow, d.n * d.h * d.w, d.c_in * d.kh * d.kw, d.c_out * d.kh * d.kw] {
+            i(v);
+        }
         ConvArgs {
             n: i(d.n),
             c_in: i(d.c_in),
@@ -351,8 +356,14 @@ impl<E: CudaFloat> Cuda<E> {
         let arch = format!("sm_{major}{minor}");
         let mut by_name = HashMap::new();
         for f in compile::FILES {
-            let bin = compile::cubin_cached(f, &arch)?;
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(err(f.name))?;
+            let load = |bin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin));
+            let cubin = compile::cubin_cached(f, &arch)?;
+            let module = match load(cubin.binary) {
+                Ok(m) => m,
+                // A cached CUBIN the driver refuses (damaged on disk): compile afresh, once.
+                Err(_) if cubin.from_cache => load(compile::cubin_fresh(f, &arch)?.binary).map_err(err(f.name))?,
+                Err(e) => return Err(err(f.name)(e)),
+            };
             for k in f.kernels {
                 by_name.insert(*k, module.clone());
             }
