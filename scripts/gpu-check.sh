@@ -16,9 +16,7 @@ echo "host: $(hostname)"
 nvidia-smi || echo "warning: nvidia-smi failed"
 
 # NVRTC from the CUDA toolkit, if it is not already on the loader path.
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
-  if [ -e "$d/libnvrtc.so.13" ]; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
-done
+NVRTC_NO_INSTALL=1 source scripts/nvrtc-env.sh
 
 failed=()
 run() {

@@ -13,9 +13,7 @@ exec > >(tee -a "$out/session.log") 2>&1
 epochs=${EPOCHS:-10}
 echo "date: $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  if [ -e "$d/libnvrtc.so.13" ]; then export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
-done
+NVRTC_NO_INSTALL=1 source scripts/nvrtc-env.sh
 
 status=0
 step() {

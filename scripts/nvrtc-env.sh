@@ -1,7 +1,7 @@
 # Sourced by the scripts: puts NVIDIA's runtime compiler (libnvrtc.so.13) on LD_LIBRARY_PATH.
 # Building needs no CUDA toolkit; NVRTC alone (a PyPI wheel, no GPU needed) compiles kernels.
-# Order: an NVRTC already loadable, then a wheel already installed for python3, then a
-# project-local install into .cache/nvrtc (git-ignored).
+# Order: an NVRTC already loadable, a CUDA toolkit's, a wheel already installed for python3
+# (PyTorch's CUDA wheels bring one), then a project-local install into .cache/nvrtc (git-ignored).
 nvrtc_loadable() {
   python3 - <<'PY' 2>/dev/null
 import ctypes, sys
@@ -21,14 +21,25 @@ for r in roots:
 sys.exit(1)
 PY
 }
+nvrtc_dir_of_toolkit() {
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 /usr/lib/x86_64-linux-gnu; do
+    if [ -e "$d/libnvrtc.so.13" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
 if ! command -v python3 >/dev/null; then
   echo "note: python3 not found; cannot locate NVRTC (install it with: pip install nvidia-cuda-nvrtc)" >&2
 elif ! nvrtc_loadable; then
-  dir=$(nvrtc_dir_of_python "$PWD/.cache/nvrtc" || true)
-  if [ -z "$dir" ]; then
+  dir=$(nvrtc_dir_of_toolkit || nvrtc_dir_of_python "$PWD/.cache/nvrtc" || true)
+  # NVRTC_NO_INSTALL=1 (the GPU machine has no network): only look, never pip install.
+  if [ -z "$dir" ] && [ "${NVRTC_NO_INSTALL:-0}" != 1 ]; then
     echo "NVRTC not found: installing the nvidia-cuda-nvrtc wheel into .cache/nvrtc" >&2
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target .cache/nvrtc 'nvidia-cuda-nvrtc>=13,<14' >&2
     dir=$(nvrtc_dir_of_python "$PWD/.cache/nvrtc")
   fi
-  export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if [ -n "$dir" ]; then
+    export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  else
+    echo "note: libnvrtc.so.13 not found (CUDA toolkit, or pip install nvidia-cuda-nvrtc)" >&2
+  fi
 fi
