@@ -191,6 +191,15 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
             let (i, y) = io(b);
             be.recon_loss_backward(Recon::Mse, &i[0], &i[1], &i[2], y)
         }));
+        // BCE on logits: the buffers hold values in [−1, 1), valid logits but not probabilities.
+        v.push(case(be, "reduction", "bce_with_logits_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
+            let (i, y) = io(b);
+            be.recon_loss_forward(Recon::BceWithLogits, &i[0], &i[1], y)
+        }));
+        v.push(case(be, "reduction", "bce_with_logits_backward", sh.clone(), 0.0, &[len, len, 1, len], |be, b| {
+            let (i, y) = io(b);
+            be.recon_loss_backward(Recon::BceWithLogits, &i[0], &i[1], &i[2], y)
+        }));
         let s = AdamStep::new(1e-3, 0.9, 0.999, 1e-8, 0.0, false, 3);
         v.push(case(be, "adam", "adam_step", sh, 0.0, &[len, len, len, len], move |be, b| {
             let (p, rest) = b.split_first_mut().unwrap();
@@ -204,6 +213,11 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
         let (i, rest) = b.split_at_mut(3);
         let (zb, kl) = rest.split_first_mut().unwrap();
         be.reparam_kl_forward(&i[0], &i[1], &i[2], zb, &mut kl[0])
+    }));
+    v.push(case(be, "vae_loss", "reparam_kl_backward", format!("{n}x20"), 0.0, &[z, z, z, z, 1, z, z], |be, b| {
+        let (i, rest) = b.split_at_mut(5);
+        let (dmu, dlogvar) = rest.split_first_mut().unwrap();
+        be.reparam_kl_backward(&i[0], &i[1], &i[2], Some(&i[3]), Some(&i[4]), Some(dmu), Some(&mut dlogvar[0]))
     }));
     v
 }
