@@ -8,6 +8,8 @@
 //! Eval mode is for inference: it records no backward (nothing in the trainer differentiates
 //! through eval-mode normalization).
 
+use rayon::prelude::*;
+
 use crate::backend::Backend;
 use crate::tape::{ParamId, Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -31,7 +33,57 @@ impl BatchNormDims {
     }
 }
 
-// ---- CPU reference (statistics accumulated in f64, one channel at a time) ----
+// ---- CPU reference (statistics accumulated in f64) ----
+//
+// Per-channel sums run one task per channel, each over its elements in (sample, position)
+// order, so the result does not depend on the thread count; the elementwise passes run one
+// task per block of samples. Both are parallel and read contiguous rows of `inner` values.
+
+/// Σ f(a[k], b[k]) over channel c's elements k, in f64, in a fixed order: element j of each
+/// row goes to lane j mod 8 and the lanes are added at the end. One running sum would be a
+/// chain of dependent additions (4 cycles each) and made batch norm latency-bound.
+fn channel_sum<E: Float>(d: &BatchNormDims, c: usize, a: &[E], b: &[E], f: impl Fn(f64, f64) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    crate::ops::simd(|| {
+        for o in 0..d.outer {
+            let row = d.at(o, c, 0);
+            let (ra, rb) = (&a[row..][..d.inner], &b[row..][..d.inner]);
+            let (ca, cb) = (ra.chunks_exact(8), rb.chunks_exact(8));
+            let (ta, tb) = (ca.remainder(), cb.remainder());
+            for (xa, xb) in ca.zip(cb) {
+                for l in 0..8 {
+                    lanes[l] += f(xa[l].f64(), xb[l].f64());
+                }
+            }
+            for (l, (&xa, &xb)) in ta.iter().zip(tb).enumerate() {
+                lanes[l] += f(xa.f64(), xb.f64());
+            }
+        }
+    });
+    lanes.iter().sum()
+}
+
+/// For every (sample, channel) row of `out`, in parallel over blocks of samples:
+/// f(c, k0, row) with k0 the row's offset in the [outer, channels, inner] layout.
+fn per_row<E: Float>(out: &mut [E], d: &BatchNormDims, f: impl Fn(usize, usize, &mut [E]) + Sync) {
+    let block = (d.channels * d.inner).max(1);
+    let min = (crate::ops::PAR_MIN / block).max(1);
+    out.par_chunks_mut(block).with_min_len(min).enumerate().for_each(|(o, sample)| {
+        crate::ops::simd(|| {
+            for (c, row) in sample.chunks_mut(d.inner.max(1)).enumerate() {
+                f(c, d.at(o, c, 0), row);
+            }
+        })
+    });
+}
+
+/// y = (x − mean)·invstd·γ + β over one row of one channel, in f64.
+#[inline(always)]
+fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: f64, beta: f64) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = E::of((x.f64() - mean) * invstd * gamma + beta);
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_forward_train<E: Float>(
@@ -46,49 +98,32 @@ pub fn cpu_forward_train<E: Float>(
     d: BatchNormDims,
 ) {
     let m = d.m() as f64;
-    for c in 0..d.channels {
-        let mut sum = 0.0;
-        for o in 0..d.outer {
-            for i in 0..d.inner {
-                sum += x[d.at(o, c, i)].f64();
-            }
-        }
-        let mean = sum / m;
-        let mut sq = 0.0;
-        for o in 0..d.outer {
-            for i in 0..d.inner {
-                let t = x[d.at(o, c, i)].f64() - mean;
-                sq += t * t;
-            }
-        }
-        let var = sq / m;
-        let invstd = 1.0 / (var + d.eps).sqrt();
-        let (g, b) = (gamma[c].f64(), beta[c].f64());
-        for o in 0..d.outer {
-            for i in 0..d.inner {
-                let k = d.at(o, c, i);
-                y[k] = E::of((x[k].f64() - mean) * invstd * g + b);
-            }
-        }
+    // (mean, Σ(x − mean)²) per channel: two passes, as the textbook, for accuracy.
+    let stats: Vec<(f64, f64)> = (0..d.channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = channel_sum(&d, c, x, x, |v, _| v) / m;
+            (mean, channel_sum(&d, c, x, x, |v, _| (v - mean) * (v - mean)))
+        })
+        .collect();
+    let invstd: Vec<f64> = stats.iter().map(|&(_, sq)| 1.0 / (sq / m + d.eps).sqrt()).collect();
+    per_row(y, &d, |c, k0, row| {
+        normalize_row(&x[k0..][..row.len()], row, stats[c].0, invstd[c], gamma[c].f64(), beta[c].f64())
+    });
+    for (c, &(mean, sq)) in stats.iter().enumerate() {
         save_mean[c] = E::of(mean);
-        save_invstd[c] = E::of(invstd);
-        let unbiased = if m > 1.0 { sq / (m - 1.0) } else { var };
+        save_invstd[c] = E::of(invstd[c]);
+        let unbiased = if m > 1.0 { sq / (m - 1.0) } else { sq / m };
         running_mean[c] = E::of((1.0 - d.momentum) * running_mean[c].f64() + d.momentum * mean);
         running_var[c] = E::of((1.0 - d.momentum) * running_var[c].f64() + d.momentum * unbiased);
     }
 }
 
 pub fn cpu_forward_eval<E: Float>(x: &[E], gamma: &[E], beta: &[E], rm: &[E], rv: &[E], y: &mut [E], d: BatchNormDims) {
-    for c in 0..d.channels {
-        let invstd = 1.0 / (rv[c].f64() + d.eps).sqrt();
-        let (g, b, mean) = (gamma[c].f64(), beta[c].f64(), rm[c].f64());
-        for o in 0..d.outer {
-            for i in 0..d.inner {
-                let k = d.at(o, c, i);
-                y[k] = E::of((x[k].f64() - mean) * invstd * g + b);
-            }
-        }
-    }
+    let invstd: Vec<f64> = rv.iter().map(|v| 1.0 / (v.f64() + d.eps).sqrt()).collect();
+    per_row(y, &d, |c, k0, row| {
+        normalize_row(&x[k0..][..row.len()], row, rm[c].f64(), invstd[c], gamma[c].f64(), beta[c].f64())
+    });
 }
 
 /// dβ = Σ dy, dγ = Σ dy·x̂, dx = γ·invstd/m · (m·dy − dβ − x̂·dγ), with x̂ = (x − mean)·invstd.
@@ -99,38 +134,36 @@ pub fn cpu_backward<E: Float>(
     gamma: &[E],
     mean: &[E],
     invstd: &[E],
-    mut dx: Option<&mut [E]>,
-    mut dgamma: Option<&mut [E]>,
-    mut dbeta: Option<&mut [E]>,
+    dx: Option<&mut [E]>,
+    dgamma: Option<&mut [E]>,
+    dbeta: Option<&mut [E]>,
     d: BatchNormDims,
 ) {
     let m = d.m() as f64;
-    for c in 0..d.channels {
-        let (mu, is) = (mean[c].f64(), invstd[c].f64());
-        let (mut sdy, mut sdyx) = (0.0, 0.0);
-        for o in 0..d.outer {
-            for i in 0..d.inner {
-                let k = d.at(o, c, i);
-                sdy += dy[k].f64();
-                sdyx += dy[k].f64() * (x[k].f64() - mu) * is;
-            }
-        }
-        if let Some(db) = dbeta.as_deref_mut() {
-            db[c] += E::of(sdy);
-        }
-        if let Some(dg) = dgamma.as_deref_mut() {
-            dg[c] += E::of(sdyx);
-        }
-        if let Some(dx) = dx.as_deref_mut() {
+    let sums: Vec<(f64, f64)> = (0..d.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mu, is) = (mean[c].f64(), invstd[c].f64());
+            (channel_sum(&d, c, dy, dy, |g, _| g), channel_sum(&d, c, dy, x, |g, v| g * (v - mu) * is))
+        })
+        .collect();
+    if let Some(db) = dbeta {
+        db.iter_mut().zip(&sums).for_each(|(v, s)| *v += E::of(s.0));
+    }
+    if let Some(dg) = dgamma {
+        dg.iter_mut().zip(&sums).for_each(|(v, s)| *v += E::of(s.1));
+    }
+    if let Some(dx) = dx {
+        per_row(dx, &d, |c, k0, row| {
+            let (mu, is) = (mean[c].f64(), invstd[c].f64());
+            let (sdy, sdyx) = sums[c];
             let scale = gamma[c].f64() * is / m;
-            for o in 0..d.outer {
-                for i in 0..d.inner {
-                    let k = d.at(o, c, i);
-                    let xhat = (x[k].f64() - mu) * is;
-                    dx[k] += E::of(scale * (m * dy[k].f64() - sdy - xhat * sdyx));
-                }
+            let (xr, dyr) = (&x[k0..][..row.len()], &dy[k0..][..row.len()]);
+            for ((d, &x), &g) in row.iter_mut().zip(xr).zip(dyr) {
+                let xhat = (x.f64() - mu) * is;
+                *d += E::of(scale * (m * g.f64() - sdy - xhat * sdyx));
             }
-        }
+        });
     }
 }
 

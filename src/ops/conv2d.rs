@@ -146,6 +146,9 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
 }
 
 pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
+    if d.c_out == 1 {
+        return cpu_backward_data_one_output_channel(dy, w, dx, d);
+    }
     let (k, l) = (d.c_in * d.kh * d.kw, d.oh * d.ow);
     dx.par_chunks_mut(d.c_in * d.h * d.w).zip(dy.par_chunks(d.c_out * l)).for_each_init(
         || vec![E::zero(); k * l],
@@ -155,6 +158,40 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
             col2im_add(col, dxn, &d);
         },
     );
+}
+
+/// `cpu_backward_data` when there is one output channel (a decoder's last layer): the column
+/// matrix Wᵀ·dy would be an outer product, k × l values written and read back per image, which
+/// made this 3× slower than the whole forward pass. Each column value w[c, p, q]·dy[i, j] is
+/// formed where it is added instead, in col2im's order, so the result is the same to the bit.
+fn cpu_backward_data_one_output_channel<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
+    let l = d.oh * d.ow;
+    dx.par_chunks_mut(d.c_in * d.h * d.w).zip(dy.par_chunks(l)).for_each(|(dxn, dyn_)| {
+        for c in 0..d.c_in {
+            for p in 0..d.kh {
+                for q in 0..d.kw {
+                    let wv = w[(c * d.kh + p) * d.kw + q];
+                    let (j0, j1) = valid_cols(q, &d);
+                    for i in 0..d.oh {
+                        let yy = (i * d.stride + p) as isize - d.pad as isize;
+                        if yy < 0 || yy as usize >= d.h {
+                            continue;
+                        }
+                        let xrow = &mut dxn[(c * d.h + yy as usize) * d.w..][..d.w];
+                        let first = j0 * d.stride + q - d.pad;
+                        let dyr = &dyn_[i * d.ow + j0..i * d.ow + j1];
+                        if d.stride == 1 {
+                            xrow[first..first + dyr.len()].iter_mut().zip(dyr).for_each(|(x, &g)| *x += wv * g);
+                        } else {
+                            for (&g, xi) in dyr.iter().zip((first..).step_by(d.stride)) {
+                                xrow[xi] += wv * g;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Images are split into a fixed number of groups, each summed in order, and the group sums

@@ -160,31 +160,36 @@ mod tests {
         assert_eq!(y, want);
     }
 
-    /// The decoder's 7×7 → 14×14 layer (k3, s2, p1, output_padding 1): the tape's version
-    /// (through conv2d's backward-data) equals the direct scatter written above.
+    /// The decoder's 7×7 → 14×14 layer (k3, s2, p1, output_padding 1), the same with one input
+    /// channel (conv2d's one-output-channel backward-data path), and a stride-1 single-channel
+    /// layer: the tape's version (through conv2d's backward-data) equals the direct scatter
+    /// written above.
     #[test]
-    fn seven_to_fourteen_matches_direct_scatter() {
+    fn matches_direct_scatter() {
         let be = Cpu::<f64>::default();
         let mut rng = crate::rng::Rng::new(7);
-        let (n, ci, co) = (2, 3, 2);
-        let x: Vec<f64> = (0..n * ci * 49).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let w: Vec<f64> = (0..ci * co * 9).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let b: Vec<f64> = (0..co).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let d = ConvTranspose2dDims::new(n, ci, 7, 7, co, 3, 3, 2, 1, 1);
-        assert_eq!((d.oh, d.ow), (14, 14));
-        let mut want = vec![f64::NAN; n * co * 196];
-        cpu_forward_direct(&x, &w, Some(&b), &mut want, d);
+        for (n, ci, co, h, stride, pad, op) in [(2, 3, 2, 7, 2, 1, 1), (2, 1, 2, 7, 2, 1, 1), (3, 1, 3, 5, 1, 1, 0)] {
+            let x: Vec<f64> = (0..n * ci * h * h).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let w: Vec<f64> = (0..ci * co * 9).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let b: Vec<f64> = (0..co).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let d = ConvTranspose2dDims::new(n, ci, h, h, co, 3, 3, stride, pad, op);
+            if (h, stride) == (7, 2) {
+                assert_eq!((d.oh, d.ow), (14, 14));
+            }
+            let mut want = vec![f64::NAN; n * co * d.oh * d.ow];
+            cpu_forward_direct(&x, &w, Some(&b), &mut want, d);
 
-        let mut store = ParamStore::default();
-        let wid = store.add("w", Tensor::from_host(&be, &[ci, co, 3, 3], &w), true);
-        let bid = store.add("b", Tensor::from_host(&be, &[co], &b), true);
-        let mut tape = Tape::new(&be, &mut store, true);
-        let xv = tape.input(Tensor::from_host(&be, &[n, ci, 7, 7], &x));
-        let (wv, bv) = (tape.param(wid), tape.param(bid));
-        let y = conv_transpose2d(&mut tape, xv, wv, Some(bv), 2, 1, 1);
-        assert_eq!(tape.shape(y), [n, co, 14, 14]);
-        for (a, b) in tape.to_host(y).iter().zip(&want) {
-            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            let mut store = ParamStore::default();
+            let wid = store.add("w", Tensor::from_host(&be, &[ci, co, 3, 3], &w), true);
+            let bid = store.add("b", Tensor::from_host(&be, &[co], &b), true);
+            let mut tape = Tape::new(&be, &mut store, true);
+            let xv = tape.input(Tensor::from_host(&be, &[n, ci, h, h], &x));
+            let (wv, bv) = (tape.param(wid), tape.param(bid));
+            let y = conv_transpose2d(&mut tape, xv, wv, Some(bv), stride, pad, op);
+            assert_eq!(tape.shape(y), [n, co, d.oh, d.ow]);
+            for (a, b) in tape.to_host(y).iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "ci {ci} stride {stride}: {a} vs {b}");
+            }
         }
     }
 }

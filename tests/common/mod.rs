@@ -201,6 +201,8 @@ pub fn all_cases() -> Vec<Case> {
         (1, 2, 5, 8, 4, 3, 2, 0),
         (3, 2, 4, 4, 2, 1, 1, 0),
         (2, 2, 6, 7, 3, 2, 2, 1),
+        // One output channel, several inputs, stride 2: conv2d's direct backward-data path.
+        (2, 3, 7, 6, 1, 3, 2, 1),
     ] {
         ops.push((
             format!("conv2d n{n} {c_in}x{h}x{w}->{c_out} k{k} s{stride} p{pad}"),
@@ -214,6 +216,8 @@ pub fn all_cases() -> Vec<Case> {
         (1, 2, 3, 3, 3, 3, 2, 0, 1),
         (3, 1, 2, 5, 2, 2, 2, 0, 0),
         (2, 2, 4, 4, 2, 3, 1, 0, 0),
+        // One input channel, stride 2, output_padding 1: the forward takes that path too.
+        (2, 1, 4, 3, 3, 3, 2, 1, 1),
     ] {
         ops.push((
             format!("conv_transpose2d n{n} {c_in}x{h}x{w}->{c_out} k{k} s{stride} p{pad} op{out_pad}"),
