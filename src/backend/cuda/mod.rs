@@ -69,8 +69,18 @@ fn libs_present() -> Result<(), String> {
 /// line says what is missing and what to do.
 pub fn probe() -> Result<Vec<GpuInfo>, String> {
     libs_present()?;
-    std::panic::catch_unwind(probe_inner)
-        .unwrap_or_else(|_| Err("the CUDA driver library is too old for this build (CUDA 13 needed)".to_string()))
+    catch_quietly(probe_inner)
+        .unwrap_or_else(|| Err("the CUDA driver library is too old for this build (CUDA 13 needed)".to_string()))
+}
+
+/// Runs `f`, turning a panic inside cudarc (a missing symbol in an old driver) into `None`
+/// without letting the process's panic hook print it: the caller reports it as one line.
+fn catch_quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(f).ok();
+    std::panic::set_hook(hook);
+    r
 }
 
 fn probe_inner() -> Result<Vec<GpuInfo>, String> {
@@ -333,8 +343,8 @@ impl<E: CudaFloat> Cuda<E> {
     /// error).
     pub fn new(ordinal: usize) -> Result<Self, String> {
         libs_present()?;
-        std::panic::catch_unwind(|| Self::open(ordinal))
-            .unwrap_or_else(|_| Err(format!("opening CUDA device {ordinal} panicked inside cudarc")))
+        catch_quietly(|| Self::open(ordinal))
+            .unwrap_or_else(|| Err(format!("opening CUDA device {ordinal} panicked inside cudarc")))
     }
 
     fn open(ordinal: usize) -> Result<Self, String> {
