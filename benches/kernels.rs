@@ -37,7 +37,7 @@ fn bench_backend<B: Backend>(c: &mut Criterion, be: B, label: &str) {
 }
 
 fn benches(c: &mut Criterion) {
-    match vaecuda::backend::cuda::probe().and_then(|_| vaecuda::backend::cuda::Cuda::<f32>::new(0)) {
+    match vaecuda::backend::cuda::open::<f32>(0) {
         Ok(gpu) => bench_backend(c, gpu, "cuda"),
         Err(e) => eprintln!("no GPU benches: {e}"),
     }

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vaecuda::backend::cuda::{probe, Cuda};
+use vaecuda::backend::cuda::{self, Cuda};
 use vaecuda::backend::{Backend, Recon};
 use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
@@ -150,22 +150,10 @@ fn open_device(choice: DeviceChoice) -> Result<Opened> {
 /// The one place that opens a GPU. `probe` never panics (cudarc does when libcuda or libnvrtc
 /// is missing, so it checks for them first) and its error is one line saying what to install.
 fn open_cuda(ordinal: usize) -> Result<Opened, String> {
-    let gpus = probe()?;
-    if !gpus.iter().any(|g| g.ordinal == ordinal) {
-        return Err(if gpus.is_empty() {
-            "no CUDA GPU found".to_string()
-        } else {
-            format!(
-                "there is no cuda:{ordinal}; this machine has {} GPU(s), cuda:0..cuda:{}",
-                gpus.len(),
-                gpus.len() - 1
-            )
-        });
-    }
     // The first open on a machine compiles every kernel through NVRTC (seconds); later opens
     // load the cached CUBINs. Saying how long it took explains a slow first start.
     let start = std::time::Instant::now();
-    let gpu = Cuda::<f32>::new(ordinal)?;
+    let gpu = cuda::open::<f32>(ordinal)?;
     eprintln!(
         "kernels: ready in {:.2} s (NVRTC compiles on first use, then loads from the disk cache)",
         start.elapsed().as_secs_f64()

@@ -73,6 +73,20 @@ pub fn probe() -> Result<Vec<GpuInfo>, String> {
         .unwrap_or_else(|| Err("the CUDA driver library is too old for this build (CUDA 13 needed)".to_string()))
 }
 
+/// Opens GPU `ordinal` after checking, through `probe`, that it exists: the one call the CLI
+/// and the benches make. Errors are one line (no driver, no NVRTC, no such GPU, or a compile
+/// error with NVRTC's log).
+pub fn open<E: CudaFloat>(ordinal: usize) -> Result<Cuda<E>, String> {
+    let gpus = probe()?;
+    if !gpus.iter().any(|g| g.ordinal == ordinal) {
+        return Err(match gpus.len() {
+            0 => "no CUDA GPU found".to_string(),
+            n => format!("there is no cuda:{ordinal}; this machine has {n} GPU(s), cuda:0..cuda:{}", n - 1),
+        });
+    }
+    Cuda::new(ordinal)
+}
+
 /// Runs `f`, turning a panic inside cudarc (a missing symbol in an old driver) into `None`
 /// without letting the process's panic hook print it: the caller reports it as one line.
 fn catch_quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
