@@ -216,6 +216,11 @@ fn errors_are_one_line_and_non_zero() {
     assert!(fails(&["manifold", "-c", &torch, "--data", &f.data, "--hidden", "32", "--latent", "2", "--n", "1"])
         .contains("--n"));
 
+    // A second run into the same directory would replace the first one's checkpoints.
+    let again = fails(&["train", "--data", &f.data, "--hidden", "32", "--latent", "2", "--out", &f.path("z2")]);
+    assert!(again.contains("already holds a run") && again.contains("--resume"), "{again}");
+    f.train("z2", &["--epochs", "1", "--overwrite"]);
+
     // A diverging run stops at the step, keeps the last good checkpoint, exits non-zero.
     let nan = f.path("nan");
     let msg = fails(&["train", "--data", &f.data, "--hidden", "32", "--out", &nan, "--lr", "1e30", "--epochs", "2"]);

@@ -83,6 +83,9 @@ pub struct Args {
     /// --epochs, --patience and --device may change); the result equals an uninterrupted run.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Start a new run in --out even if it already holds one (its checkpoints are replaced).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +167,13 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         let model = a.model.config(shape);
         vaecuda::nn::vae::validate(&model)?;
         let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", model.arch.name(), utc_stamp())));
+        // A second `train --out DIR` would replace the first run's best checkpoint after one
+        // epoch: say so instead, unless asked.
+        ensure!(
+            a.overwrite || !dir.join("run.json").exists(),
+            "{} already holds a run; continue it with --resume, or start over with --overwrite",
+            dir.display()
+        );
         let s = Settings {
             source,
             limit_train: a.data.limit_train,
