@@ -358,7 +358,7 @@ impl<B: Backend> DeviceData<B> {
     /// The images at `idx` as a [idx.len(), c, h, w] tensor, gathered on the device.
     pub fn batch(&self, backend: &B, idx: &[u32]) -> Tensor<B> {
         let row: usize = self.shape.iter().product();
-        let mut out = Tensor::zeros(backend, &[idx.len(), self.shape[0], self.shape[1], self.shape[2]]);
+        let mut out = Tensor::empty(backend, &[idx.len(), self.shape[0], self.shape[1], self.shape[2]]);
         backend.gather_rows(&self.all.buf, row, idx, &mut out.buf);
         out
     }

@@ -235,6 +235,9 @@ impl<'p, B: Backend> Tape<'p, B> {
             if out_grads.iter().any(Option::is_some) {
                 (node.backward)(&mut ctx, &out_grads);
             }
+            for g in out_grads.into_iter().flatten() {
+                ctx.backend.recycle(g.buf);
+            }
         }
     }
     /// Gradient of an input recorded with [`Tape::input_with_grad`], after `backward`.
@@ -242,6 +245,19 @@ impl<'p, B: Backend> Tape<'p, B> {
         match v {
             Var::Value(i) => self.grads[i].as_ref(),
             Var::Param(i) => self.params.grads[i].as_ref(),
+        }
+    }
+}
+
+/// A finished step hands its activations and leftover gradients back to the backend, which
+/// may reuse them for the next step (the CPU backend keeps a pool; see `Backend::recycle`).
+impl<B: Backend> Drop for Tape<'_, B> {
+    fn drop(&mut self) {
+        for t in self.values.drain(..) {
+            self.backend.recycle(t.buf);
+        }
+        for t in self.grads.drain(..).flatten() {
+            self.backend.recycle(t.buf);
         }
     }
 }

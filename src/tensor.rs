@@ -69,6 +69,10 @@ impl<B: crate::backend::Backend> Tensor<B> {
     pub fn zeros(backend: &B, shape: &[usize]) -> Self {
         Tensor { shape: shape.to_vec(), buf: backend.zeros(numel(shape)) }
     }
+    /// A tensor whose values are unspecified, for an op that overwrites all of them.
+    pub fn empty(backend: &B, shape: &[usize]) -> Self {
+        Tensor { shape: shape.to_vec(), buf: backend.empty(numel(shape)) }
+    }
     pub fn from_host(backend: &B, shape: &[usize], data: &[B::E]) -> Self {
         assert_eq!(numel(shape), data.len(), "data length does not match shape {shape:?}");
         Tensor { shape: shape.to_vec(), buf: backend.upload(data) }

@@ -478,7 +478,7 @@ fn batch<B: Backend<E = f32>>(be: &B, seed: u64, n: usize) -> Tensor<B> {
 fn training_step_matches(arch: Arch) {
     let (cpu, gpu) = (Cpu::<f32>::default(), gpu32());
     let cfg = ModelConfig::mnist(arch);
-    let mut tc = Trainer::new(cpu, cfg.clone(), LossConfig::default(), AdamConfig::default(), 5);
+    let mut tc = Trainer::new(cpu.clone(), cfg.clone(), LossConfig::default(), AdamConfig::default(), 5);
     let mut tg = Trainer::new(gpu.clone(), cfg, LossConfig::default(), AdamConfig::default(), 5);
     let n = 16;
     let lc = tc.step(batch(&cpu, 9, n), 1.0).expect("finite CPU loss");

@@ -1,5 +1,8 @@
 //! The tape's own rules: gradients accumulate when a value feeds several ops, no-grad
-//! evaluation records nothing, and a training step reuses its buffers.
+//! evaluation records nothing, a training step reuses its buffers, and the ops that take an
+//! unzeroed (`empty`) output really write all of it.
+
+mod common;
 
 use vaecuda::backend::Recon;
 use vaecuda::nn::{Arch, ModelConfig};
@@ -30,7 +33,8 @@ fn gradient_accumulates_over_uses() {
 #[test]
 fn no_grad_records_nothing_and_leaves_no_gradients() {
     let be = Cpu::<f32>::default();
-    let mut t = Trainer::new(be, ModelConfig::mnist(Arch::Conv), LossConfig::default(), AdamConfig::default(), 0);
+    let mut t =
+        Trainer::new(be.clone(), ModelConfig::mnist(Arch::Conv), LossConfig::default(), AdamConfig::default(), 0);
     let x = Tensor::from_host(&be, &[2, 1, 28, 28], &vec![0.5f32; 2 * 784]);
     let mut tape = Tape::no_grad(&be, &mut t.store);
     let xv = tape.input(x);
@@ -45,7 +49,7 @@ fn no_grad_records_nothing_and_leaves_no_gradients() {
 fn steps_reuse_gradient_buffers() {
     let be = Cpu::<f32>::default();
     let loss = LossConfig { recon: Recon::Bce, per_image_mean: false };
-    let mut t = Trainer::new(be, ModelConfig::mnist(Arch::Mlp), loss, AdamConfig::default(), 0);
+    let mut t = Trainer::new(be.clone(), ModelConfig::mnist(Arch::Mlp), loss, AdamConfig::default(), 0);
     let mut rng = Rng::new(1);
     let batch = |rng: &mut Rng| {
         let d: Vec<f32> = (0..4 * 784).map(|_| rng.next_f64() as f32).collect();
@@ -65,7 +69,8 @@ fn steps_reuse_gradient_buffers() {
 #[test]
 fn training_lowers_the_loss_on_a_fixed_batch() {
     let be = Cpu::<f32>::default();
-    let mut t = Trainer::new(be, ModelConfig::mnist(Arch::Mlp), LossConfig::default(), AdamConfig::default(), 0);
+    let mut t =
+        Trainer::new(be.clone(), ModelConfig::mnist(Arch::Mlp), LossConfig::default(), AdamConfig::default(), 0);
     let mut rng = Rng::new(2);
     let d: Vec<f32> = (0..8 * 784).map(|_| if rng.next_f64() < 0.2 { 1.0 } else { 0.0 }).collect();
     let x = Tensor::from_host(&be, &[8, 1, 28, 28], &d);
@@ -75,4 +80,32 @@ fn training_lowers_the_loss_on_a_fixed_batch() {
         last = t.step(x.duplicate(&be), 1.0).unwrap().loss;
     }
     assert!(last < 0.8 * first, "loss went from {first} to {last}");
+}
+
+/// Every op, forward and backward, gives the same numbers when its `empty` outputs start as
+/// NaN: no op reads or leaves unwritten what it did not zero. Then whole training steps of the
+/// three models, whose large buffers go through the recycling pool, match as well.
+#[test]
+fn empty_outputs_are_fully_written() {
+    let (clean, poisoned) = (Cpu::<f64>::default(), Cpu::<f64>::with_poisoned_empty());
+    for case in common::all_cases() {
+        let want = common::forward_backward(&clean, &case);
+        let got = common::forward_backward(&poisoned, &case);
+        assert_eq!(got, want, "{}", case.name);
+    }
+    for arch in [Arch::Mlp, Arch::Conv, Arch::ConvBn] {
+        let run = |be: Cpu<f32>| {
+            let mut t =
+                Trainer::new(be.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 3);
+            let mut rng = Rng::new(4);
+            let losses: Vec<f64> = (0..3)
+                .map(|_| {
+                    let data: Vec<f32> = (0..16 * 784).map(|_| rng.next_f64() as f32).collect();
+                    t.step(Tensor::from_host(&be, &[16, 1, 28, 28], &data), 1.0).unwrap().loss
+                })
+                .collect();
+            (losses, t.store.values.iter().map(|v| v.to_host(&be)).collect::<Vec<_>>())
+        };
+        assert!(run(Cpu::with_poisoned_empty()) == run(Cpu::default()), "{}", arch.name());
+    }
 }

@@ -50,6 +50,15 @@ pub trait Backend: Clone + 'static {
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// A buffer whose contents are unspecified (maybe an earlier tensor's values), for an op
+    /// that writes every element; skips zeroing what is overwritten anyway.
+    fn empty(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// Hands back a buffer nobody needs any more, so `zeros`/`empty` can reuse it.
+    fn recycle(&self, buf: Self::Buf) {
+        drop(buf)
+    }
     fn upload(&self, host: &[Self::E]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<Self::E>;
     fn len(&self, buf: &Self::Buf) -> usize;

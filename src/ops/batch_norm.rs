@@ -185,7 +185,7 @@ pub fn batch_norm<B: Backend>(
     let xs = tape.shape(x).to_vec();
     assert!(xs.len() == 2 || xs.len() == 4, "batch_norm: x must be [n, c] or [n, c, h, w], got {xs:?}");
     let d = BatchNormDims { outer: xs[0], channels: xs[1], inner: xs[2..].iter().product(), eps, momentum };
-    let mut y = Tensor::zeros(&tape.backend, &xs);
+    let mut y = Tensor::empty(&tape.backend, &xs);
     let be = tape.backend.clone();
     if !tape.training {
         let p = &tape.params.values;

@@ -228,7 +228,7 @@ pub fn conv2d<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>, st
     let (xs, ws) = (tape.shape(x).to_vec(), tape.shape(w).to_vec());
     assert!(xs.len() == 4 && ws.len() == 4 && xs[1] == ws[1], "conv2d: x {xs:?} does not fit weight {ws:?}");
     let d = Conv2dDims::new(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], stride, pad);
-    let mut y = Tensor::zeros(&tape.backend, &[d.n, d.c_out, d.oh, d.ow]);
+    let mut y = Tensor::empty(&tape.backend, &[d.n, d.c_out, d.oh, d.ow]);
     tape.backend.conv2d_forward(&tape.value(x).buf, &tape.value(w).buf, b.map(|b| &tape.value(b).buf), &mut y.buf, d);
     let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
     tape.record1(&inputs, y, move |ctx, dy| {

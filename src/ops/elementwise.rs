@@ -51,7 +51,7 @@ pub fn cpu_sum<E: Float>(x: &[E]) -> E {
 /// a ⊙ b (same shapes).
 pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
-    let mut y = Tensor::zeros(&tape.backend, tape.shape(a));
+    let mut y = Tensor::empty(&tape.backend, tape.shape(a));
     tape.backend.mul(&tape.value(a).buf, &tape.value(b).buf, &mut y.buf);
     tape.record1(&[a, b], y, move |ctx, dy| {
         let be = ctx.backend;

@@ -41,7 +41,7 @@ pub fn linear<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>) ->
     if let Some(b) = b {
         assert_eq!(tape.shape(b), [d.d_out], "linear: bias shape");
     }
-    let mut y = Tensor::zeros(&tape.backend, &[d.n, d.d_out]);
+    let mut y = Tensor::empty(&tape.backend, &[d.n, d.d_out]);
     tape.backend.linear_forward(&tape.value(x).buf, &tape.value(w).buf, b.map(|b| &tape.value(b).buf), &mut y.buf, d);
     let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
     tape.record1(&inputs, y, move |ctx, dy| {

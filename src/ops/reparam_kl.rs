@@ -59,7 +59,7 @@ pub fn cpu_backward<E: Float>(
 pub fn reparam_kl<B: Backend>(tape: &mut Tape<B>, mu: Var, logvar: Var, eps: Var) -> (Var, Var) {
     let s = tape.shape(mu).to_vec();
     assert!(tape.shape(logvar) == s && tape.shape(eps) == s, "reparam_kl: mu, logvar and eps must have one shape");
-    let mut z = Tensor::zeros(&tape.backend, &s);
+    let mut z = Tensor::empty(&tape.backend, &s);
     let mut kl = Tensor::zeros(&tape.backend, &[1]);
     tape.backend.reparam_kl_forward(
         &tape.value(mu).buf,

@@ -89,7 +89,7 @@ pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E
 
 /// Applies `op` elementwise.
 pub fn unary<B: Backend>(tape: &mut Tape<B>, op: Unary, x: Var) -> Var {
-    let mut y = Tensor::zeros(&tape.backend, tape.shape(x));
+    let mut y = Tensor::empty(&tape.backend, tape.shape(x));
     tape.backend.unary_forward(op, &tape.value(x).buf, &mut y.buf);
     let yv = tape.next_var();
     tape.record1(&[x], y, move |ctx, dy| {
