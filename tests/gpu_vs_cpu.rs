@@ -14,8 +14,8 @@ mod common;
 
 use vaecuda::backend::cuda::{Cuda, CudaBuf};
 use vaecuda::backend::{Backend, Recon};
-use vaecuda::gradcheck::{check, check_store, weighted_sum, GradCheck};
-use vaecuda::nn::{Arch, ModelConfig, Vae};
+use vaecuda::gradcheck::{check, weighted_sum, GradCheck};
+use vaecuda::nn::{Arch, ModelConfig};
 use vaecuda::ops::adam::AdamStep;
 use vaecuda::ops::batch_norm::BatchNormDims;
 use vaecuda::ops::conv2d::Conv2dDims;
@@ -23,7 +23,6 @@ use vaecuda::ops::linear::LinearDims;
 use vaecuda::ops::unary::Unary;
 use vaecuda::optim::AdamConfig;
 use vaecuda::rng::Rng;
-use vaecuda::tape::ParamStore;
 use vaecuda::train::{LossConfig, Trainer};
 use vaecuda::{Cpu, Tensor};
 
@@ -450,21 +449,7 @@ fn every_op_gradient_checks_in_f64_on_gpu() {
 #[ignore = "needs a CUDA GPU"]
 fn whole_conv_bn_model_gradient_checks_on_gpu() {
     let be = Cuda::<f64>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"));
-    let config = ModelConfig::mnist(Arch::ConvBn);
-    let n = 3;
-    let mut store = ParamStore::default();
-    let model = Vae::new(config.clone(), &mut store, &be, 11);
-    let mut rng = Rng::new(12);
-    let x: Vec<f64> = (0..n * config.image_len()).map(|_| rng.next_f64()).collect();
-    let eps: Vec<f64> = (0..n * config.latent).map(|_| rng.normal()).collect();
-    let img = [n, config.channels, config.height, config.width];
-    let cfg = GradCheck { max_entries: 8, ..GradCheck::default() };
-    check_store(&be, &mut store, true, cfg, |tape| {
-        let xv = tape.input(Tensor::from_host(&tape.backend, &img, &x));
-        let ev = tape.input(Tensor::from_host(&tape.backend, &[n, config.latent], &eps));
-        model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    common::whole_model_gradcheck(&be, ModelConfig::mnist(Arch::ConvBn), 3, 8).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn batch<B: Backend<E = f32>>(be: &B, seed: u64, n: usize) -> Tensor<B> {

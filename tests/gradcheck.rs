@@ -4,11 +4,9 @@
 
 mod common;
 
-use vaecuda::backend::Recon;
-use vaecuda::gradcheck::{check, check_store, weighted_sum, GradCheck, Input};
-use vaecuda::nn::{Arch, ModelConfig, Vae};
+use vaecuda::gradcheck::{check, weighted_sum, GradCheck, Input};
+use vaecuda::nn::{Arch, ModelConfig};
 use vaecuda::rng::Rng;
-use vaecuda::tape::ParamStore;
 use vaecuda::tensor::Tensor;
 use vaecuda::Cpu;
 
@@ -47,23 +45,12 @@ fn the_checker_catches_a_wrong_gradient() {
     assert!(result.is_err(), "a halved gradient passed the check");
 }
 
-/// The whole negative ELBO of each architecture, differentiated by the tape, against finite
-/// differences w.r.t. sampled entries of every parameter tensor, at fixed data and noise.
+/// The whole negative ELBO of each architecture against finite differences (see
+/// `common::whole_model_gradcheck`).
 fn whole_model(config: ModelConfig, n: usize, entries: usize) {
-    let be = Cpu::<f64>::default();
-    let mut store = ParamStore::default();
-    let model = Vae::new(config.clone(), &mut store, &be, 11);
-    let mut rng = Rng::new(12);
-    let x: Vec<f64> = (0..n * config.image_len()).map(|_| rng.next_f64()).collect();
-    let eps: Vec<f64> = (0..n * config.latent).map(|_| rng.normal()).collect();
-    let img = [n, config.channels, config.height, config.width];
-    let cfg = GradCheck { max_entries: entries, ..GradCheck::default() };
-    let res = check_store(&be, &mut store, true, cfg, |tape| {
-        let xv = tape.input(Tensor::from_host(&tape.backend, &img, &x));
-        let ev = tape.input(Tensor::from_host(&tape.backend, &[n, config.latent], &eps));
-        model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
-    });
-    res.unwrap_or_else(|e| panic!("{:?}: {e}", config.arch));
+    let arch = config.arch;
+    common::whole_model_gradcheck(&Cpu::<f64>::default(), config, n, entries)
+        .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
 }
 
 #[test]

@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use vaecuda::backend::{Backend, Recon};
-use vaecuda::gradcheck::Input;
+use vaecuda::gradcheck::{check_store, GradCheck, Input};
+use vaecuda::nn::{ModelConfig, Vae};
 use vaecuda::ops::{self, Reduction};
 use vaecuda::rng::Rng;
 use vaecuda::tape::{ParamStore, Tape, Var};
@@ -282,4 +283,27 @@ pub fn forward_backward<B: Backend>(be: &B, case: &Case) -> (Vec<f64>, Vec<Vec<f
         })
         .collect();
     (out, grads)
+}
+
+/// The whole negative ELBO of a model, differentiated by the tape, against finite differences
+/// w.r.t. `entries` sampled entries of every parameter tensor, at fixed data and noise; on any
+/// f64 backend (the CPU here, the GPU in `gpu_vs_cpu`).
+pub fn whole_model_gradcheck<B: Backend<E = f64>>(
+    be: &B,
+    config: ModelConfig,
+    n: usize,
+    entries: usize,
+) -> Result<f64, String> {
+    let mut store = ParamStore::default();
+    let model = Vae::new(config.clone(), &mut store, be, 11);
+    let mut rng = Rng::new(12);
+    let x: Vec<f64> = (0..n * config.image_len()).map(|_| rng.next_f64()).collect();
+    let eps: Vec<f64> = (0..n * config.latent).map(|_| rng.normal()).collect();
+    let img = [n, config.channels, config.height, config.width];
+    let cfg = GradCheck { max_entries: entries, ..GradCheck::default() };
+    check_store(be, &mut store, true, cfg, |tape| {
+        let xv = tape.input(Tensor::from_host(&tape.backend, &img, &x));
+        let ev = tape.input(Tensor::from_host(&tape.backend, &[n, config.latent], &eps));
+        model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
+    })
 }
