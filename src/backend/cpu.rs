@@ -9,6 +9,8 @@ use crate::backend::{Backend, Recon};
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
 use crate::ops::conv2d::Conv2dDims;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::conv2d_avx512;
 use crate::ops::linear::LinearDims;
 use crate::ops::unary::Unary;
 use crate::ops::{adam, batch_norm, conv2d, elementwise, linear, loss, reparam_kl, unary};
@@ -122,6 +124,24 @@ pub fn gemm<E: Float>(
     } else {
         run(rows, cols, gemm::Parallelism::None);
     }
+}
+
+/// The slice as f32 when E is f32 (the fast paths are f32-only; f64 stays on the reference).
+fn as_f32<E: Float>(v: &[E]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()).then(|| bytemuck::cast_slice(v))
+}
+fn as_f32_mut<E: Float>(v: &mut [E]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()).then(|| bytemuck::cast_slice_mut(v))
+}
+
+/// Whether conv2d runs on its AVX-512 path (`ops::conv2d_avx512`): an f32 CPU with AVX-512F
+/// and a layer big enough for its register tiles. `VAECUDA_CPU_REFERENCE=1` forces the
+/// reference, to compare the two.
+#[cfg(target_arch = "x86_64")]
+fn fast_conv(d: &Conv2dDims) -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| conv2d_avx512::available() && std::env::var_os("VAECUDA_CPU_REFERENCE").is_none())
+        && conv2d_avx512::suits(d)
 }
 
 /// A raw pointer that may cross to rayon's threads; used only for disjoint writes.
@@ -245,12 +265,30 @@ impl<E: Float> Backend for Cpu<E> {
         bias_backward(dy, db, outer, channels, inner)
     }
     fn conv2d_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: Conv2dDims) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(x), Some(w), Some(y)) = (as_f32(x), as_f32(w), as_f32_mut(y)) {
+            if fast_conv(&d) {
+                return conv2d_avx512::forward(x, w, b.and_then(|b| as_f32(b)), y, &d);
+            }
+        }
         conv2d::cpu_forward(x, w, b.map(|b| &b[..]), y, d)
     }
     fn conv2d_backward_data(&self, dy: &Vec<E>, w: &Vec<E>, dx: &mut Vec<E>, d: Conv2dDims) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(w), Some(dx)) = (as_f32(dy), as_f32(w), as_f32_mut(dx)) {
+            if fast_conv(&d) {
+                return conv2d_avx512::backward_data(dy, w, dx, &d);
+            }
+        }
         conv2d::cpu_backward_data(dy, w, dx, d)
     }
     fn conv2d_backward_weight(&self, dy: &Vec<E>, x: &Vec<E>, dw: &mut Vec<E>, d: Conv2dDims) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(x), Some(dw)) = (as_f32(dy), as_f32(x), as_f32_mut(dw)) {
+            if fast_conv(&d) {
+                return conv2d_avx512::backward_weight(dy, x, dw, &d);
+            }
+        }
         conv2d::cpu_backward_weight(dy, x, dw, d)
     }
 

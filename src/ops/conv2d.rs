@@ -68,7 +68,7 @@ impl Conv2dDims {
 
 /// The output columns j whose tap q lands inside a row of width w: j0..j1.
 #[inline]
-fn valid_cols(q: usize, d: &Conv2dDims) -> (usize, usize) {
+pub(crate) fn valid_cols(q: usize, d: &Conv2dDims) -> (usize, usize) {
     // x index = j·s + q − pad must lie in [0, w).
     let j0 = if d.pad > q { (d.pad - q).div_ceil(d.stride) } else { 0 }.min(d.ow);
     let j1 = (d.w + d.pad).saturating_sub(q).div_ceil(d.stride).min(d.ow).max(j0);

@@ -5,6 +5,8 @@
 pub mod adam;
 pub mod batch_norm;
 pub mod conv2d;
+#[cfg(target_arch = "x86_64")]
+pub mod conv2d_avx512;
 pub mod conv_transpose2d;
 pub mod elementwise;
 pub mod linear;
