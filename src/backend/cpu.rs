@@ -241,7 +241,10 @@ impl<E: Float> Backend for Cpu<E> {
         dst.copy_from_slice(src);
     }
     fn fill(&self, buf: &mut Vec<E>, value: E) {
-        buf.iter_mut().for_each(|v| *v = value);
+        // Both cores: zeroing a step's gradient buffers (12.8 MB for one conv activation)
+        // was the largest memset in the conv VAE's profile.
+        use rayon::prelude::*;
+        buf.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
     }
     fn gather_rows(&self, src: &Vec<E>, row_len: usize, idx: &[u32], dst: &mut Vec<E>) {
         for (r, &i) in idx.iter().enumerate() {

@@ -123,10 +123,12 @@ pub fn conv_transpose2d<B: Backend>(
         let be = ctx.backend;
         let (xv, wv) = (ctx.value(x), ctx.value(w));
         if let Some(dx) = ctx.grad(x) {
-            // dx = conv2d(dy, W): accumulate through a temporary since conv2d_forward overwrites.
-            let mut t = be.zeros(d.n * d.c_in * d.h * d.w);
+            // dx = conv2d(dy, W): accumulate through a temporary since conv2d_forward
+            // overwrites (so it needs no zeroing), handed back to the backend's pool after.
+            let mut t = be.empty(d.n * d.c_in * d.h * d.w);
             be.conv2d_forward(&dy.buf, &wv.buf, None, &mut t, c);
             be.axpy(B::E::of(1.0), &t, &mut dx.buf);
+            be.recycle(t);
         }
         if let Some(dw) = ctx.grad(w) {
             be.conv2d_backward_weight(&xv.buf, &dy.buf, &mut dw.buf, c);
