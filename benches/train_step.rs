@@ -17,10 +17,16 @@ use vaecuda::{Backend, Cpu, Float, Tensor};
 
 const BATCH: usize = 128;
 
-fn bench_backend<B: Backend>(c: &mut Criterion, backend: B, label: &str) {
+fn bench_backend<B: Backend + Send + Sync>(c: &mut Criterion, backend: B, label: &str)
+where
+    B::Buf: Send + Sync,
+{
     let mut group = c.benchmark_group(format!("train_step/{label}"));
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(10);
+    // Each step runs on a rayon worker, as `vae` runs (see main.rs): from this thread, every
+    // parallel op would pay a hand-off to the pool.
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("a rayon thread pool");
     for arch in [Arch::Mlp, Arch::Conv, Arch::ConvBn] {
         let mut t =
             Trainer::new(backend.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 0);
@@ -29,7 +35,7 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: B, label: &str) {
         let x = Tensor::from_host(&backend, &[BATCH, 1, 28, 28], &data);
         group.bench_function(arch.name(), |b| {
             b.iter(|| {
-                t.step(x.duplicate(&backend), 1.0).unwrap();
+                pool.install(|| t.step(x.duplicate(&backend), 1.0).unwrap());
                 backend.synchronize();
             })
         });

@@ -43,7 +43,15 @@ fn main() -> ExitCode {
             };
         }
     };
-    match cli::run(args) {
+    // The whole command runs on rayon's worker threads. Started from the main thread, every
+    // parallel op would hand its work to the pool and sleep until it is done: a wake-up per
+    // op, which perf put at a tenth of an MLP training step. On a worker, the op's first
+    // half runs right there and the other worker steals the rest.
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| cli::run(args)),
+        Err(_) => cli::run(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));

@@ -57,6 +57,42 @@ pub fn gemm<E: Float>(
     c: &mut [E],
     accumulate: bool,
 ) {
+    gemm_on(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, accumulate, true)
+}
+
+/// `gemm` on the calling thread only: for products inside a loop that is already parallel.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_serial<E: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[E],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[E],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [E],
+    accumulate: bool,
+) {
+    gemm_on(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, accumulate, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_on<E: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[E],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[E],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [E],
+    accumulate: bool,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -69,8 +105,7 @@ pub fn gemm<E: Float>(
     }
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too small");
     assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too small");
-    // Small products inside an already-parallel loop stay on their thread.
-    let big = m * n * k >= 1 << 18 && rayon::current_thread_index().is_none();
+    let big = parallel && m * n * k >= 1 << 18;
     // SAFETY (both calls): the asserts above keep every strided access inside the slices, and
     // the column blocks written in parallel are disjoint.
     let c_ptr = SendPtr(c.as_mut_ptr());
