@@ -149,11 +149,12 @@ def main():
     ap.add_argument('--json'); ap.add_argument('--large', action='store_true')
     ap.add_argument('--reps', type=int, default=50); ap.add_argument('--steps', type=int, default=20)
     ap.add_argument('--no-compile', action='store_true'); ap.add_argument('--threads', type=int, default=0)
+    ap.add_argument('--steps-only', action='store_true', help='time only the training steps')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     dev = a.device
     name = torch.cuda.get_device_name() if dev == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    out = dict(device=f'PyTorch {torch.__version__} on {name}', kernels=kernel_rows(dev, a.large, a.reps),
+    out = dict(device=f'PyTorch {torch.__version__} on {name}', kernels=[] if a.steps_only else kernel_rows(dev, a.large, a.reps),
                training=train_rows(dev, a.steps, not a.no_compile))
     for k in out['kernels']:
         gf = k['flops'] / k['seconds'] / 1e9

@@ -27,10 +27,14 @@ pub struct Args {
     /// Timed training steps per architecture.
     #[arg(long, default_value_t = 10)]
     train_steps: usize,
+    /// Time only the training steps, not the kernels (for repeated side-by-side runs).
+    #[arg(long)]
+    steps_only: bool,
 }
 
 pub fn run<B: Backend + Roofline>(be: B, a: Args) -> Result<()> {
-    let report = run_report(&be, a.large, a.reps.max(1), a.train_steps.max(1));
+    let reps = if a.steps_only { 0 } else { a.reps.max(1) };
+    let report = run_report(&be, a.large, reps, a.train_steps.max(1));
     print!("{report}");
     if let Some(path) = a.json {
         super::write_text(&path, &serde_json::to_string_pretty(&report)?)
