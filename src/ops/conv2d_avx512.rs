@@ -465,9 +465,10 @@ mod tests {
 
     /// Each pass against the reference on fresh random inputs, outputs poisoned with NaN
     /// where the pass overwrites and random where it accumulates. Tolerance: both sum the
-    /// same k products in f32 in different orders; the error of either is within
-    /// k·2⁻²⁴·Σ|terms| (standard bound), which 1e-5·(1 + |value|)·√k·… comfortably covers
-    /// for these unit-normal inputs; a wrong index gives errors of order 1.
+    /// same k products of unit normals in f32, in different orders; such a sum is ~√k in
+    /// size and each order's rounding error a random walk of ~√k half-ulps of it (~6e-8·√k
+    /// relative). 2e-6·√k·(1 + |value|) leaves a wide margin over that, while a wrong index
+    /// or a missed tap gives errors of order 1. (k = pixels for the weight gradient.)
     #[test]
     fn every_pass_matches_the_reference() {
         if !available() {
