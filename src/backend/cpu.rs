@@ -41,10 +41,20 @@ impl<E: Float> Cpu<E> {
     }
 }
 
+/// Where a `gemm` may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// Large products use all cores.
+    All,
+    /// The calling thread only: for products inside a loop that is already parallel.
+    Caller,
+}
+
 /// c[m, n] (+)= a[m, k] · b[k, n], each operand addressed through (row, column) strides so
-/// transposes cost nothing; c is row-major. Large products use all cores.
+/// transposes cost nothing; c is row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<E: Float>(
+    threads: Threads,
     m: usize,
     n: usize,
     k: usize,
@@ -56,42 +66,6 @@ pub fn gemm<E: Float>(
     b_cs: usize,
     c: &mut [E],
     accumulate: bool,
-) {
-    gemm_on(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, accumulate, true)
-}
-
-/// `gemm` on the calling thread only: for products inside a loop that is already parallel.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_serial<E: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[E],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[E],
-    b_rs: usize,
-    b_cs: usize,
-    c: &mut [E],
-    accumulate: bool,
-) {
-    gemm_on(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, accumulate, false)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_on<E: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[E],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[E],
-    b_rs: usize,
-    b_cs: usize,
-    c: &mut [E],
-    accumulate: bool,
-    parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -105,7 +79,7 @@ fn gemm_on<E: Float>(
     }
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too small");
     assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too small");
-    let big = parallel && m * n * k >= 1 << 18;
+    let big = threads == Threads::All && m * n * k >= 1 << 18;
     // SAFETY (both calls): the asserts above keep every strided access inside the slices, and
     // the column blocks written in parallel are disjoint.
     let c_ptr = SendPtr(c.as_mut_ptr());
@@ -440,7 +414,7 @@ impl<E: Float> Backend for Cpu<E> {
 
 #[cfg(test)]
 mod tests {
-    use super::gemm;
+    use super::{gemm, Threads};
 
     /// Every threading branch of `gemm` (one thread, long reduction, split columns, split
     /// rows, the crate's own threading) against a plain triple loop, with a transposed
@@ -460,12 +434,12 @@ mod tests {
                 }
             }
             let mut c = c0.clone();
-            gemm(m, n, k, &a, k, 1, &bt, 1, k, &mut c, true);
+            gemm(Threads::All, m, n, k, &a, k, 1, &bt, 1, k, &mut c, true);
             for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
                 assert!((got - w).abs() <= 1e-12 * (k as f64).sqrt() * 10.0, "({m}, {n}, {k}) [{i}]: {got} vs {w}");
             }
             let mut c = vec![f64::NAN; m * n];
-            gemm(m, n, k, &a, k, 1, &bt, 1, k, &mut c, false);
+            gemm(Threads::All, m, n, k, &a, k, 1, &bt, 1, k, &mut c, false);
             for i in 0..m * n {
                 assert!(
                     (c[i] - (want[i] - c0[i])).abs() <= 1e-11 * (k as f64).sqrt(),

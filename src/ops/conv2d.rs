@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::gemm_serial;
+use crate::backend::cpu::{gemm, Threads};
 use crate::backend::Backend;
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -137,7 +137,7 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
         || vec![E::zero(); k * l],
         |col, (yn, xn)| {
             im2col(xn, col, &d);
-            gemm_serial(d.c_out, l, k, w, k, 1, col, l, 1, yn, false);
+            gemm(Threads::Caller, d.c_out, l, k, w, k, 1, col, l, 1, yn, false);
         },
     );
     if let Some(b) = b {
@@ -154,7 +154,7 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
         || vec![E::zero(); k * l],
         |col, (dxn, dyn_)| {
             // dcol[k, l] = Wᵀ[k, c_out] · dy_n[c_out, l]
-            gemm_serial(k, l, d.c_out, w, 1, k, dyn_, l, 1, col, false);
+            gemm(Threads::Caller, k, l, d.c_out, w, 1, k, dyn_, l, 1, col, false);
             col2im_add(col, dxn, &d);
         },
     );
@@ -209,7 +209,7 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dD
             for n in g * per_group..((g + 1) * per_group).min(d.n) {
                 im2col(&x[n * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w], &mut col, &d);
                 // part[c_out, k] += dy_n[c_out, l] · colᵀ[l, k]
-                gemm_serial(d.c_out, k, l, &dy[n * d.c_out * l..], l, 1, &col, 1, l, &mut part, true);
+                gemm(Threads::Caller, d.c_out, k, l, &dy[n * d.c_out * l..], l, 1, &col, 1, l, &mut part, true);
             }
             part
         })

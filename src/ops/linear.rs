@@ -1,7 +1,7 @@
 //! `linear`: y = x·Wᵀ + b, exactly `torch.nn.functional.linear`: x [n, in], W [out, in]
 //! (the `nn.Linear` layout), b [out]. Backward: dx = dy·W, dW = dyᵀ·x, db = Σₙ dy.
 
-use crate::backend::cpu::gemm;
+use crate::backend::cpu::{gemm, Threads};
 use crate::backend::Backend;
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -17,18 +17,18 @@ pub struct LinearDims {
 
 pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: LinearDims) {
     // y[n, out] = x[n, in] · Wᵀ: W read transposed through its strides.
-    gemm(d.n, d.d_out, d.d_in, x, d.d_in, 1, w, 1, d.d_in, y, false);
+    gemm(Threads::All, d.n, d.d_out, d.d_in, x, d.d_in, 1, w, 1, d.d_in, y, false);
     if let Some(b) = b {
         crate::backend::cpu::bias_add(y, b, d.n, d.d_out, 1);
     }
 }
 
 pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: LinearDims) {
-    gemm(d.n, d.d_in, d.d_out, dy, d.d_out, 1, w, d.d_in, 1, dx, true);
+    gemm(Threads::All, d.n, d.d_in, d.d_out, dy, d.d_out, 1, w, d.d_in, 1, dx, true);
 }
 
 pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: LinearDims) {
-    gemm(d.d_out, d.d_in, d.n, dy, 1, d.d_out, x, d.d_in, 1, dw, true);
+    gemm(Threads::All, d.d_out, d.d_in, d.n, dy, 1, d.d_out, x, d.d_in, 1, dw, true);
 }
 
 // ---- on the tape ----
