@@ -204,6 +204,9 @@ pub fn all_cases() -> Vec<Case> {
         (2, 2, 6, 7, 3, 2, 2, 1),
         // One output channel, several inputs, stride 2: conv2d's direct backward-data path.
         (2, 3, 7, 6, 1, 3, 2, 1),
+        // 36 taps, 8 output channels: in f32 on an AVX-512 CPU, conv2d's fast path
+        // (`ops::conv2d_avx512`), so f32_vs_f64 checks it against the f64 reference.
+        (2, 4, 7, 6, 8, 3, 2, 1),
     ] {
         ops.push((
             format!("conv2d n{n} {c_in}x{h}x{w}->{c_out} k{k} s{stride} p{pad}"),
@@ -219,6 +222,8 @@ pub fn all_cases() -> Vec<Case> {
         (2, 2, 4, 4, 2, 3, 1, 0, 0),
         // One input channel, stride 2, output_padding 1: the forward takes that path too.
         (2, 1, 4, 3, 3, 3, 2, 1, 1),
+        // The adjoint conv has 36 taps and 8 output channels: conv2d's fast path, as above.
+        (2, 8, 3, 4, 4, 3, 2, 1, 1),
     ] {
         ops.push((
             format!("conv_transpose2d n{n} {c_in}x{h}x{w}->{c_out} k{k} s{stride} p{pad} op{out_pad}"),
