@@ -43,7 +43,19 @@ impl BatchNormDims {
 /// row goes to lane j mod 8 and the lanes are added at the end. One running sum would be a
 /// chain of dependent additions (4 cycles each) and made batch norm latency-bound.
 fn channel_sum<E: Float>(d: &BatchNormDims, c: usize, a: &[E], b: &[E], f: impl Fn(f64, f64) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
+    channel_sums(d, c, a, b, |x, y| (f(x, y), 0.0)).0
+}
+
+/// Two such sums in one pass over the channel, each added in `channel_sum`'s order, so each
+/// is the same to the bit as its own `channel_sum`.
+fn channel_sums<E: Float>(
+    d: &BatchNormDims,
+    c: usize,
+    a: &[E],
+    b: &[E],
+    f: impl Fn(f64, f64) -> (f64, f64),
+) -> (f64, f64) {
+    let (mut first, mut second) = ([0.0f64; 8], [0.0f64; 8]);
     crate::ops::simd(|| {
         for o in 0..d.outer {
             let row = d.at(o, c, 0);
@@ -52,15 +64,19 @@ fn channel_sum<E: Float>(d: &BatchNormDims, c: usize, a: &[E], b: &[E], f: impl 
             let (ta, tb) = (ca.remainder(), cb.remainder());
             for (xa, xb) in ca.zip(cb) {
                 for l in 0..8 {
-                    lanes[l] += f(xa[l].f64(), xb[l].f64());
+                    let (u, v) = f(xa[l].f64(), xb[l].f64());
+                    first[l] += u;
+                    second[l] += v;
                 }
             }
             for (l, (&xa, &xb)) in ta.iter().zip(tb).enumerate() {
-                lanes[l] += f(xa.f64(), xb.f64());
+                let (u, v) = f(xa.f64(), xb.f64());
+                first[l] += u;
+                second[l] += v;
             }
         }
     });
-    lanes.iter().sum()
+    (first.iter().sum(), second.iter().sum())
 }
 
 /// For every (sample, channel) row of `out`, in parallel over blocks of samples:
@@ -144,7 +160,7 @@ pub fn cpu_backward<E: Float>(
         .into_par_iter()
         .map(|c| {
             let (mu, is) = (mean[c].f64(), invstd[c].f64());
-            (channel_sum(&d, c, dy, dy, |g, _| g), channel_sum(&d, c, dy, x, |g, v| g * (v - mu) * is))
+            channel_sums(&d, c, dy, x, |g, v| (g, g * (v - mu) * is))
         })
         .collect();
     if let Some(db) = dbeta {
