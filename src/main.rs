@@ -47,7 +47,8 @@ fn main() -> ExitCode {
     // parallel op would hand its work to the pool and sleep until it is done: a wake-up per
     // op, which perf put at a tenth of an MLP training step. On a worker, the op's first
     // half runs right there and the other worker steals the rest.
-    let result = match rayon::ThreadPoolBuilder::new().build() {
+    // (8 MiB stacks, as the main thread has, rather than rayon's default.)
+    let result = match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
         Ok(pool) => pool.install(|| cli::run(args)),
         Err(_) => cli::run(args),
     };
