@@ -80,8 +80,8 @@ pub fn gemm<E: Float>(
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too small");
     assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too small");
     let big = threads == Threads::All && m * n * k >= 1 << 18;
-    // SAFETY (both calls): the asserts above keep every strided access inside the slices, and
-    // the column blocks written in parallel are disjoint.
+    // SAFETY (every call of `run`): the asserts above keep every strided access inside the
+    // slices, and the blocks written in parallel are disjoint.
     let c_ptr = SendPtr(c.as_mut_ptr());
     // The block rows i0..i1, columns j0..j1 of c.
     let run = |(i0, i1): (usize, usize), (j0, j1): (usize, usize), par: gemm::Parallelism| unsafe {
@@ -136,9 +136,11 @@ pub fn gemm<E: Float>(
 }
 
 /// The slice as f32 when E is f32 (the fast paths are f32-only; f64 stays on the reference).
+#[cfg(target_arch = "x86_64")]
 fn as_f32<E: Float>(v: &[E]) -> Option<&[f32]> {
     (std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()).then(|| bytemuck::cast_slice(v))
 }
+#[cfg(target_arch = "x86_64")]
 fn as_f32_mut<E: Float>(v: &mut [E]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()).then(|| bytemuck::cast_slice_mut(v))
 }
