@@ -475,6 +475,11 @@ mod tests {
     #[test]
     fn every_pass_matches_the_reference() {
         if !available() {
+            // CI's machines have AVX-512: there the check must run, not pass by skipping.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "conv2d_avx512: no AVX-512F under CI, so this test checks nothing"
+            );
             eprintln!("conv2d_avx512: this CPU has no AVX-512F; the fast path is never used here");
             return;
         }
