@@ -4,13 +4,6 @@
 // e = o·inner + i addresses x[(o·channels + c)·inner + i].
 #include "common.cuh"
 
-// Mirror of `BnArgs` in src/backend/cuda/mod.rs (doubles first: no padding surprises).
-struct BnArgs {
-    double eps, momentum;
-    int outer, channels, inner;
-    int has_dx, has_dgamma, has_dbeta;  // backward only
-};
-
 __device__ __forceinline__ long long bn_at(const BnArgs& a, int c, long long e) {
     const long long o = e / a.inner, i = e % a.inner;
     return (o * a.channels + c) * a.inner + i;
@@ -76,7 +69,7 @@ __device__ void bn_fwd_eval_impl(BnArgs a, const T* x, const T* gamma, const T* 
 }
 
 // dβ = Σ dy, dγ = Σ dy·x̂, dx += γ·invstd/m·(m·dy − dβ − x̂·dγ), x̂ = (x − mean)·invstd.
-// Outputs whose has_* flag is 0 are dummies and untouched.
+// Absent outputs are null pointers and untouched.
 template <typename T>
 __device__ void bn_bwd_impl(BnArgs a, const T* dy, const T* x, const T* gamma, const T* mean, const T* invstd,
                             T* dx, T* dgamma, T* dbeta) {
@@ -98,11 +91,11 @@ __device__ void bn_bwd_impl(BnArgs a, const T* dy, const T* x, const T* gamma, c
     if (t == 0) {
         tot[0] = sdy;
         tot[1] = sdyx;
-        if (a.has_dbeta) dbeta[c] = (T)((double)dbeta[c] + sdy);
-        if (a.has_dgamma) dgamma[c] = (T)((double)dgamma[c] + sdyx);
+        if (dbeta) dbeta[c] = (T)((double)dbeta[c] + sdy);
+        if (dgamma) dgamma[c] = (T)((double)dgamma[c] + sdyx);
     }
     __syncthreads();
-    if (!a.has_dx) return;
+    if (!dx) return;
     sdy = tot[0];
     sdyx = tot[1];
     const double md = (double)m, scale = (double)gamma[c] * is / md;

@@ -1,5 +1,10 @@
 // Shared by every kernel file. NVRTC compiles each .cu as its own program with this header
 // pasted in front (see src/backend/cuda/compile.rs), so there are no system headers here.
+// In front of this header comes the contract generated from src/backend/cuda/contract.rs:
+// the launch constants (BLOCK, TILE_M, TILE_N, TILE_K, TILE_THREADS), the enum codes
+// (UNARY_*, RECON_*, ADAM_*, BIAS_*), BCE_LOG_CLAMP / BCE_GRAD_EPS and the argument structs
+// (GemmArgs, ConvArgs, BnArgs, AdamArgs<T>). After it come the declarations of the file's
+// kernels from the kernel table (src/backend/cuda/kernels.rs), which its definitions must match.
 //
 // Conventions:
 // - Every kernel is a template over the element type T, instantiated for float and double
@@ -9,10 +14,6 @@
 //   in a fixed tree order: no atomics, so results are bitwise reproducible.
 
 typedef double acc_t;
-
-// Threads per block for 1-D elementwise and reduction kernels (a power of two: the tree
-// reductions below rely on it).
-#define BLOCK 256
 
 // Grid-stride loop over [0, n): correct for any grid size, including ragged tails.
 #define GRID_STRIDE(i, n) \
@@ -55,10 +56,9 @@ __device__ __forceinline__ double sqrt_t(double x) { return sqrt(x); }
 // `k_fast` says which index is contiguous in memory, so consecutive threads load
 // consecutive addresses. Out-of-range elements (ragged M, N, K tails) load as 0 and the
 // loader is never called for them. The store functor is called once per in-range (m, n).
-#define TILE_M 64
-#define TILE_N 64
-#define TILE_K 16
-#define TILE_THREADS 256
+// (TILE_M = TILE_N = 64, TILE_K = 16 and TILE_THREADS = 256 come from the contract; the
+// 16 × 16 thread grid and 4 × 4 micro-tiles below assume those values.)
+static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "tile_gemm assumes 64x64 tiles, 256 threads");
 
 template <typename T, class LA, class LB, class ST>
 __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,

@@ -9,13 +9,6 @@
 // A column index k of the weight decomposes as k = (c·kh + p)·kw + q.
 #include "common.cuh"
 
-// Mirror of `ConvArgs` in src/backend/cuda/mod.rs.
-struct ConvArgs {
-    int n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow;
-    int has_bias;
-    int kc;  // split-K chunk length (backward-weight only)
-};
-
 // x at image `img`, channel c, row i·s − pad + p, column j·s − pad + q; 0 in the padding.
 template <typename T>
 __device__ __forceinline__ T x_tap(const T* x, const ConvArgs& a, int img, int k, int l) {
@@ -47,14 +40,14 @@ struct FwdX {  // B(k, col) with col = img·L + l
     }
 };
 template <typename T>
-struct FwdStore {  // y[img, co, l] = v + b[co]  (overwrites)
+struct FwdStore {  // y[img, co, l] = v + b[co]  (overwrites; b is null without bias)
     T* y;
     const T* b;
     ConvArgs a;
     __device__ void operator()(int co, int col, T v) const {
         const int L = a.oh * a.ow;
         const int img = col / L, l = col % L;
-        if (a.has_bias) v += b[co];
+        if (b) v += b[co];
         y[((long long)img * a.c_out + co) * L + l] = v;
     }
 };

@@ -3,13 +3,13 @@
 #include "common.cuh"
 
 // ---- activations: the math of src/ops/unary.rs, repeated ----
-// op: 0 relu, 1 sigmoid, 2 tanh, 3 leaky_relu(slope)
+// op: a UNARY_* code; slope is leaky ReLU's
 template <typename T>
 __device__ __forceinline__ T unary_f(int op, T x, T slope) {
     switch (op) {
-        case 0: return x > T(0) ? x : T(0);
-        case 1: return T(1) / (T(1) + exp_t(-x));
-        case 2: return tanh_t(x);
+        case UNARY_RELU: return x > T(0) ? x : T(0);
+        case UNARY_SIGMOID: return T(1) / (T(1) + exp_t(-x));
+        case UNARY_TANH: return tanh_t(x);
         default: return x > T(0) ? x : x * slope;
     }
 }
@@ -17,9 +17,9 @@ __device__ __forceinline__ T unary_f(int op, T x, T slope) {
 template <typename T>
 __device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
     switch (op) {
-        case 0: return y > T(0) ? dy : T(0);
-        case 1: return dy * y * (T(1) - y);
-        case 2: return dy * (T(1) - y * y);
+        case UNARY_RELU: return y > T(0) ? dy : T(0);
+        case UNARY_SIGMOID: return dy * y * (T(1) - y);
+        case UNARY_TANH: return dy * (T(1) - y * y);
         default: return x > T(0) ? dy : dy * slope;
     }
 }

@@ -4,15 +4,6 @@
 // A[m, k] lives at a[m·a_rs + k·a_cs], B[k, n] at b[k·b_rs + n·b_cs]; C is row-major M × N.
 #include "common.cuh"
 
-// Mirror of `GemmArgs` in src/backend/cuda/mod.rs (#[repr(C)], all int).
-struct GemmArgs {
-    int m, n, k;
-    int a_rs, a_cs, b_rs, b_cs;
-    int bias_mode;   // 0: none, 1: bias[n] per column, 2: bias[m] per row
-    int accumulate;  // 1: C += product
-    int kc;          // split-K chunk length (gemm_splitk only)
-};
-
 template <typename T>
 struct StridedA {
     const T* p;
@@ -35,8 +26,8 @@ struct GemmStore {
     int N, bias_mode, accumulate;
     __device__ void operator()(int m, int n, T v) const {
         const long long at = (long long)m * N + n;
-        if (bias_mode == 1) v += bias[n];
-        else if (bias_mode == 2) v += bias[m];
+        if (bias_mode == BIAS_PER_COLUMN) v += bias[n];
+        else if (bias_mode == BIAS_PER_ROW) v += bias[m];
         c[at] = accumulate ? c[at] + v : v;
     }
 };

@@ -21,42 +21,39 @@ __device__ void reparam_kl_fwd_impl(const T* mu, const T* logvar, const T* eps, 
     if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-// dmu += dz + dkl·mu. has_dz / has_dkl say whether those gradients exist (when not, the
-// pointer is a dummy and is not read). dkl is a device scalar.
+// dmu += dz + dkl·mu. dz and dkl are null when those gradients do not exist. dkl is a device
+// scalar.
 template <typename T>
-__device__ void reparam_bwd_mu_impl(const T* mu, const T* dz, int has_dz, const T* dkl, int has_dkl, T* dmu,
-                                    int n) {
-    const T k = has_dkl ? dkl[0] : T(0);
-    GRID_STRIDE(i, n) dmu[i] += (has_dz ? dz[i] : T(0)) + k * mu[i];
+__device__ void reparam_bwd_mu_impl(const T* mu, const T* dz, const T* dkl, T* dmu, int n) {
+    const T k = dkl ? dkl[0] : T(0);
+    GRID_STRIDE(i, n) dmu[i] += (dz ? dz[i] : T(0)) + k * mu[i];
 }
 // dlogvar += dz·eps·exp(logvar/2)/2 + dkl·(exp(logvar) − 1)/2
 template <typename T>
-__device__ void reparam_bwd_logvar_impl(const T* logvar, const T* eps, const T* dz, int has_dz, const T* dkl,
-                                        int has_dkl, T* dlv, int n) {
-    const T k = has_dkl ? dkl[0] : T(0);
+__device__ void reparam_bwd_logvar_impl(const T* logvar, const T* eps, const T* dz, const T* dkl, T* dlv, int n) {
+    const T k = dkl ? dkl[0] : T(0);
     const T half = T(0.5);
     GRID_STRIDE(i, n) {
         const T lv = logvar[i];
-        const T from_z = has_dz ? dz[i] * eps[i] * exp_t(lv * half) * half : T(0);
+        const T from_z = dz ? dz[i] * eps[i] * exp_t(lv * half) * half : T(0);
         dlv[i] += from_z + k * half * (exp_t(lv) - T(1));
     }
 }
 
-// ---- reconstruction losses; kind: 0 BCE, 1 BCE with logits, 2 MSE ----
-#define BCE_LOG_CLAMP (-100.0)
-#define BCE_GRAD_EPS 1e-12
+// ---- reconstruction losses; kind: a RECON_* code (BCE_LOG_CLAMP and BCE_GRAD_EPS are
+// PyTorch's, from src/ops/loss.rs through the contract) ----
 
 __device__ __forceinline__ double loss_elem(int kind, double x, double t) {
     switch (kind) {
-        case 0: return -(t * fmax(log(x), BCE_LOG_CLAMP) + (1.0 - t) * fmax(log(1.0 - x), BCE_LOG_CLAMP));
-        case 1: return fmax(x, 0.0) - x * t + log1p(exp(-fabs(x)));
+        case RECON_BCE: return -(t * fmax(log(x), BCE_LOG_CLAMP) + (1.0 - t) * fmax(log(1.0 - x), BCE_LOG_CLAMP));
+        case RECON_BCE_WITH_LOGITS: return fmax(x, 0.0) - x * t + log1p(exp(-fabs(x)));
         default: return (x - t) * (x - t);
     }
 }
 __device__ __forceinline__ double loss_grad(int kind, double x, double t) {
     switch (kind) {
-        case 0: return (x - t) / fmax(x * (1.0 - x), BCE_GRAD_EPS);
-        case 1: return 1.0 / (1.0 + exp(-x)) - t;
+        case RECON_BCE: return (x - t) / fmax(x * (1.0 - x), BCE_GRAD_EPS);
+        case RECON_BCE_WITH_LOGITS: return 1.0 / (1.0 + exp(-x)) - t;
         default: return 2.0 * (x - t);
     }
 }
@@ -81,13 +78,12 @@ __device__ void loss_bwd_impl(int kind, const T* x, const T* t, const T* dout, T
         reparam_kl_fwd_##S(const T* mu, const T* logvar, const T* eps, T* z, int n, acc_t* part) {           \
         reparam_kl_fwd_impl<T>(mu, logvar, eps, z, n, part);                                                 \
     }                                                                                                        \
-    extern "C" __global__ void reparam_bwd_mu_##S(const T* mu, const T* dz, int has_dz, const T* dkl,       \
-                                                  int has_dkl, T* dmu, int n) {                              \
-        reparam_bwd_mu_impl<T>(mu, dz, has_dz, dkl, has_dkl, dmu, n);                                        \
+    extern "C" __global__ void reparam_bwd_mu_##S(const T* mu, const T* dz, const T* dkl, T* dmu, int n) {  \
+        reparam_bwd_mu_impl<T>(mu, dz, dkl, dmu, n);                                                         \
     }                                                                                                        \
-    extern "C" __global__ void reparam_bwd_logvar_##S(const T* logvar, const T* eps, const T* dz, int has_dz, \
-                                                      const T* dkl, int has_dkl, T* dlv, int n) {            \
-        reparam_bwd_logvar_impl<T>(logvar, eps, dz, has_dz, dkl, has_dkl, dlv, n);                           \
+    extern "C" __global__ void reparam_bwd_logvar_##S(const T* logvar, const T* eps, const T* dz,            \
+                                                      const T* dkl, T* dlv, int n) {                         \
+        reparam_bwd_logvar_impl<T>(logvar, eps, dz, dkl, dlv, n);                                            \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
         loss_fwd_##S(int kind, const T* x, const T* t, int n, acc_t* part) {                                 \

@@ -304,6 +304,31 @@ impl<E: Float> Roofline for crate::Cpu<E> {
     }
 }
 
+/// The GPU's roofline, measured the same way: a device-to-device copy of 256 MiB (best of ten)
+/// and the FMA-bound `fma_peak` kernel on 8 blocks per multiprocessor (best of three), both
+/// timed with `Backend::time` (CUDA events).
+impl<E: crate::backend::cuda::CudaFloat> Roofline for crate::Cuda<E> {
+    fn peak_bandwidth_gbs(&self) -> f64 {
+        let bytes = 256usize << 20;
+        let n = bytes / std::mem::size_of::<E>();
+        let src = self.zeros(n);
+        let mut dst = self.zeros(n);
+        let best = (0..10).map(|_| self.time(&mut || self.copy(&src, &mut dst)).as_secs_f64()).fold(f64::MAX, f64::min);
+        // A copy reads and writes every byte.
+        2.0 * bytes as f64 / best / 1e9
+    }
+    fn peak_gflops(&self) -> f64 {
+        let blocks = self.multiprocessors() * 8;
+        let iters: i32 = if E::NAME == "f32" { 1 << 16 } else { 1 << 13 };
+        self.fma_probe(blocks, iters); // warm-up
+        let best =
+            (0..3).map(|_| self.time(&mut || self.fma_probe(blocks, iters)).as_secs_f64()).fold(f64::MAX, f64::min);
+        // 8 chains × one FMA (2 FLOPs) per iteration per thread.
+        let threads = blocks as f64 * crate::backend::cuda::contract::BLOCK as f64;
+        threads * iters as f64 * 16.0 / best / 1e9
+    }
+}
+
 /// An FMA-bound loop on one thread, at the widest vectors the CPU has (the GEMM uses them
 /// too); returns the FLOPs it did. 12 independent chains keep both FMA pipes busy through the
 /// 4-cycle latency.

@@ -12,6 +12,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // A bug must still end in one line on stderr, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
+        // A GPU error raised inside a backend method (out of memory, a failed launch) is the
+        // user's to read as it is.
+        if let Some(e) = vaecuda::backend::cuda::GpuError::from_panic(info.payload()) {
+            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()
@@ -48,15 +54,17 @@ fn main() -> ExitCode {
     // op, which perf put at a tenth of an MLP training step. On a worker, the op's first
     // half runs right there and the other worker steals the rest.
     // (8 MiB stacks, as the main thread has, rather than rayon's default.)
-    let result = match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
+    let result = std::panic::catch_unwind(|| match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
         Ok(pool) => pool.install(|| cli::run(args)),
         Err(_) => cli::run(args),
-    };
+    });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
+        // The hook has printed the one line.
+        Err(_) => ExitCode::FAILURE,
     }
 }

@@ -61,9 +61,9 @@ fn compile_errors_name_file_and_line() {
     let bad = vaecuda::backend::cuda::compile::KernelFile {
         name: "broken.cu",
         source: "#include \"common.cuh\"\n\nextern \"C\" __global__ void k() { undefined_thing(); }\n",
-        kernels: &[],
     };
     let err = vaecuda::backend::cuda::compile::compile_file(&bad, "sm_80").err().expect("a broken kernel compiled");
+    let err = err.to_string();
     assert!(err.contains("broken.cu(3)"), "the log does not point at broken.cu line 3:\n{err}");
 }
 
@@ -77,7 +77,6 @@ fn symbol_check_tells_defined_from_missing() {
     let f = KernelFile {
         name: "probe.cu",
         source: "#include \"common.cuh\"\nextern \"C\" __global__ void present_f32(float* p) { p[0] = 1.0f; }\n",
-        kernels: &[],
     };
     let bin = compile_file(&f, "sm_80").unwrap_or_else(|e| panic!("{e}")).binary;
     assert!(has_symbol(&bin, "present_f32"));
@@ -113,4 +112,79 @@ fn damaged_cache_files_are_recompiled() {
         assert_eq!(std::fs::read(&path).unwrap(), first.binary, "the damaged cache file was not overwritten");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The contract (src/backend/cuda/contract.rs, kernels.rs) is written once, in Rust, and
+/// pasted in front of every file. These prove that a change on one side only cannot compile:
+/// a struct whose CUDA layout differs from Rust's trips the generated offset assertions, and a
+/// kernel definition whose parameters differ from the kernel table clashes with the generated
+/// declaration.
+fn compile_edited(file: &str, edit: impl Fn(&str) -> String) -> Result<(), String> {
+    use vaecuda::backend::cuda::compile::{compile_program, program_source, FILES};
+    let f = FILES.iter().find(|f| f.name == file).unwrap();
+    let original = program_source(f).unwrap();
+    let edited = edit(&original);
+    assert_ne!(edited, original, "the edit changed nothing");
+    compile_program(file, &edited, "sm_80").map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_struct_changed_on_the_cuda_side_only_fails_to_compile() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // Two fields of GemmArgs swapped in the CUDA struct (as a hand-kept mirror might drift):
+    // every use still compiles, only the layout check catches it.
+    let err = compile_edited("gemm.cu", |src| src.replacen("    int m;\n    int n;\n", "    int n;\n    int m;\n", 1))
+        .expect_err("a GemmArgs with swapped fields compiled");
+    assert!(err.contains("GemmArgs::m: offset differs from the Rust struct"), "{err}");
+    // A field of a different type: the size and every later offset differ.
+    let err = compile_edited("batchnorm.cu", |src| src.replacen("    double momentum;", "    float momentum;", 1))
+        .expect_err("a BnArgs with a float momentum compiled");
+    assert!(err.contains("BnArgs"), "{err}");
+}
+
+#[test]
+fn a_kernel_signature_changed_on_the_cuda_side_only_fails_to_compile() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // `mul`'s n widened in the .cu file but not in the kernel table.
+    let err = compile_edited("elementwise.cu", |src| {
+        src.replacen(
+            "mul_##S(const T* a, const T* b, T* y, int n)",
+            "mul_##S(const T* a, const T* b, T* y, long long n)",
+            1,
+        )
+    })
+    .expect_err("a kernel whose parameters differ from the table compiled");
+    assert!(err.contains("mul_f32"), "{err}");
+    // Two pointer parameters of adam swapped (m before g): caught by the constness.
+    let err = compile_edited("adam.cu", |src| {
+        src.replacen(
+            "adam_##S(AdamArgs<T> a, T* p, const T* g, T* m, T* v)",
+            "adam_##S(AdamArgs<T> a, T* p, T* m, const T* g, T* v)",
+            1,
+        )
+    })
+    .expect_err("adam with swapped parameters compiled");
+    assert!(err.contains("adam_f32"), "{err}");
+}
+
+/// The same text, with Rust's constants: a constant used by both sides comes from the contract.
+#[test]
+fn the_contract_is_what_the_kernels_see() {
+    use vaecuda::backend::cuda::compile::{program_source, FILES};
+    use vaecuda::backend::cuda::contract::{BLOCK, TILE_K};
+    for f in FILES {
+        let text = program_source(f).unwrap();
+        assert!(
+            text.contains(&format!("#define BLOCK {BLOCK}\n")) && text.contains(&format!("#define TILE_K {TILE_K}\n"))
+        );
+        assert!(
+            !f.source.contains("#define BLOCK") && !f.source.contains("struct GemmArgs {"),
+            "{} mirrors the contract",
+            f.name
+        );
+    }
 }

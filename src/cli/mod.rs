@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vaecuda::backend::cuda::{self, Cuda};
+use vaecuda::backend::cuda::{self, Cuda, GpuError};
 use vaecuda::backend::{Backend, Recon};
 use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
@@ -56,8 +56,9 @@ macro_rules! with_backend {
 #[derive(Parser, Debug)]
 #[command(name = "vae", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
-    /// Where to compute: auto (the first GPU when there is one, else the CPU), cpu, cuda or
-    /// cuda:N.
+    /// Where to compute: auto (the first GPU when there is one, else the CPU), cpu, cuda,
+    /// cuda:N, or emu: the CUDA kernels run on the CPU by the emulated device (slow; for
+    /// studying and testing the kernels without a GPU, see kernels/README.md).
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: DeviceChoice,
     #[command(subcommand)]
@@ -108,20 +109,23 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda(usize),
+    /// The emulated CUDA device (`cuda::emu`).
+    Emu,
 }
 
 impl FromStr for DeviceChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            "emu" => Ok(DeviceChoice::Emu),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceChoice::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?} (expected auto, cpu, cuda or cuda:N)")),
+                .ok_or_else(|| anyhow::anyhow!("unknown device {s:?} (expected auto, cpu, cuda, cuda:N or emu)")),
         }
     }
 }
@@ -137,19 +141,26 @@ fn open_device(choice: DeviceChoice) -> Result<Opened> {
     match choice {
         DeviceChoice::Cpu => Ok(Opened::Cpu(Cpu::default())),
         DeviceChoice::Cuda(n) => open_cuda(n).map_err(|e| anyhow::anyhow!("cannot use cuda:{n}: {e}")),
+        DeviceChoice::Emu => cuda::emu::install()
+            .and_then(|()| open_cuda(0))
+            .map_err(|e| anyhow::anyhow!("cannot use the emulated device: {e}")),
+        // Only a missing GPU, driver or NVRTC means "use the CPU": kernels that fail to
+        // compile or a driver error are bugs to report, not reasons to run elsewhere.
         DeviceChoice::Auto => match open_cuda(0) {
             Ok(o) => Ok(o),
-            Err(e) => {
-                eprintln!("note: no usable GPU, using the CPU: {e}");
+            Err(GpuError::Unavailable(why)) => {
+                eprintln!("note: no usable GPU, using the CPU: {why}");
                 Ok(Opened::Cpu(Cpu::default()))
             }
+            Err(e) => Err(anyhow::anyhow!("the GPU could not be used: {e}")),
         },
     }
 }
 
-/// The one place that opens a GPU. `probe` never panics (cudarc does when libcuda or libnvrtc
-/// is missing, so it checks for them first) and its error is one line saying what to install.
-fn open_cuda(ordinal: usize) -> Result<Opened, String> {
+/// The one place that opens a GPU (or the emulated device, once installed). `probe` never
+/// panics (cudarc does when libcuda or libnvrtc is missing, so it checks for them first) and
+/// its error says what to install.
+fn open_cuda(ordinal: usize) -> Result<Opened, GpuError> {
     // The first open on a machine compiles every kernel through NVRTC (seconds); later opens
     // load the cached CUBINs. Saying how long it took explains a slow first start.
     let start = std::time::Instant::now();

@@ -7,86 +7,84 @@
 //! Compiling for `sm_XY` gives a CUBIN, cached on disk under a key that hashes the sources,
 //! the architecture, the options and the NVRTC version.
 
+use std::borrow::Cow;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{result, sys};
 use sha2::{Digest, Sha256};
 
+use super::error::GpuError;
+use super::{contract, kernels};
+
 /// The shared header, pasted in front of every file.
 pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
-/// One kernel file: its name under `kernels/`, its source, and the kernels it defines
-/// (base names; each exists as `<base>_f32` and `<base>_f64`).
+/// One kernel file: its name under `kernels/` and its source. The kernels it defines are
+/// those of the kernel table (`kernels::KERNELS`).
 pub struct KernelFile {
     pub name: &'static str,
     pub source: &'static str,
-    pub kernels: &'static [&'static str],
 }
 
 pub const FILES: &[KernelFile] = &[
-    KernelFile {
-        name: "gemm.cu",
-        source: include_str!("../../../kernels/gemm.cu"),
-        kernels: &["gemm", "gemm_splitk", "splitk_reduce"],
-    },
-    KernelFile {
-        name: "conv2d.cu",
-        source: include_str!("../../../kernels/conv2d.cu"),
-        kernels: &["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"],
-    },
-    KernelFile {
-        name: "batchnorm.cu",
-        source: include_str!("../../../kernels/batchnorm.cu"),
-        kernels: &["bn_fwd_train", "bn_fwd_eval", "bn_bwd"],
-    },
-    KernelFile {
-        name: "elementwise.cu",
-        source: include_str!("../../../kernels/elementwise.cu"),
-        kernels: &[
-            "unary_fwd",
-            "unary_bwd",
-            "mul",
-            "mul_acc",
-            "axpy",
-            "fill",
-            "broadcast_acc",
-            "gather_rows",
-            "bias_add",
-            "bias_bwd",
-            "sum_partial",
-            "reduce_final",
-            "fma_peak",
-        ],
-    },
-    KernelFile {
-        name: "vae_loss.cu",
-        source: include_str!("../../../kernels/vae_loss.cu"),
-        kernels: &["reparam_kl_fwd", "reparam_bwd_mu", "reparam_bwd_logvar", "loss_fwd", "loss_bwd"],
-    },
-    KernelFile { name: "adam.cu", source: include_str!("../../../kernels/adam.cu"), kernels: &["adam"] },
+    KernelFile { name: "gemm.cu", source: include_str!("../../../kernels/gemm.cu") },
+    KernelFile { name: "conv2d.cu", source: include_str!("../../../kernels/conv2d.cu") },
+    KernelFile { name: "batchnorm.cu", source: include_str!("../../../kernels/batchnorm.cu") },
+    KernelFile { name: "elementwise.cu", source: include_str!("../../../kernels/elementwise.cu") },
+    KernelFile { name: "vae_loss.cu", source: include_str!("../../../kernels/vae_loss.cu") },
+    KernelFile { name: "adam.cu", source: include_str!("../../../kernels/adam.cu") },
 ];
 
 /// Options every program is compiled with (besides the architecture).
 const OPTIONS: &[&str] = &["-std=c++17"];
 
-/// The full text NVRTC sees for one file: common.cuh, then the file with its
-/// `#include "common.cuh"` line blanked (so line numbers stay those of the file).
-pub fn program_source(file: &KernelFile) -> String {
-    let body: String = file
-        .source
+/// Where kernel sources are read from instead of the copies built into the binary, when set:
+/// a folder holding `common.cuh` and the `.cu` files. For kernel work without rebuilding, and
+/// for the tests that break a kernel on purpose to show the suite catches it.
+pub const SOURCES_ENV: &str = "VAECUDA_KERNEL_SOURCES";
+
+/// The text of `name` (a file under `kernels/`, or `common.cuh`), embedded or from
+/// `$VAECUDA_KERNEL_SOURCES`.
+fn text_of(name: &str, embedded: &'static str) -> Result<Cow<'static, str>, GpuError> {
+    match std::env::var_os(SOURCES_ENV).filter(|d| !d.is_empty()) {
+        None => Ok(Cow::Borrowed(embedded)),
+        Some(dir) => {
+            let path = Path::new(&dir).join(name);
+            std::fs::read_to_string(&path).map(Cow::Owned).map_err(|e| {
+                GpuError::Unavailable(format!("cannot read kernel source {} ({SOURCES_ENV}): {e}", path.display()))
+            })
+        }
+    }
+}
+
+/// The full text the compilers see for one file: the generated contract (constants, codes,
+/// argument structs), common.cuh, the declarations of the file's kernels from the kernel table,
+/// then the file with its `#include "common.cuh"` line blanked (so line numbers stay those of
+/// the file). `#line` directives make messages name the real file and line.
+pub fn program_source(file: &KernelFile) -> Result<String, GpuError> {
+    let common = text_of("common.cuh", COMMON)?;
+    let source = text_of(file.name, file.source)?;
+    let body: String = source
         .lines()
         .map(|l| if l.trim() == "#include \"common.cuh\"" { "" } else { l })
         .collect::<Vec<_>>()
         .join("\n");
-    format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{body}\n", file.name)
+    Ok(format!(
+        "#line 1 \"contract.rs (generated)\"\n{}\n#line 1 \"common.cuh\"\n{common}\n#line 1 \"{name} (declarations)\"\n{}\n#line 1 \"{name}\"\n{body}\n",
+        contract::prelude(),
+        kernels::declarations(file.name),
+        name = file.name
+    ))
 }
 
 /// The one-line error for a missing NVRTC.
-pub fn nvrtc_missing() -> String {
-    "NVRTC (libnvrtc.so.13, CUDA's runtime compiler) could not be loaded: install the CUDA 13 toolkit or \
-     `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH (or use the CPU backend)"
-        .to_string()
+pub fn nvrtc_missing() -> GpuError {
+    GpuError::Unavailable(
+        "NVRTC (libnvrtc.so.13, CUDA's runtime compiler) could not be loaded: install the CUDA 13 toolkit or \
+         `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH (or use the CPU backend)"
+            .to_string(),
+    )
 }
 
 pub fn nvrtc_present() -> bool {
@@ -95,13 +93,15 @@ pub fn nvrtc_present() -> bool {
 }
 
 /// NVRTC's (major, minor) version.
-pub fn nvrtc_version() -> Result<(i32, i32), String> {
+pub fn nvrtc_version() -> Result<(i32, i32), GpuError> {
     if !nvrtc_present() {
         return Err(nvrtc_missing());
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two valid out-pointers.
-    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| GpuError::driver("asking NVRTC its version", e))?;
     Ok((major, minor))
 }
 
@@ -126,20 +126,28 @@ fn log_of(prog: sys::nvrtcProgram) -> String {
 
 /// Compiles one kernel file for `arch` (e.g. "sm_90") to CUBIN. An error carries NVRTC's log,
 /// whose messages name the file and line.
-pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, String> {
+pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, GpuError> {
+    compile_program(file.name, &program_source(file)?, arch)
+}
+
+/// Compiles the program text `text` (as `program_source` makes it), named `file` in messages,
+/// for `arch` to CUBIN.
+pub fn compile_program(file: &str, text: &str, arch: &str) -> Result<Compiled, GpuError> {
     if !nvrtc_present() {
         return Err(nvrtc_missing());
     }
-    let src = CString::new(program_source(file)).map_err(|_| format!("{}: NUL byte in source", file.name))?;
-    let name = CString::new(file.name).unwrap();
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("nvrtcCreateProgram: {e:?}"))?;
+    let compile_error = |log: String| GpuError::Compile { file: file.to_string(), log };
+    let src = CString::new(text).map_err(|_| compile_error("a NUL byte in the source".into()))?;
+    let name = CString::new(file).map_err(|_| compile_error("a NUL byte in the file name".into()))?;
+    let prog =
+        result::create_program(&src, Some(&name)).map_err(|e| GpuError::driver("creating an NVRTC program", e))?;
     let mut opts: Vec<String> = vec![format!("--gpu-architecture={arch}")];
     opts.extend(OPTIONS.iter().map(|s| s.to_string()));
     // SAFETY: prog was just created and is destroyed below, on every path.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let log = log_of(prog);
     let out = match compiled {
-        Err(e) => Err(format!("NVRTC failed to compile kernels/{} for {arch} ({e:?}):\n{log}", file.name)),
+        Err(e) => Err(compile_error(format!("NVRTC ({e:?}) for {arch}:\n{log}"))),
         Ok(()) => cubin_of(prog).map(|binary| Compiled { binary, log }),
     };
     // SAFETY: prog is live and not used after this.
@@ -147,13 +155,17 @@ pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, String> {
     out
 }
 
-fn cubin_of(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+fn cubin_of(prog: sys::nvrtcProgram) -> Result<Vec<u8>, GpuError> {
     let mut size = 0usize;
     // SAFETY: prog compiled successfully; the buffer has the size NVRTC reported.
     unsafe {
-        sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
+        sys::nvrtcGetCUBINSize(prog, &mut size)
+            .result()
+            .map_err(|e| GpuError::driver("asking NVRTC the CUBIN size", e))?;
         let mut buf = vec![0u8; size];
-        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))?;
+        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+            .result()
+            .map_err(|e| GpuError::driver("copying the CUBIN from NVRTC", e))?;
         Ok(buf)
     }
 }
@@ -179,9 +191,9 @@ pub struct FileReport {
     pub missing_kernels: Vec<String>,
 }
 
-/// The `extern "C"` names a file defines.
+/// The `extern "C"` names a file must define (from the kernel table).
 pub fn kernel_names(file: &KernelFile) -> Vec<String> {
-    file.kernels.iter().flat_map(|k| [format!("{k}_f32"), format!("{k}_f64")]).collect()
+    kernels::symbols_in(file.name)
 }
 
 /// Whether `name` appears NUL-terminated in a CUBIN (an ELF whose string table holds every
@@ -195,7 +207,7 @@ pub fn has_symbol(binary: &[u8], name: &str) -> bool {
 }
 
 /// Compiles every kernel file for `arch` (e.g. "sm_80") with NVRTC alone: no GPU, no driver.
-pub fn compile_all_for_arch(arch: &str) -> Result<CompileReport, String> {
+pub fn compile_all_for_arch(arch: &str) -> Result<CompileReport, GpuError> {
     let nvrtc_version = nvrtc_version()?;
     let mut files = vec![];
     for f in FILES {
@@ -215,22 +227,23 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|d| d.join(".cache").join("vaecuda")))
 }
 
-/// Hex key of everything that determines a file's CUBIN.
-fn cache_key(file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> String {
+/// Hex key of everything that determines a file's CUBIN: the whole program text (contract,
+/// common.cuh, declarations, the file), the architecture, the options and NVRTC's version.
+fn cache_key(file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> Result<String, GpuError> {
     let mut h = Sha256::new();
-    for part in [COMMON, file.name, file.source, arch, &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1)] {
+    for part in [&program_source(file)?, file.name, arch, &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1)] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
     for o in OPTIONS {
         h.update(o.as_bytes());
     }
-    h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
+    Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename,
 /// so a concurrent reader sees the whole file or none.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -286,9 +299,9 @@ pub fn cubin_is_whole(bytes: &[u8]) -> bool {
 }
 
 /// Where the CUBIN of `file` for `arch` is cached under `dir`.
-fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> PathBuf {
+fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> Result<PathBuf, GpuError> {
     let stem = file.name.trim_end_matches(".cu");
-    dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)))
+    Ok(dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)?)))
 }
 
 /// A CUBIN and whether it was read from the disk cache (rather than compiled just now).
@@ -300,14 +313,14 @@ pub struct Cubin {
 /// The CUBIN of `file` for `arch`: from the disk cache when present and whole, else compiled
 /// (and then cached; a cache that cannot be written is skipped silently). A truncated or
 /// otherwise broken cache file is recompiled and overwritten.
-pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
     cubin_cached_in(cache_dir().as_deref(), file, arch)
 }
 
 /// `cubin_cached` with an explicit cache folder (`None`: no cache).
-pub fn cubin_cached_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+pub fn cubin_cached_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
     let nvrtc = nvrtc_version()?;
-    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)) {
+    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)).transpose()? {
         if let Ok(bytes) = std::fs::read(&p) {
             if cubin_is_whole(&bytes) {
                 return Ok(Cubin { binary: bytes, from_cache: true });
@@ -319,14 +332,14 @@ pub fn cubin_cached_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Res
 
 /// Compiles `file` for `arch` and overwrites its cache entry: for a cached CUBIN the driver
 /// refused to load (damaged inside, or written by a different NVRTC build).
-pub fn cubin_fresh(file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+pub fn cubin_fresh(file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
     cubin_fresh_in(cache_dir().as_deref(), file, arch)
 }
 
-fn cubin_fresh_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, String> {
+fn cubin_fresh_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
     let nvrtc = nvrtc_version()?;
     let c = compile_file(file, arch)?;
-    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)) {
+    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)).transpose()? {
         let _ = write_atomic(&p, &c.binary);
     }
     Ok(Cubin { binary: c.binary, from_cache: false })

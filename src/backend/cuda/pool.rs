@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, DriverError};
+
+use super::error::GpuError;
 
 pub struct Pool<T: DeviceRepr> {
     stream: Arc<CudaStream>,
@@ -28,11 +31,21 @@ impl<T: DeviceRepr> Pool<T> {
                 self.allocations.fetch_add(1, Ordering::Relaxed);
                 // SAFETY: the contents are undefined until written; every caller writes
                 // (zero-fills, uploads or runs a kernel that overwrites) before reading.
-                unsafe { self.stream.alloc::<T>(len) }
-                    .unwrap_or_else(|e| panic!("CUDA out of memory allocating {len} elements: {e:?}"))
+                unsafe { self.stream.alloc::<T>(len) }.unwrap_or_else(|e| self.alloc_failed(len, e).raise())
             })
         });
         CudaBuf { slice, len, pool: self.clone() }
+    }
+
+    /// The error of a failed allocation of `len` elements: out of memory, with how much was
+    /// asked and how much is free, or the driver's error.
+    fn alloc_failed(&self, len: usize, e: DriverError) -> GpuError {
+        let requested_bytes = (len * std::mem::size_of::<T>()) as u64;
+        if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return GpuError::driver(format!("allocating {requested_bytes} bytes of device memory"), e);
+        }
+        let (free, total) = self.stream.context().mem_get_info().unwrap_or((0, 0));
+        GpuError::OutOfMemory { requested_bytes, free_bytes: free as u64, total_bytes: total as u64 }
     }
 
     pub fn allocations(&self) -> usize {

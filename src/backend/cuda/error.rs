@@ -1,0 +1,63 @@
+//! What can go wrong with a GPU, as a type: the CLI falls back to the CPU for
+//! [`GpuError::Unavailable`] only; everything else is an error the user must see.
+
+use std::fmt;
+
+/// A GPU error, each variant's message one line that says what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuError {
+    /// No GPU to use: the driver, NVRTC, a device (or, for the emulated device, a C++
+    /// compiler) is missing. The one case where `--device auto` uses the CPU instead.
+    Unavailable(String),
+    /// NVRTC (or, on the emulated device, the host C++ compiler) rejected our kernels: a bug
+    /// in `kernels/`, never a reason to fall back silently. `log` is the compiler's.
+    Compile { file: String, log: String },
+    /// The driver reported an error during `during`.
+    Driver { during: String, error: String },
+    /// An allocation did not fit in device memory.
+    OutOfMemory { requested_bytes: u64, free_bytes: u64, total_bytes: u64 },
+}
+
+impl GpuError {
+    pub fn driver(during: impl Into<String>, error: impl fmt::Debug) -> Self {
+        GpuError::Driver { during: during.into(), error: format!("{error:?}") }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuError::Unavailable(why) => write!(f, "{why}"),
+            GpuError::Compile { file, log } => {
+                write!(f, "the CUDA kernels failed to compile (kernels/{file}); this is a bug in vaecuda: {log}")
+            }
+            GpuError::Driver { during, error } => write!(f, "CUDA driver error while {during}: {error}"),
+            GpuError::OutOfMemory { requested_bytes, free_bytes, total_bytes } => write!(
+                f,
+                "out of GPU memory: asked for {} with {} free of {}; try a smaller --batch-size",
+                mib(*requested_bytes),
+                mib(*free_bytes),
+                mib(*total_bytes)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+impl GpuError {
+    /// Raises this error from inside a `Backend` method (which cannot return one): a panic
+    /// whose payload is the error itself, so `vae` reports it as one line
+    /// ([`GpuError::from_panic`]) rather than as an internal error.
+    pub fn raise(self) -> ! {
+        std::panic::panic_any(self)
+    }
+    /// The error a panic carried, if it was raised with [`GpuError::raise`].
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Option<&GpuError> {
+        payload.downcast_ref::<GpuError>()
+    }
+}
