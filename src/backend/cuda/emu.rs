@@ -1,0 +1,233 @@
+//! The emulated CUDA device: the kernels of `kernels/` run on the CPU, reached through exactly
+//! the code that drives a GPU (the same `Cuda` backend, kernel table, argument structs, launch
+//! geometry, memory pool and NVRTC compile step).
+//!
+//! How: cudarc loads the CUDA driver (`libcuda.so`) at run time, one symbol at a time. [`install`]
+//! builds a stand-in driver library from `kernels/emu/driver.cpp` with the system C++ compiler
+//! and loads it under the name `libcuda.so` before cudarc looks, so every driver call lands in
+//! it. Device memory is host memory (each allocation between guard pages, filled with NaN), the
+//! stream runs each call before returning, events read the clock. The CUBIN that NVRTC compiled
+//! is parsed for its kernel names, and each name resolves to a host build of the same program
+//! text NVRTC saw (`compile::program_source`: contract, common.cuh, declarations, the file),
+//! compiled with `kernels/emu/runtime.h` in front, which maps `threadIdx`, `__shared__`,
+//! `__syncthreads` and friends onto fibers: a block's threads run one after another on one CPU
+//! thread, each until its next barrier, in an order the tests choose (forward, reverse or
+//! shuffled), so a missing barrier changes the result. Blocks run in parallel on the CPU's
+//! cores. An access outside an allocation hits a guard page and the launch fails with the
+//! kernel's name, block and thread. See `kernels/README.md` for what it cannot show.
+//!
+//! The built libraries are cached under the kernel cache folder (`compile::cache_dir`), keyed
+//! by their sources and the compiler, like the CUBINs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use sha2::{Digest, Sha256};
+
+use super::compile::{self, KernelFile, FILES};
+use super::error::GpuError;
+use super::kernels;
+
+/// The stand-in driver: the CUDA driver API functions cudarc calls, on host memory.
+const DRIVER_SOURCE: &str = include_str!("../../../kernels/emu/driver.cpp");
+/// What the driver and the kernel modules agree on (the module table, a launch, a worker).
+const ABI_HEADER: &str = include_str!("../../../kernels/emu/abi.h");
+/// CUDA on the host: pasted in front of every kernel file's program text.
+const RUNTIME_HEADER: &str = include_str!("../../../kernels/emu/runtime.h");
+
+/// The order in which a block's threads run between two barriers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadOrder {
+    /// Thread 0 first.
+    Forward,
+    /// The last thread first.
+    Reverse,
+    /// A new random order for every block and barrier, from this seed.
+    Shuffled(u64),
+}
+
+/// The loaded stand-in driver, kept for the life of the process (cudarc holds its functions).
+static DRIVER: OnceLock<Result<libloading::Library, GpuError>> = OnceLock::new();
+/// Serializes `install` (two tests may ask at once).
+static INSTALLING: Mutex<()> = Mutex::new(());
+
+/// Builds (or finds in the cache) the emulated driver and the host builds of every kernel
+/// file, and loads the driver as this process's `libcuda.so`. Call it before anything opens a
+/// GPU; afterwards `cuda::open(0)` opens the emulated device. Fails with
+/// `GpuError::Unavailable` when no C++ compiler is found, `GpuError::Compile` when a kernel
+/// file does not compile for the host.
+pub fn install() -> Result<(), GpuError> {
+    let _guard = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+    DRIVER.get_or_init(load).as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+/// Whether this process's CUDA driver is the emulated one.
+pub fn is_installed() -> bool {
+    DRIVER.get().is_some_and(|d| d.is_ok())
+}
+
+fn load() -> Result<libloading::Library, GpuError> {
+    let cxx = compiler()?;
+    let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| GpuError::Unavailable(format!("cannot create the emulator cache {}: {e}", dir.display())))?;
+    let driver = build(&cxx, &dir, "libcuda", "driver.cpp", DRIVER_SOURCE, &["-Wl,-soname,libcuda.so", "-ldl"])?;
+    // The host modules, one per kernel file, built side by side.
+    let modules: Vec<PathBuf> = std::thread::scope(|s| {
+        let jobs: Vec<_> = FILES.iter().map(|f| s.spawn(|| build_module(&cxx, &dir, f))).collect();
+        jobs.into_iter().map(|j| j.join().expect("module build thread panicked")).collect::<Result<_, _>>()
+    })?;
+    // SAFETY: loading our own library runs no initialization code beyond static
+    // constructors of plain data. RTLD_GLOBAL | RTLD_NOW: its symbols are bound now, and a
+    // later dlopen("libcuda.so") by cudarc finds this library by its soname.
+    let lib = unsafe {
+        libloading::os::unix::Library::open(
+            Some(&driver),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+        )
+    }
+    .map_err(|e| GpuError::Unavailable(format!("cannot load the emulated driver {}: {e}", driver.display())))?;
+    let lib = libloading::Library::from(lib);
+    let list = modules.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>().join("\n");
+    let list = std::ffi::CString::new(list).map_err(|_| GpuError::Unavailable("a NUL byte in a path".into()))?;
+    // SAFETY: the symbol is defined by driver.cpp with this signature.
+    unsafe {
+        let register: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> i32> =
+            lib.get(b"vaecuda_emu_register_modules\0").map_err(|e| GpuError::Unavailable(e.to_string()))?;
+        if register(list.as_ptr()) != 0 {
+            return Err(GpuError::Unavailable("the emulated driver could not load the kernel modules".into()));
+        }
+    }
+    // The name cudarc asks for must now resolve to this library, not to a real driver that
+    // was loaded first.
+    // SAFETY: only opens a library that is already loaded.
+    let found = unsafe { libloading::Library::new("libcuda.so") }
+        .ok()
+        .is_some_and(|l| unsafe { l.get::<unsafe extern "C" fn() -> i32>(b"vaecuda_emu_version\0") }.is_ok());
+    if !found {
+        return Err(GpuError::Unavailable(
+            "a real CUDA driver is already loaded in this process; choose the emulated device before opening a GPU"
+                .into(),
+        ));
+    }
+    Ok(lib)
+}
+
+/// Sets the order of a block's threads between barriers for every later launch.
+pub fn set_thread_order(order: ThreadOrder) -> Result<(), GpuError> {
+    let (mode, seed) = match order {
+        ThreadOrder::Forward => (0, 0),
+        ThreadOrder::Reverse => (1, 0),
+        ThreadOrder::Shuffled(seed) => (2, seed),
+    };
+    call(b"vaecuda_emu_set_order\0", |f: unsafe extern "C" fn(i32, u64)| unsafe { f(mode, seed) })
+}
+
+/// Caps the emulated device's memory (`None`: the default, `VAECUDA_EMU_MEMORY` or 8 GiB), so
+/// the out-of-memory path can be tested.
+pub fn set_memory_limit(bytes: Option<u64>) -> Result<(), GpuError> {
+    call(b"vaecuda_emu_set_memory_limit\0", |f: unsafe extern "C" fn(u64)| unsafe { f(bytes.unwrap_or(0)) })
+}
+
+/// Kernel launches the emulated device has run.
+pub fn launches() -> Result<u64, GpuError> {
+    call(b"vaecuda_emu_launches\0", |f: unsafe extern "C" fn() -> u64| unsafe { f() })
+}
+
+fn call<F: Copy, R>(name: &[u8], f: impl FnOnce(F) -> R) -> Result<R, GpuError> {
+    let lib = match DRIVER.get() {
+        Some(Ok(lib)) => lib,
+        _ => return Err(GpuError::Unavailable("the emulated device is not installed".into())),
+    };
+    // SAFETY: the caller names a symbol driver.cpp defines with the signature F.
+    let sym = unsafe { lib.get::<F>(name) }.map_err(|e| GpuError::Unavailable(e.to_string()))?;
+    Ok(f(*sym))
+}
+
+/// The C++ compiler: `$CXX`, else the first of c++, g++, clang++ that runs.
+fn compiler() -> Result<String, GpuError> {
+    let candidates: Vec<String> = std::env::var("CXX")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .into_iter()
+        .chain(["c++", "g++", "clang++"].map(String::from))
+        .collect();
+    candidates
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .ok_or_else(|| {
+            GpuError::Unavailable(
+                "the emulated device needs a C++ compiler (g++ or clang++; set CXX to choose one): \
+                 install one, e.g. `apt-get install g++`"
+                    .into(),
+            )
+        })
+}
+
+/// Compiler flags: optimized, or (`VAECUDA_EMU_DEBUG=1`) for a debugger: no optimization and
+/// debug information, so gdb can stop inside a kernel at `kernels/<file>.cu:<line>`.
+fn flags() -> Vec<&'static str> {
+    let debug = std::env::var("VAECUDA_EMU_DEBUG").is_ok_and(|v| v == "1");
+    let mut f = vec!["-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"];
+    f.extend(if debug { ["-O0", "-g"] } else { ["-O2", "-g0"] });
+    f
+}
+
+/// The host build of one kernel file: the runtime, the exact program text NVRTC compiles, and
+/// the table of its kernels.
+fn build_module(cxx: &str, dir: &Path, file: &KernelFile) -> Result<PathBuf, GpuError> {
+    let mut text = String::from("#include \"runtime.h\"\n");
+    text.push_str(&compile::program_source(file)?);
+    text.push_str("\n#line 1 \"kernel table (generated)\"\nEMU_MODULE_BEGIN\n");
+    for symbol in kernels::symbols_in(file.name) {
+        text.push_str(&format!("EMU_KERNEL({symbol})\n"));
+    }
+    text.push_str("EMU_MODULE_END\n");
+    build(cxx, dir, file.name.trim_end_matches(".cu"), file.name, &text, &[])
+}
+
+/// Compiles `source` (named `name` in messages) to `dir/<stem>-<key>.so` unless that exists;
+/// the key hashes the source, the headers, the compiler's version and the flags.
+fn build(cxx: &str, dir: &Path, stem: &str, name: &str, source: &str, extra: &[&str]) -> Result<PathBuf, GpuError> {
+    let version = Command::new(cxx).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+    let mut h = Sha256::new();
+    for part in [source.as_bytes(), ABI_HEADER.as_bytes(), RUNTIME_HEADER.as_bytes(), &version] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    for f in flags().iter().chain(extra) {
+        h.update(f.as_bytes());
+    }
+    let key: String = h.finalize().iter().take(10).map(|b| format!("{b:02x}")).collect();
+    let out = dir.join(format!("{stem}-{key}.so"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    // Sources and headers go to a private folder; the library is renamed into place whole.
+    let work = dir.join(format!(".build-{stem}-{key}-{}", std::process::id()));
+    let io = |e: std::io::Error| GpuError::Unavailable(format!("emulator build folder {}: {e}", work.display()));
+    std::fs::create_dir_all(&work).map_err(io)?;
+    for (file, text) in [("abi.h", ABI_HEADER), ("runtime.h", RUNTIME_HEADER), ("source.cpp", source)] {
+        std::fs::write(work.join(file), text).map_err(io)?;
+    }
+    let tmp = work.join("out.so");
+    let result = Command::new(cxx)
+        .args(flags())
+        .arg("-I")
+        .arg(&work)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(work.join("source.cpp"))
+        .args(extra)
+        .output()
+        .map_err(|e| GpuError::Unavailable(format!("cannot run the C++ compiler {cxx}: {e}")))?;
+    let outcome = if result.status.success() {
+        std::fs::rename(&tmp, &out).map_err(io).map(|_| out)
+    } else {
+        let log = String::from_utf8_lossy(&result.stderr).trim().to_string();
+        Err(GpuError::Compile { file: format!("{name} (host build for the emulated device)"), log })
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    outcome
+}
