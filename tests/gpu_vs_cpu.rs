@@ -1,6 +1,8 @@
-//! The CUDA backend against the CPU reference. Every test needs a GPU and is ignored by default:
-//! run `cargo test --release --test gpu_vs_cpu -- --ignored --test-threads=1` on a GPU machine
-//! (or `scripts/gpu-check.sh` from a prebuilt `dist/`).
+//! The CUDA backend against the CPU reference, on a GPU when there is one and otherwise on the
+//! emulated device (the same kernels run on the CPU, see `vaecuda::backend::cuda::emu`): it runs
+//! in every `cargo test`, and under CI it fails rather than skip when neither is available
+//! (`common::cuda_device`). `VAECUDA_TEST_DEVICE=gpu` insists on a real GPU
+//! (`scripts/gpu-check.sh` from a prebuilt `dist/` does).
 //!
 //! f32 tolerance, used throughout: |gpu − cpu| ≤ RTOL·√terms·(1 + |cpu|), RTOL = 2e-5, where
 //! `terms` is the number of products summed into one output (1 for elementwise ops). Inputs
@@ -28,8 +30,13 @@ use vaecuda::{Cpu, Tensor};
 
 const RTOL: f64 = 2e-5;
 
-fn gpu32() -> Cuda<f32> {
-    Cuda::<f32>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"))
+/// The device under test, or None (the test returns) where neither a GPU nor the emulated
+/// device is available outside CI.
+fn gpu32() -> Option<Cuda<f32>> {
+    common::cuda_device::<f32>()
+}
+fn gpu64() -> Option<Cuda<f64>> {
+    common::cuda_device::<f64>()
 }
 
 /// Fresh random values in [lo, hi).
@@ -85,14 +92,13 @@ impl Both {
     }
 }
 
-fn both() -> Both {
-    Both { cpu: Cpu::default(), gpu: gpu32(), rng: Rng::new(2024), fails: vec![] }
+fn both() -> Option<Both> {
+    Some(Both { cpu: Cpu::default(), gpu: gpu32()?, rng: Rng::new(2024), fails: vec![] })
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn linear_matches_cpu() {
-    let mut t = both();
+    let Some(mut t) = both() else { return };
     // Tiny, ragged (not multiples of the 64 tile or the 16 k-step) and the MLP's real shapes.
     // (2000, 1030, 3) takes the split-K path (gemm_splitk + splitk_reduce) in the forward
     // without bias (2 chunks, overwriting a poisoned output) and in backward-weight (3 chunks,
@@ -128,9 +134,8 @@ fn linear_matches_cpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn conv2d_matches_cpu() {
-    let mut t = both();
+    let Some(mut t) = both() else { return };
     // (n, c_in, h, w, c_out, k, stride, pad): the common cases' shapes, 1-channel inputs and
     // outputs, and the conv VAE's real layers (whose weight gradients take the split-K path).
     // Non-square kernels (kh ≠ kw: a swapped kh/kw would pass every square case), stride 3
@@ -185,9 +190,8 @@ fn conv2d_matches_cpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn batch_norm_matches_cpu() {
-    let mut t = both();
+    let Some(mut t) = both() else { return };
     // (1, 3, 1): one element per channel (m = 1: the unbiased variance falls back to the biased).
     for &(outer, c, inner) in &[(2, 3, 6), (4, 1, 1), (5, 3, 1), (1, 3, 1), (128, 32, 196), (128, 64, 49), (7, 300, 3)]
     {
@@ -250,9 +254,8 @@ fn batch_norm_matches_cpu() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn elementwise_and_reductions_match_cpu() {
-    let mut t = both();
+    let Some(mut t) = both() else { return };
     // 2_500_001 > 8192·256 (the 1-D launch's grid cap): the grid-stride loops take a second lap.
     for &n in &[1usize, 5, 257, 100_003, 1 << 20, 2_500_001] {
         let x = t.input(n, -3.0, 3.0);
@@ -387,9 +390,8 @@ fn elementwise_and_reductions_match_cpu() {
 /// `zeros` really zeroes a buffer the pool hands out again (one that held NaN), and `upload`
 /// overwrites one; the second round makes no new device allocation (the buffers were reused).
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn pool_reuse_zeros_and_overwrites() {
-    let gpu = gpu32();
+    let Some(gpu) = gpu32() else { return };
     let mut fails = vec![];
     for &n in &[1usize, 1000, 3_000_001] {
         drop(gpu.upload(&vec![f32::NAN; n]));
@@ -409,9 +411,9 @@ fn pool_reuse_zeros_and_overwrites() {
 
 /// Every op case of `tests/common` through the tape (forward and every input's gradient).
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn every_op_case_on_the_tape_matches_cpu() {
-    let (cpu, gpu) = (Cpu::<f32>::default(), gpu32());
+    let Some(gpu) = gpu32() else { return };
+    let cpu = Cpu::<f32>::default();
     let mut fails = vec![];
     for case in common::all_cases() {
         let (yc, gc) = common::forward_backward(&cpu, &case);
@@ -428,9 +430,8 @@ fn every_op_case_on_the_tape_matches_cpu() {
 
 /// f64 central differences of every op, computed entirely on the GPU.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn every_op_gradient_checks_in_f64_on_gpu() {
-    let be = Cuda::<f64>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    let Some(be) = gpu64() else { return };
     let mut failures = vec![];
     for case in &common::all_cases() {
         let result = check(&be, &case.inputs, true, GradCheck::default(), |tape, vars| {
@@ -446,9 +447,8 @@ fn every_op_gradient_checks_in_f64_on_gpu() {
 
 /// The whole conv-BN VAE's gradients against finite differences, on the GPU in f64.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn whole_conv_bn_model_gradient_checks_on_gpu() {
-    let be = Cuda::<f64>::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"));
+    let Some(be) = gpu64() else { return };
     common::whole_model_gradcheck(&be, ModelConfig::mnist(Arch::ConvBn), 3, 8).unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -461,7 +461,8 @@ fn batch<B: Backend<E = f32>>(be: &B, seed: u64, n: usize) -> Tensor<B> {
 /// One training step from the same weights, data and noise on both backends: the losses, every
 /// gradient and every updated weight agree.
 fn training_step_matches(arch: Arch) {
-    let (cpu, gpu) = (Cpu::<f32>::default(), gpu32());
+    let Some(gpu) = gpu32() else { return };
+    let cpu = Cpu::<f32>::default();
     let cfg = ModelConfig::mnist(arch);
     let mut tc = Trainer::new(cpu.clone(), cfg.clone(), LossConfig::default(), AdamConfig::default(), 5);
     let mut tg = Trainer::new(gpu.clone(), cfg, LossConfig::default(), AdamConfig::default(), 5);
@@ -473,13 +474,22 @@ fn training_step_matches(arch: Arch) {
     for (name, g, c) in [("loss", lg.loss, lc.loss), ("recon", lg.recon, lc.recon), ("kl", lg.kl, lc.kl)] {
         cmp(&mut fails, &format!("{arch:?} {name}"), &[g as f32], &[c as f32], n * 784);
     }
+    // The largest gradient anywhere in the network.
+    let global = (0..tc.store.len())
+        .filter_map(|i| tc.store.grads[i].as_ref())
+        .flat_map(|g| g.to_host(&cpu))
+        .fold(0f32, |m, v| m.max(v.abs()));
     for i in 0..tc.store.len() {
         let name = &tc.store.names[i];
         if let (Some(gc), Some(gg)) = (&tc.store.grads[i], &tg.store.grads[i]) {
             // Gradients are sums over the batch and the whole network: compare relative to the
-            // tensor's largest gradient (a tiny entry may be pure cancellation noise).
+            // tensor's largest gradient (a tiny entry may be pure cancellation noise), but never
+            // to less than 1e-3 of the network's largest. A conv bias right before a
+            // training-mode batch norm has a gradient of exactly zero in exact arithmetic (the
+            // normalization subtracts it out again); both backends return rounding noise of
+            // ~1e-7 there, which must not be compared with itself. (Found by the emulated device.)
             let (c, g) = (gc.to_host(&cpu), gg.to_host(&gpu));
-            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(global * 1e-3).max(1e-30);
             let (c, g): (Vec<f32>, Vec<f32>) = c.iter().zip(&g).map(|(a, b)| (a / scale, b / scale)).unzip();
             cmp(&mut fails, &format!("{arch:?} grad {name} (÷{scale:e})"), &g, &c, 2500);
         }
@@ -494,19 +504,16 @@ fn training_step_matches(arch: Arch) {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn mlp_training_step_matches_cpu() {
     training_step_matches(Arch::Mlp);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn conv_training_step_matches_cpu() {
     training_step_matches(Arch::Conv);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn conv_bn_training_step_matches_cpu() {
     training_step_matches(Arch::ConvBn);
 }
@@ -514,9 +521,8 @@ fn conv_bn_training_step_matches_cpu() {
 /// Two seeded runs of a few steps are bitwise identical (no atomics, fixed reduction orders),
 /// and after the first step the memory pool makes no new device allocation.
 #[test]
-#[ignore = "needs a CUDA GPU"]
 fn seeded_gpu_runs_are_bitwise_identical() {
-    let gpu = gpu32();
+    let Some(gpu) = gpu32() else { return };
     for arch in [Arch::Mlp, Arch::ConvBn] {
         let run = || {
             let mut t =

@@ -312,3 +312,49 @@ pub fn whole_model_gradcheck<B: Backend<E = f64>>(
         model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
     })
 }
+
+/// Which CUDA device the GPU tests of this process run on, decided once: a real GPU when one
+/// opens, else the emulated device (`cuda::emu`, the kernels on the CPU); the environment
+/// variable `VAECUDA_TEST_DEVICE=gpu` or `=emu` insists on one. Without either, a test says so
+/// and returns, except under CI (`CI` set), where that is a failure: CI must never pass a GPU
+/// test that did not run.
+pub fn cuda_device<E: vaecuda::backend::cuda::CudaFloat>() -> Option<vaecuda::Cuda<E>> {
+    use std::sync::OnceLock;
+    use vaecuda::backend::cuda::{self, emu, GpuError};
+    static CHOICE: OnceLock<Result<&'static str, String>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| {
+        let forced = std::env::var("VAECUDA_TEST_DEVICE").unwrap_or_default();
+        let real = || {
+            cuda::probe().map_err(|e| e.to_string()).and_then(|g| {
+                if g.is_empty() {
+                    Err("no GPU".into())
+                } else {
+                    Ok("gpu")
+                }
+            })
+        };
+        let emulated = || emu::install().map(|()| "emu").map_err(|e| e.to_string());
+        match forced.as_str() {
+            "gpu" => real(),
+            "emu" => emulated(),
+            _ => match cuda::probe() {
+                Ok(g) if !g.is_empty() => Ok("gpu"),
+                Ok(_) | Err(GpuError::Unavailable(_)) => emulated(),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    });
+    match choice {
+        Ok(_) => Some(vaecuda::Cuda::<E>::new(0).unwrap_or_else(|e| panic!("the CUDA device did not open: {e}"))),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("no GPU and no emulated device under CI: {e}"),
+        Err(e) => {
+            eprintln!("note: GPU test skipped, neither a GPU nor the emulated device is available: {e}");
+            None
+        }
+    }
+}
+
+/// Whether the GPU tests run on the emulated device.
+pub fn on_emulator() -> bool {
+    vaecuda::backend::cuda::emu::is_installed()
+}
