@@ -544,3 +544,129 @@ fn seeded_gpu_runs_are_bitwise_identical() {
         assert_eq!(a1[1], a1[3], "{arch:?}: device allocations after the first step: {a1:?}");
     }
 }
+
+/// On the emulated device a block's threads run in a chosen order between two barriers. The
+/// kernels are race-free, so every op's output and gradients must be the same to the bit in
+/// every order: a missing `__syncthreads` lets one thread read what another has not written
+/// yet (or has already overwritten) in some order, and shows here.
+#[test]
+fn results_do_not_depend_on_the_order_of_threads() {
+    use vaecuda::backend::cuda::emu::{set_thread_order, ThreadOrder};
+    let Some(gpu) = gpu32() else { return };
+    if !common::on_emulator() {
+        eprintln!("note: thread orders can only be chosen on the emulated device");
+        return;
+    }
+    let cases = common::all_cases();
+    let run = |order: ThreadOrder| {
+        set_thread_order(order).unwrap();
+        let bits: Vec<Vec<u64>> = cases
+            .iter()
+            .map(|case| {
+                let (y, g) = common::forward_backward(&gpu, case);
+                y.iter().chain(g.iter().flatten()).map(|v| v.to_bits()).collect()
+            })
+            .collect();
+        bits
+    };
+    let orders = [ThreadOrder::Forward, ThreadOrder::Reverse, ThreadOrder::Shuffled(1), ThreadOrder::Shuffled(2)];
+    let results: Vec<_> = orders.iter().map(|&o| run(o)).collect();
+    set_thread_order(ThreadOrder::Shuffled(0x5EED)).unwrap();
+    for (o, r) in orders.iter().zip(&results).skip(1) {
+        for (case, (a, b)) in cases.iter().zip(results[0].iter().zip(r)) {
+            assert!(a == b, "{}: results under {o:?} differ from those under {:?}", case.name, orders[0]);
+        }
+    }
+}
+
+/// Runs one test of this file in a child process on the emulated device with one thing broken
+/// on purpose, and returns (whether it passed, what it printed).
+fn run_broken(test: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env("VAECUDA_TEST_DEVICE", "emu")
+        .env_remove("RUST_BACKTRACE")
+        .envs(env.iter().copied())
+        .output()
+        .expect("cannot run the test binary");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && text.contains("1 passed"), text)
+}
+
+/// The kernel sources with one replacement made in `file`, written to a fresh folder for
+/// `VAECUDA_KERNEL_SOURCES`.
+fn broken_sources(tag: &str, file: &str, from: &str, to: &str) -> std::path::PathBuf {
+    use vaecuda::backend::cuda::compile::{COMMON, FILES};
+    let dir = std::env::temp_dir().join(format!("vaecuda-broken-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sources = FILES.iter().map(|f| (f.name, f.source)).chain([("common.cuh", COMMON)]);
+    for (name, text) in sources {
+        let text = if name == file {
+            assert_eq!(text.matches(from).count(), 1, "{from:?} must occur once in {file}");
+            text.replacen(from, to, 1)
+        } else {
+            text.to_string()
+        };
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+/// Four bugs planted on purpose, each of which the suite must catch on the emulated device
+/// (and each a bug that on a GPU would show only as wrong numbers, if at all).
+#[test]
+fn the_suite_catches_broken_kernels() {
+    if std::env::var_os("VAECUDA_KERNEL_SOURCES").is_some() || std::env::var_os("VAECUDA_EMU_MUTATE").is_some() {
+        return; // already a child
+    }
+    if gpu32().is_none() || !common::on_emulator() {
+        eprintln!("note: the planted-bug checks run on the emulated device only");
+        return;
+    }
+    let mut missed = vec![];
+    let mut check = |what: &str, test: &str, env: &[(&str, &str)], expect: &[&str]| {
+        let (passed, text) = run_broken(test, env);
+        if passed || !expect.iter().all(|e| text.contains(e)) {
+            missed.push(format!("{what}: {test} passed={passed}, expected {expect:?} in:\n{text}"));
+        } else {
+            eprintln!("caught: {what} ({test} failed as it should)");
+        }
+    };
+    // A tile loader off by one: the A tile reads row M, one row past the operand.
+    let dir = broken_sources("loader", "common.cuh", "(gm < M && gk < k_end)", "(gm <= M && gk < k_end)");
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "tile loader off by one",
+        "linear_matches_cpu",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["illegal memory access", "kernel gemm_f32", "past the end"],
+    );
+    // The barrier between loading the tiles and reading them, removed.
+    let barrier =
+        "            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);\n        }\n        __syncthreads();\n";
+    let dir = broken_sources("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", ""));
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "a barrier removed from the tile GEMM",
+        "linear_matches_cpu",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["linear_forward"],
+    );
+    // A grid-stride loop that runs to i <= n.
+    let dir = broken_sources("stride", "common.cuh", "i < (long long)(n);", "i <= (long long)(n);");
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "grid-stride bound < turned into <=",
+        "elementwise_and_reductions_match_cpu",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["illegal memory access", "past the end"],
+    );
+    // A launch one block short (the emulated driver drops the grid's last column of blocks).
+    check(
+        "a GEMM launch one block short",
+        "linear_matches_cpu",
+        &[("VAECUDA_EMU_MUTATE", "short-grid:gemm_f32")],
+        &["linear_forward", "NaN"],
+    );
+    assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
+}

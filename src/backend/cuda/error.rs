@@ -49,15 +49,24 @@ impl fmt::Display for GpuError {
 
 impl std::error::Error for GpuError {}
 
+thread_local! {
+    /// The last error raised on this thread, so the panic hook can tell a raised GpuError from
+    /// another panic with the same text.
+    static RAISED: std::cell::RefCell<Option<GpuError>> = const { std::cell::RefCell::new(None) };
+}
+
 impl GpuError {
     /// Raises this error from inside a `Backend` method (which cannot return one): a panic
-    /// whose payload is the error itself, so `vae` reports it as one line
-    /// ([`GpuError::from_panic`]) rather than as an internal error.
+    /// whose message is the error's (so a test harness prints it), remembered as a GpuError so
+    /// `vae` reports it as one line ([`GpuError::from_panic`]) rather than as an internal error.
     pub fn raise(self) -> ! {
-        std::panic::panic_any(self)
+        let message = self.to_string();
+        RAISED.with(|r| *r.borrow_mut() = Some(self));
+        std::panic::panic_any(message)
     }
-    /// The error a panic carried, if it was raised with [`GpuError::raise`].
-    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Option<&GpuError> {
-        payload.downcast_ref::<GpuError>()
+    /// The error a panic carried, if it was raised with [`GpuError::raise`] on this thread.
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Option<GpuError> {
+        let message = payload.downcast_ref::<String>()?;
+        RAISED.with(|r| r.borrow().clone().filter(|e| &e.to_string() == message))
     }
 }
