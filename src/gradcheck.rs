@@ -41,6 +41,25 @@ impl Input {
 
 /// Σ y ⊙ R with a fixed random R: turns any op output into a scalar whose gradient exercises
 /// every output element with a different weight.
+/// A gradient the tape got wrong: the first entry outside the tolerance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// The input or parameter.
+    pub name: String,
+    pub index: usize,
+    pub tape: f64,
+    pub finite_differences: f64,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Mismatch { name, index, tape, finite_differences } = self;
+        write!(f, "d/d {name}[{index}]: tape {tape:.10e}, finite differences {finite_differences:.10e}")
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
 pub fn weighted_sum<B: Backend<E = f64>>(tape: &mut Tape<B>, y: Var, seed: u64) -> Var {
     let shape = tape.shape(y).to_vec();
     let mut rng = Rng::new(seed);
@@ -53,7 +72,7 @@ pub fn weighted_sum<B: Backend<E = f64>>(tape: &mut Tape<B>, y: Var, seed: u64) 
 /// Checks the tape's gradient of `f(inputs)` (a scalar) w.r.t. every input against central
 /// differences. `training` selects batch-norm mode. Returns the worst error ratio
 /// (|a − n| / (atol + rtol·|n|), so ≤ 1 passes) or a message naming the first failure.
-pub fn check<B, F>(backend: &B, inputs: &[Input], training: bool, cfg: GradCheck, f: F) -> Result<f64, String>
+pub fn check<B, F>(backend: &B, inputs: &[Input], training: bool, cfg: GradCheck, f: F) -> Result<f64, Mismatch>
 where
     B: Backend<E = f64>,
     F: Fn(&mut Tape<B>, &[Var]) -> Var,
@@ -73,7 +92,7 @@ pub fn check_store<B, F>(
     training: bool,
     cfg: GradCheck,
     f: F,
-) -> Result<f64, String>
+) -> Result<f64, Mismatch>
 where
     B: Backend<E = f64>,
     F: Fn(&mut Tape<B>) -> Var,
@@ -120,7 +139,7 @@ where
             let a = analytic[j];
             let ratio = (a - numeric).abs() / (cfg.atol + cfg.rtol * numeric.abs());
             if !ratio.is_finite() || ratio > 1.0 {
-                return Err(format!("d/d {name}[{j}]: tape {a:.10e}, finite differences {numeric:.10e}"));
+                return Err(Mismatch { name: name.clone(), index: j, tape: a, finite_differences: numeric });
             }
             worst = worst.max(ratio);
         }

@@ -298,7 +298,7 @@ pub fn whole_model_gradcheck<B: Backend<E = f64>>(
     config: ModelConfig,
     n: usize,
     entries: usize,
-) -> Result<f64, String> {
+) -> Result<f64, vaecuda::gradcheck::Mismatch> {
     let mut store = ParamStore::default();
     let model = Vae::new(config.clone(), &mut store, be, 11);
     let mut rng = Rng::new(12);
