@@ -9,4 +9,8 @@ source scripts/nvrtc-env.sh
 if ! command -v "${CXX:-c++}" >/dev/null && ! command -v g++ >/dev/null && ! command -v clang++ >/dev/null; then
   echo "note: no C++ compiler found: the GPU suite cannot use the emulated device (install g++)" >&2
 fi
-exec cargo test "$@"
+cargo test "$@"
+# The numbered examples, with short settings (only for the whole suite, not a filtered run).
+if [ $# -eq 0 ]; then
+  bash scripts/examples.sh
+fi

@@ -39,8 +39,6 @@ impl Input {
     }
 }
 
-/// Σ y ⊙ R with a fixed random R: turns any op output into a scalar whose gradient exercises
-/// every output element with a different weight.
 /// A gradient the tape got wrong: the first entry outside the tolerance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mismatch {
@@ -60,6 +58,8 @@ impl std::fmt::Display for Mismatch {
 
 impl std::error::Error for Mismatch {}
 
+/// Σ y ⊙ R with a fixed random R: turns any op output into a scalar whose gradient exercises
+/// every output element with a different weight.
 pub fn weighted_sum<B: Backend<E = f64>>(tape: &mut Tape<B>, y: Var, seed: u64) -> Var {
     let shape = tape.shape(y).to_vec();
     let mut rng = Rng::new(seed);

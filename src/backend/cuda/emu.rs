@@ -231,3 +231,16 @@ fn build(cxx: &str, dir: &Path, stem: &str, name: &str, source: &str, extra: &[&
     let _ = std::fs::remove_dir_all(&work);
     outcome
 }
+
+/// The first GPU when one opens, else the emulated device: what the examples use to show a
+/// kernel running on any machine. The flag says whether it is the emulated one.
+pub fn gpu_or_emulated<E: super::CudaFloat>() -> Result<(super::Cuda<E>, bool), GpuError> {
+    if !is_installed() {
+        match super::open::<E>(0) {
+            Ok(gpu) => return Ok((gpu, false)),
+            Err(GpuError::Unavailable(_)) => install()?,
+            Err(e) => return Err(e),
+        }
+    }
+    super::open::<E>(0).map(|gpu| (gpu, true))
+}
