@@ -538,7 +538,9 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     char* start = data_end - rounded;
-    memset(start, 0xFF, rounded);  // NaN: memory nobody wrote must not pass for data
+    // NaN: memory nobody wrote must not pass for data. The slack below the start too, so a
+    // small negative index reads NaN where it cannot reach the lower guard page.
+    memset(m + PAGE, 0xFF, data_pages * PAGE);
     std::lock_guard<std::mutex> g(mu);
     allocs[(uintptr_t)start] = Alloc{m, len, (uintptr_t)start, bytes};
     memory_used += bytes;
