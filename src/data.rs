@@ -58,18 +58,39 @@ pub struct Idx {
     pub data: Vec<u8>,
 }
 
-/// Reads a whole file, decompressing it when its name ends in `.gz`.
+/// How much larger than its file a decoded file may be. DEFLATE (gzip, PNG) cannot expand
+/// data by more than about 1032:1, so a real file stays under this; a "zip bomb" is refused
+/// before it fills memory.
+pub const MAX_EXPANSION: u64 = 1100;
+
+/// Reads a whole file, decompressing it when its name ends in `.gz` (to at most
+/// [`MAX_EXPANSION`] times the file's size).
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = vec![];
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{} is not a valid gzip file", path.display()))?;
-        Ok(out)
+        gunzip(&raw).with_context(|| format!("{} is not a valid gzip file", path.display()))
     } else {
         Ok(raw)
     }
+}
+
+/// Decompresses gzip bytes, refusing output beyond [`MAX_EXPANSION`] times the input.
+pub fn gunzip(raw: &[u8]) -> Result<Vec<u8>> {
+    let limit = raw.len() as u64 * MAX_EXPANSION;
+    let mut out = vec![];
+    flate2::read::GzDecoder::new(raw).take(limit + 1).read_to_end(&mut out)?;
+    ensure!(out.len() as u64 <= limit, "it decompresses to more than {MAX_EXPANSION} times its size");
+    Ok(out)
+}
+
+/// Decodes an image file, refusing (before decoding) one whose header claims more pixels than
+/// [`MAX_EXPANSION`] times the file's size could hold, with a floor of 4 MiB.
+pub fn decode_image(bytes: &[u8]) -> Result<image::DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some((bytes.len() as u64 * MAX_EXPANSION).max(4 << 20));
+    reader.limits(limits);
+    Ok(reader.decode()?)
 }
 
 /// Parses IDX bytes (magic 0x00 0x00 0x08 ndim, big-endian u32 dims, then the bytes).
@@ -90,7 +111,9 @@ pub fn parse_idx(bytes: &[u8]) -> Result<Idx> {
     ensure!(bytes.len() >= header, "IDX header truncated");
     let dims: Vec<usize> =
         (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
-    let n: usize = dims.iter().product();
+    // Checked: four u32 dimensions can overflow a usize product.
+    let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let n = n.with_context(|| format!("IDX dimensions {dims:?} are impossibly large"))?;
     ensure!(
         bytes.len() - header == n,
         "IDX dimensions {dims:?} need {n} bytes of data but the file has {}",
@@ -244,7 +267,8 @@ pub fn load_image_folder(dir: &Path, size: usize, limit: Option<usize>) -> Resul
     let images: Vec<Vec<f32>> = files
         .par_iter()
         .map(|f| {
-            let img = image::open(f).with_context(|| format!("cannot decode image {}", f.display()))?;
+            let bytes = std::fs::read(f).with_context(|| format!("cannot read image {}", f.display()))?;
+            let img = decode_image(&bytes).with_context(|| format!("cannot decode image {}", f.display()))?;
             Ok(prepare_image(img, size))
         })
         .collect::<Result<_>>()?;
