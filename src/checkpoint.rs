@@ -83,12 +83,40 @@ pub fn write_tensors(
     tensors: &BTreeMap<String, RawTensor>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &serialize(tensors, &metadata)?)
+}
+
+/// The safetensors bytes of `tensors`: an 8-byte little-endian header length, the JSON header
+/// (metadata and each tensor's dtype, shape and byte range), padded with spaces to a multiple
+/// of 8, then the data in name order. Written here rather than by `safetensors::serialize`,
+/// whose header keeps the metadata in a HashMap: its order changed from process to process,
+/// so a resumed run's checkpoint differed from an uninterrupted run's in the header alone.
+/// Here every key is sorted, and the bytes depend on the contents only.
+pub fn serialize(tensors: &BTreeMap<String, RawTensor>, metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
+    use serde_json::{json, Map, Value};
+    let mut header = Map::new(); // serde_json's Map keeps its keys sorted
+    if !metadata.is_empty() {
+        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".to_string(), json!(sorted));
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        // Checks that the bytes fit the dtype and shape, as the reader will.
+        TensorView::new(t.dtype, t.shape.clone(), &t.bytes).map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
+        let end = offset + t.bytes.len();
+        let entry = json!({ "dtype": format!("{:?}", t.dtype), "shape": t.shape, "data_offsets": [offset, end] });
+        header.insert(name.clone(), entry);
+        offset = end;
+    }
+    let mut head = serde_json::to_vec(&Value::Object(header))?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend((head.len() as u64).to_le_bytes());
+    out.extend(head);
+    for t in tensors.values() {
+        out.extend(&t.bytes);
+    }
+    Ok(out)
 }
 
 /// A safetensors file read into memory.
@@ -278,6 +306,30 @@ pub fn load_optimizer<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same contents give the same bytes (metadata given in any order), and the file
+    /// reads back, through the safetensors crate, to the same tensors and metadata.
+    #[test]
+    fn bytes_depend_on_contents_only_and_read_back() {
+        let tensors = BTreeMap::from([
+            ("b".to_string(), RawTensor::from_floats::<f32>(&[3], &[1.0, 2.0, 3.0])),
+            ("a.weight".to_string(), RawTensor::from_floats::<f64>(&[2, 2], &[0.5, -1.0, 2.0, 4.0])),
+            ("n".to_string(), RawTensor::scalar_i64(7)),
+        ]);
+        let pairs: Vec<(String, String)> = (0..20).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let forward: HashMap<String, String> = pairs.iter().cloned().collect();
+        let backward: HashMap<String, String> = pairs.iter().rev().cloned().collect();
+        let (one, two) = (serialize(&tensors, &forward).unwrap(), serialize(&tensors, &backward).unwrap());
+        assert_eq!(one, two);
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&one).unwrap();
+        assert_eq!(n % 8, 0);
+        assert_eq!(meta.metadata().clone().unwrap(), forward);
+        let st = safetensors::SafeTensors::deserialize(&one).unwrap();
+        for (name, t) in &tensors {
+            let v = st.tensor(name).unwrap();
+            assert_eq!((v.dtype(), v.shape(), v.data()), (t.dtype, &t.shape[..], &t.bytes[..]));
+        }
+    }
     use crate::nn::Arch;
     use crate::Cpu;
 
