@@ -639,7 +639,7 @@ fn the_suite_catches_broken_kernels() {
         "tile loader off by one",
         "linear_matches_cpu",
         &[("VAECUDA_KERNEL_SOURCES", &d)],
-        &["illegal memory access", "kernel gemm_f32", "past the end"],
+        &["illegal memory access", "kernel gemm_f32", "past the end of"],
     );
     // The barrier between loading the tiles and reading them, removed.
     let barrier =

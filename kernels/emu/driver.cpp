@@ -253,10 +253,8 @@ std::string describe_fault(const Worker& w) {
         if (a >= (uintptr_t)al.map && a < (uintptr_t)al.map + al.map_len) best = &al;
     }
     if (best && a >= best->start + best->bytes) {
-        snprintf(buf, sizeof buf,
-                 "%s at byte %zu of a %zu-byte device allocation, %zu bytes past its end (4-byte element [%zu])",
-                 access, (size_t)(a - best->start), best->bytes, (size_t)(a - best->start - best->bytes),
-                 (size_t)(a - best->start) / 4);
+        snprintf(buf, sizeof buf, "%s past the end of a %zu-byte device allocation, at byte %zu (4-byte element [%zu] of %zu)",
+                 access, best->bytes, (size_t)(a - best->start), (size_t)(a - best->start) / 4, best->bytes / 4);
     } else if (best) {
         snprintf(buf, sizeof buf, "%s %zu bytes before the start of a %zu-byte device allocation", access,
                  (size_t)(best->start - a), best->bytes);

@@ -58,13 +58,28 @@ pub fn open<E: CudaFloat>(ordinal: usize) -> Result<Cuda<E>, GpuError> {
     Cuda::new(ordinal)
 }
 
+thread_local! {
+    /// Set while `catch_quietly` runs on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f`, turning a panic inside cudarc (a missing symbol in an old driver) into `None`
 /// without letting the process's panic hook print it: the caller reports it as one line.
+/// Only this thread's panics are silenced (the hook is wrapped once, not swapped per call:
+/// another thread's panic at that moment would have lost its message).
 pub(crate) fn catch_quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    static WRAP: std::sync::Once = std::sync::Once::new();
+    WRAP.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
     let r = std::panic::catch_unwind(f).ok();
-    std::panic::set_hook(hook);
+    QUIET.with(|q| q.set(false));
     r
 }
 
