@@ -347,6 +347,18 @@ impl Source {
         }
     }
 
+    /// The [channels, height, width] of its images, read cheaply: a folder's comes from its
+    /// resize size, IDX files' from the first test image.
+    pub fn image_shape(&self) -> Result<[usize; 3]> {
+        Ok(match self {
+            Source::Folder(_, s) => [3, *s, *s],
+            src => {
+                let t = src.load_test(Some(1))?;
+                [t.channels, t.height, t.width]
+            }
+        })
+    }
+
     /// Only the test set.
     pub fn load_test(&self, limit: Option<usize>) -> Result<Dataset> {
         match self {

@@ -101,6 +101,26 @@ impl<'a, B: Backend> BackwardCtx<'a, B> {
         let backend = self.backend;
         Some(slot.get_or_insert_with(|| Tensor::zeros(backend, shape)))
     }
+    /// The gradient slots of several distinct vars at once, for an op whose backward writes
+    /// them in one call (batch norm's dx, dγ, dβ). Panics if a var is asked for twice: two
+    /// `&mut` to one slot cannot exist.
+    pub fn grads<const N: usize>(&mut self, vars: [Var; N]) -> [Option<&mut Tensor<B>>; N] {
+        for (k, v) in vars.iter().enumerate() {
+            assert!(!vars[..k].contains(v), "BackwardCtx::grads: {v:?} is asked for twice");
+        }
+        // Create the slots first, then lend them in one pass over each store: `iter_mut`
+        // hands out disjoint borrows, so no unsafe code is needed.
+        let wanted = vars.map(|v| self.grad(v).is_some());
+        let mut lent = std::array::from_fn(|_| None);
+        let values = self.grads.iter_mut().enumerate().map(|(i, g)| (Var::Value(i), g));
+        let params = self.param_grads.iter_mut().enumerate().map(|(i, g)| (Var::Param(i), g));
+        for (v, slot) in values.chain(params) {
+            if let Some(k) = vars.iter().position(|&w| w == v).filter(|&k| wanted[k]) {
+                lent[k] = slot.as_mut();
+            }
+        }
+        lent
+    }
 }
 
 pub struct Tape<'p, B: Backend> {
@@ -160,6 +180,36 @@ impl<'p, B: Backend> Tape<'p, B> {
             Var::Value(i) => &self.values[i],
             Var::Param(i) => &self.params.values[i],
         }
+    }
+    /// Values to read and parameters to update in one call (batch norm reads x, γ and β while
+    /// it updates its running statistics). Panics if a parameter is both read and updated, or
+    /// updated twice.
+    pub fn values_and_params_mut<const R: usize, const W: usize>(
+        &mut self,
+        read: [Var; R],
+        write: [ParamId; W],
+    ) -> ([&Tensor<B>; R], [&mut Tensor<B>; W]) {
+        let mut reads: [Option<&Tensor<B>>; R] = [None; R];
+        let mut writes: [Option<&mut Tensor<B>>; W] = std::array::from_fn(|_| None);
+        for (r, v) in reads.iter_mut().zip(read) {
+            if let Var::Value(i) = v {
+                *r = Some(&self.values[i]);
+            }
+        }
+        // One pass over the store: each parameter is lent either mutably or shared, never both.
+        for (i, t) in self.params.values.iter_mut().enumerate() {
+            if let Some(k) = write.iter().position(|&w| w == i) {
+                assert!(!read.contains(&Var::Param(i)), "parameter {i} is both read and updated");
+                writes[k] = Some(t);
+            } else {
+                let t: &Tensor<B> = t;
+                reads.iter_mut().zip(read).filter(|(_, v)| *v == Var::Param(i)).for_each(|(r, _)| *r = Some(t));
+            }
+        }
+        (
+            reads.map(|r| r.expect("read a parameter that does not exist")),
+            writes.map(|w| w.expect("a parameter to update is missing or named twice")),
+        )
     }
     pub fn shape(&self, v: Var) -> &[usize] {
         &self.value(v).shape
@@ -259,5 +309,84 @@ impl<B: Backend> Drop for Tape<'_, B> {
         for t in self.grads.drain(..).flatten() {
             self.backend.recycle(t.buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    /// A context over two activations that need gradients, one that does not, and one
+    /// trainable parameter; `f` runs inside it.
+    fn with_ctx(f: impl FnOnce(&mut BackwardCtx<'_, Cpu<f64>>)) {
+        let be = Cpu::<f64>::default();
+        let values: Vec<Tensor<Cpu<f64>>> = [1, 2, 3].iter().map(|&n| Tensor::zeros(&be, &[n])).collect();
+        let param_values = vec![Tensor::zeros(&be, &[4])];
+        let (mut grads, mut param_grads) = (vec![None, None, None], vec![None]);
+        f(&mut BackwardCtx {
+            backend: &be,
+            values: &values,
+            param_values: &param_values,
+            grads: &mut grads,
+            param_grads: &mut param_grads,
+            needs_grad: &[true, true, false],
+            trainable: &[true],
+        });
+    }
+
+    #[test]
+    fn grads_lends_distinct_slots_together() {
+        with_ctx(|ctx| {
+            let [a, p, none, b] = ctx.grads([Var::Value(1), Var::Param(0), Var::Value(2), Var::Value(0)]);
+            let (a, p, b) = (a.unwrap(), p.unwrap(), b.unwrap());
+            assert!(none.is_none(), "a var that needs no gradient gets no slot");
+            assert_eq!((a.shape.as_slice(), p.shape.as_slice(), b.shape.as_slice()), (&[2][..], &[4][..], &[1][..]));
+            // Both are writable at once, and the writes land in the right slots.
+            a.buf[1] = 5.0;
+            b.buf[0] = 7.0;
+        });
+        with_ctx(|ctx| {
+            ctx.grads([Var::Value(1), Var::Value(0)])[0].as_mut().unwrap().buf[1] = 5.0;
+            assert_eq!(ctx.grad(Var::Value(1)).unwrap().buf, [0.0, 5.0]);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "asked for twice")]
+    fn grads_refuses_a_var_twice() {
+        with_ctx(|ctx| {
+            ctx.grads([Var::Value(0), Var::Param(0), Var::Value(0)]);
+        });
+    }
+
+    /// A store of three parameters [1], [2], [3] and a tape with one [4] input.
+    fn with_tape(f: impl FnOnce(&mut Tape<'_, Cpu<f64>>, Var)) {
+        let be = Cpu::<f64>::default();
+        let mut store = ParamStore::default();
+        for (k, n) in [1, 2, 3].into_iter().enumerate() {
+            store.add(&format!("p{k}"), Tensor::zeros(&be, &[n]), false);
+        }
+        let mut tape = Tape::new(&be, &mut store, true);
+        let x = tape.input(Tensor::zeros(&be, &[4]));
+        f(&mut tape, x)
+    }
+
+    #[test]
+    fn values_and_params_mut_reads_and_updates_together() {
+        with_tape(|tape, x| {
+            let ([xv, p0, p2], [p1]) = tape.values_and_params_mut([x, Var::Param(0), Var::Param(2)], [1]);
+            assert_eq!((xv.shape[0], p0.shape[0], p2.shape[0]), (4, 1, 3));
+            p1.buf[1] = 5.0;
+            assert_eq!(tape.params.values[1].buf, [0.0, 5.0]);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "both read and updated")]
+    fn values_and_params_mut_refuses_to_read_what_it_updates() {
+        with_tape(|tape, x| {
+            tape.values_and_params_mut([x, Var::Param(1)], [1]);
+        });
     }
 }

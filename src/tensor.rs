@@ -26,6 +26,11 @@ pub trait Float:
     const CUDA_NAME: &'static str;
     fn of(v: f64) -> Self;
     fn f64(self) -> f64;
+    /// The slice as f32 when `Self` is f32, else `None`: how generic CPU code picks a fast path
+    /// written for f32 only (conv2d's AVX-512 kernels), while f64 stays on the reference.
+    fn as_f32_slice(v: &[Self]) -> Option<&[f32]>;
+    /// `as_f32_slice` for a slice the fast path writes.
+    fn as_f32_slice_mut(v: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Float for f32 {
@@ -39,6 +44,12 @@ impl Float for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    fn as_f32_slice(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
+    fn as_f32_slice_mut(v: &mut [f32]) -> Option<&mut [f32]> {
+        Some(v)
+    }
 }
 
 impl Float for f64 {
@@ -51,6 +62,12 @@ impl Float for f64 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self
+    }
+    fn as_f32_slice(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_slice_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
     }
 }
 

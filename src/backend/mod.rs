@@ -18,16 +18,9 @@ use crate::ops::linear::LinearDims;
 use crate::ops::unary::Unary;
 use crate::tensor::Float;
 
-/// How losses are formed from probabilities or logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recon {
-    /// Binary cross-entropy on probabilities, log clamped at -100 as PyTorch does.
-    Bce,
-    /// Binary cross-entropy on logits, in the stable form.
-    BceWithLogits,
-    /// Squared error.
-    Mse,
-}
+/// The reconstruction losses are defined beside their math in `ops::loss`; re-exported here,
+/// where the trait's loss methods take them.
+pub use crate::ops::loss::Recon;
 
 pub trait Backend: Clone + 'static {
     type E: Float;

@@ -1,5 +1,5 @@
-//! The `vae` command line: one file per subcommand, plus what they share here (device choice,
-//! data, model and checkpoint flags).
+//! The `vae` command line: one file per subcommand (and `run_dir.rs`, the files of a training
+//! run), plus what they share here (device choice, data, model and checkpoint flags).
 
 mod bench;
 mod eval;
@@ -8,6 +8,7 @@ mod latent;
 mod manifold;
 mod plot;
 mod reconstruct;
+mod run_dir;
 mod sample;
 mod train;
 
@@ -296,22 +297,11 @@ impl CheckpointArgs {
         Ok(p.clone())
     }
 
-    /// The image shape of --data, read cheaply (folders: from --image-size).
-    fn data_shape(&self) -> Result<[usize; 3]> {
-        Ok(match self.data.source()? {
-            Source::Folder(_, s) => [3, s, s],
-            src => {
-                let t = src.load_test(Some(1))?;
-                [t.channels, t.height, t.width]
-            }
-        })
-    }
-
     fn load<B: Backend>(&self, be: B) -> Result<Loaded<B>> {
         let file = self.file()?;
         let fallback = match vaecuda::checkpoint::TensorFile::read(&file)?.config()? {
             Some(_) => None,
-            None => Some(self.model.config(self.data_shape()?)),
+            None => Some(self.model.config(self.data.source()?.image_shape()?)),
         };
         let m = load_model(&file, &be, fallback)?;
         let recon = match (self.recon, m.file.metadata.get("vaecuda_recon")) {

@@ -1,13 +1,13 @@
-//! `vae train`: the epoch loop, progress, metrics.csv, checkpoints, early stopping, resume.
+//! `vae train`: the settings, the epoch loop, progress and early stopping. The files of a run
+//! (run.json, metrics.csv, checkpoints) and resuming from them are `run_dir.rs`'s.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use vaecuda::backend::Backend;
-use vaecuda::checkpoint::{load_optimizer, save_model, save_optimizer, TensorFile};
 use vaecuda::data::{DeviceData, Source};
 use vaecuda::eval::elbo;
 use vaecuda::nn::ModelConfig;
@@ -15,7 +15,8 @@ use vaecuda::optim::AdamConfig;
 use vaecuda::rng::Rng;
 use vaecuda::train::{LossConfig, Trainer};
 
-use super::{write_text, DataArgs, ModelArgs, ReconArg};
+use super::run_dir::{Progress, RunDir};
+use super::{DataArgs, ModelArgs, ReconArg};
 
 /// Train a VAE; writes metrics.csv and checkpoints into the run directory every epoch.
 ///
@@ -124,27 +125,10 @@ struct Settings {
     patience: Option<usize>,
 }
 
-/// Progress that --resume restores, saved with the optimizer moments.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Progress {
-    epoch: usize,
-    /// f64 bits, so the comparison after a resume is exact.
-    best_test_bits: u64,
-    bad_epochs: usize,
-    noise_rng: Vec<u64>,
-    data_rng: Vec<u64>,
-}
-
-const METRICS_HEADER: &str = "epoch,train_loss,recon,kl,test_loss,seconds,images_per_s";
-
 pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
     let (dir, settings, resumed) = if a.resume {
         let dir = a.out.clone().unwrap();
-        let path = dir.join("run.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot resume: {} is missing (was the run started here?)", path.display()))?;
-        let mut s: Settings =
-            serde_json::from_str(&text).with_context(|| format!("{} is unreadable", path.display()))?;
+        let mut s: Settings = RunDir::read_settings(&dir)?;
         if let Some(e) = a.epochs {
             s.epochs = e;
         }
@@ -157,23 +141,10 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         ensure!(a.betas.len() == 2, "--betas takes two numbers, like 0.9,0.999");
         ensure!(a.lr > 0.0 && a.lr.is_finite(), "--lr must be a positive number");
         let source = a.data.source()?;
-        let shape = match &source {
-            Source::Folder(_, s) => [3, *s, *s],
-            src => {
-                let t = src.load_test(Some(1))?;
-                [t.channels, t.height, t.width]
-            }
-        };
-        let model = a.model.config(shape);
+        let model = a.model.config(source.image_shape()?);
         vaecuda::nn::vae::validate(&model)?;
         let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", model.arch.name(), utc_stamp())));
-        // A second `train --out DIR` would replace the first run's best checkpoint after one
-        // epoch: say so instead, unless asked.
-        ensure!(
-            a.overwrite || !dir.join("run.json").exists(),
-            "{} already holds a run; continue it with --resume, or start over with --overwrite",
-            dir.display()
-        );
+        RunDir::ensure_free(&dir, a.overwrite)?;
         let s = Settings {
             source,
             limit_train: a.data.limit_train,
@@ -195,166 +166,164 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         };
         (dir, s, false)
     };
-    train(be, &dir, settings, resumed)
+    train(be, RunDir::create(&dir)?, settings, resumed)
 }
 
-fn train<B: Backend>(be: B, dir: &Path, s: Settings, resumed: bool) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create run directory {}", dir.display()))?;
+impl Settings {
+    fn loss(&self) -> LossConfig {
+        LossConfig { recon: self.recon.recon(), per_image_mean: self.reduction == Reduction::Mean }
+    }
+    fn adam(&self) -> AdamConfig {
+        AdamConfig {
+            lr: self.lr,
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            decoupled: self.optimizer == Optimizer::Adamw,
+        }
+    }
+    /// Why a resumed run has nothing left to do, if it has not.
+    fn already_done(&self, p: &Progress) -> Option<String> {
+        if p.epoch >= self.epochs {
+            return Some(format!("this run already has {} epochs; pass a larger --epochs to continue it", p.epoch));
+        }
+        match self.patience {
+            Some(pat) if p.bad_epochs >= pat && p.epoch > 0 => {
+                Some(format!("early stopping had already ended this run (no improvement for {pat} epochs)"))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn train<B: Backend>(be: B, mut run: RunDir, s: Settings, resumed: bool) -> Result<()> {
+    let (train_dev, test_dev) = upload_data(&be, &s)?;
+    let mut t = Trainer::new(be.clone(), s.model.clone(), s.loss(), s.adam(), s.seed);
+    let mut data_rng = Rng::new(s.seed ^ 0xDA7A_5EED);
+    let mut p = Progress::start();
+    if resumed {
+        p = run.resume(&be, &mut t)?;
+        (t.noise, data_rng) = p.rngs()?;
+        println!("resuming {} after epoch {} (step {})", run.path.display(), p.epoch, t.adam.step);
+    } else {
+        run.write_settings(&s)?;
+    }
+    // Only a resumed run can be over before it starts (a fresh one has done no epoch yet).
+    if let Some(why) = s.already_done(&p).filter(|_| resumed) {
+        println!("{why}");
+        return Ok(());
+    }
+    println!(
+        "training {} ({} parameters) on {} images, testing on {}; run directory {}",
+        s.model.arch.name(),
+        t.store.trainable_count(),
+        train_dev.len,
+        test_dev.len,
+        run.path.display()
+    );
+    for epoch in p.epoch + 1..=s.epochs {
+        let e = train_epoch(&mut t, &train_dev, &mut data_rng, &s, epoch, &run)?;
+        let test =
+            elbo(&be, &t.model, &mut t.store, &test_dev, s.recon.recon(), s.batch_size, vaecuda::eval::EVAL_SEED);
+        println!("{}", e.report(epoch, s.epochs, test.loss));
+        run.push_metrics(e.csv_row(epoch, test.loss))?;
+        let improved = p.finish_epoch(epoch, test.loss, &t.noise, &data_rng);
+        run.save(&t, &s.model, s.recon.name(), &p, improved)?;
+        if let Some(pat) = s.patience.filter(|&pat| p.bad_epochs >= pat) {
+            println!("early stop: the test loss has not improved for {pat} epochs");
+            break;
+        }
+    }
+    println!("best test loss {:.4}; checkpoints in {}", p.best_test(), run.path.display());
+    Ok(())
+}
+
+/// One epoch's training numbers, per image.
+struct EpochLosses {
+    recon: f64,
+    kl: f64,
+    images: usize,
+    seconds: f64,
+}
+
+impl EpochLosses {
+    fn images_per_s(&self) -> f64 {
+        self.images as f64 / self.seconds.max(1e-9)
+    }
+    /// The line printed after the epoch.
+    fn report(&self, epoch: usize, epochs: usize, test_loss: f64) -> String {
+        let (recon, kl, seconds, ips) = (self.recon, self.kl, self.seconds, self.images_per_s());
+        format!(
+            "epoch {epoch:>3}/{epochs}  train {:.4} (recon {recon:.4}, KL {kl:.4})  test {test_loss:.4}  {seconds:.1} s  {ips:.0} img/s",
+            recon + kl
+        )
+    }
+    /// The epoch's metrics.csv row, in the header's column order.
+    fn csv_row(&self, epoch: usize, test_loss: f64) -> String {
+        let (recon, kl, seconds, ips) = (self.recon, self.kl, self.seconds, self.images_per_s());
+        format!("{epoch},{:.6},{recon:.6},{kl:.6},{test_loss:.6},{seconds:.3},{ips:.1}", recon + kl)
+    }
+}
+
+/// The run's train and test sets on the device, checked against the model's image shape.
+fn upload_data<B: Backend>(be: &B, s: &Settings) -> Result<(DeviceData<B>, DeviceData<B>)> {
     let (train_set, test_set) = s.source.load(s.limit_train, s.limit_test)?;
     ensure!(train_set.len > 0 && test_set.len > 0, "the training and test sets must not be empty");
     ensure!(
         [train_set.channels, train_set.height, train_set.width] == [s.model.channels, s.model.height, s.model.width],
         "the data's image shape changed since the run started"
     );
-    let train_dev = DeviceData::upload(&be, &train_set);
-    let test_dev = DeviceData::upload(&be, &test_set);
-    let loss = LossConfig { recon: s.recon.recon(), per_image_mean: s.reduction == Reduction::Mean };
-    let adam = AdamConfig {
-        lr: s.lr,
-        beta1: s.betas[0],
-        beta2: s.betas[1],
-        eps: s.eps,
-        weight_decay: s.weight_decay,
-        decoupled: s.optimizer == Optimizer::Adamw,
-    };
-    let mut t = Trainer::new(be.clone(), s.model.clone(), loss, adam, s.seed);
-    let mut data_rng = Rng::new(s.seed ^ 0xDA7A_5EED);
-    let (last, best, optim) =
-        (dir.join("last.safetensors"), dir.join("best.safetensors"), dir.join("optim-last.safetensors"));
-    let metrics_path = dir.join("metrics.csv");
-    let mut rows: Vec<String> = vec![];
-    let mut p = Progress {
-        epoch: 0,
-        best_test_bits: f64::INFINITY.to_bits(),
-        bad_epochs: 0,
-        noise_rng: vec![],
-        data_rng: vec![],
-    };
-    if resumed {
-        TensorFile::read(&last)?.load_into(&be, &mut t.store)?;
-        let json = load_optimizer(&optim, &be, &mut t.adam, &t.store)?;
-        p = serde_json::from_str(&json).with_context(|| format!("{}: unreadable progress", optim.display()))?;
-        let saved_epoch = TensorFile::read(&last)?.metadata.get("epoch").and_then(|e| e.parse::<usize>().ok());
-        ensure!(
-            saved_epoch == Some(p.epoch),
-            "{} and {} are from different epochs; cannot resume",
-            last.display(),
-            optim.display()
-        );
-        t.noise = Rng::from_state(&p.noise_rng).context("bad noise RNG state")?;
-        data_rng = Rng::from_state(&p.data_rng).context("bad data RNG state")?;
-        let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
-        rows = text
-            .lines()
-            .skip(1)
-            .filter(|l| l.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e <= p.epoch))
-            .map(str::to_string)
-            .collect();
-        println!("resuming {} after epoch {} (step {})", dir.display(), p.epoch, t.adam.step);
-    } else {
-        write_text(&dir.join("run.json"), &serde_json::to_string_pretty(&s)?)?;
-    }
-    if resumed && p.epoch >= s.epochs {
-        println!("this run already has {} epochs; pass a larger --epochs to continue it", p.epoch);
-        return Ok(());
-    }
-    if let Some(pat) = s.patience {
-        if p.bad_epochs >= pat && p.epoch > 0 {
-            println!("early stopping had already ended this run (no improvement for {pat} epochs)");
-            return Ok(());
-        }
-    }
-    println!(
-        "training {} ({} parameters) on {} images, testing on {}; run directory {}",
-        s.model.arch.name(),
-        t.store.trainable_count(),
-        train_set.len,
-        test_set.len,
-        dir.display()
-    );
-    let steps_per_epoch = train_set.len.div_ceil(s.batch_size);
-    let warmup_steps = s.kl_warmup * steps_per_epoch as f64;
-    let eval_seed = vaecuda::eval::EVAL_SEED;
-    let per_mean = s.reduction == Reduction::Mean;
-    let meta_recon = s.recon.name().to_string();
-    for epoch in p.epoch + 1..=s.epochs {
-        let bar = progress_bar(steps_per_epoch as u64, epoch, s.epochs);
-        let start = Instant::now();
-        let (mut recon_sum, mut kl_sum, mut seen) = (0.0, 0.0, 0usize);
-        for (b, idx) in train_dev.epoch_batches(s.batch_size, Some(&mut data_rng)).into_iter().enumerate() {
-            let beta = if warmup_steps > 0.0 {
-                s.kl_weight * ((t.adam.step + 1) as f64 / warmup_steps).min(1.0)
-            } else {
-                s.kl_weight
-            };
-            let n = idx.len();
-            let x = train_dev.batch(&be, &idx);
-            let l = match t.step(x, beta) {
-                Ok(l) => l,
-                Err(e) => {
-                    bar.abandon();
-                    let keep = if last.is_file() {
-                        format!("the last good checkpoint is {}", last.display())
-                    } else {
-                        "no checkpoint was written yet".to_string()
-                    };
-                    bail!("training stopped: {e} (epoch {epoch}, batch {}); {keep}", b + 1);
-                }
-            };
-            let scale = if per_mean { n as f64 } else { 1.0 };
-            recon_sum += l.recon * scale;
-            kl_sum += l.kl * scale;
-            seen += n;
-            let secs = start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "loss {:.2}  recon {:.2}  KL {:.2}  {:.0} img/s",
-                (recon_sum + kl_sum) / seen as f64,
-                recon_sum / seen as f64,
-                kl_sum / seen as f64,
-                seen as f64 / secs
-            ));
-            bar.inc(1);
-        }
-        be.synchronize();
-        let seconds = start.elapsed().as_secs_f64();
-        bar.finish_and_clear();
-        let ips = seen as f64 / seconds.max(1e-9);
-        let (recon, kl) = (recon_sum / seen as f64, kl_sum / seen as f64);
-        let test = elbo(&be, &t.model, &mut t.store, &test_dev, s.recon.recon(), s.batch_size, eval_seed);
-        println!(
-            "epoch {epoch:>3}/{}  train {:.4} (recon {recon:.4}, KL {kl:.4})  test {:.4}  {seconds:.1} s  {ips:.0} img/s",
-            s.epochs,
-            recon + kl,
-            test.loss
-        );
-        rows.push(format!("{epoch},{:.6},{recon:.6},{kl:.6},{:.6},{seconds:.3},{ips:.1}", recon + kl, test.loss));
-        write_text(&metrics_path, &format!("{METRICS_HEADER}\n{}\n", rows.join("\n")))?;
+    Ok((DeviceData::upload(be, &train_set), DeviceData::upload(be, &test_set)))
+}
 
-        let improved = test.loss < f64::from_bits(p.best_test_bits);
-        if improved {
-            p.best_test_bits = test.loss.to_bits();
-            p.bad_epochs = 0;
+/// One pass over the training set in `data_rng`'s order, with a progress bar on a terminal.
+fn train_epoch<B: Backend>(
+    t: &mut Trainer<B>,
+    data: &DeviceData<B>,
+    data_rng: &mut Rng,
+    s: &Settings,
+    epoch: usize,
+    run: &RunDir,
+) -> Result<EpochLosses> {
+    let steps_per_epoch = data.len.div_ceil(s.batch_size);
+    let warmup_steps = s.kl_warmup * steps_per_epoch as f64;
+    let bar = progress_bar(steps_per_epoch as u64, epoch, s.epochs);
+    let start = Instant::now();
+    let (mut recon_sum, mut kl_sum, mut seen) = (0.0, 0.0, 0usize);
+    for (b, idx) in data.epoch_batches(s.batch_size, Some(data_rng)).into_iter().enumerate() {
+        let beta = if warmup_steps > 0.0 {
+            s.kl_weight * ((t.adam.step + 1) as f64 / warmup_steps).min(1.0)
         } else {
-            p.bad_epochs += 1;
-        }
-        p.epoch = epoch;
-        p.noise_rng = t.noise.state();
-        p.data_rng = data_rng.state();
-        let meta = [("vaecuda_recon", meta_recon.clone()), ("epoch", epoch.to_string())];
-        if improved {
-            save_model(&best, &be, &t.store, &s.model, &meta)?;
-        }
-        save_model(&last, &be, &t.store, &s.model, &meta)?;
-        save_optimizer(&optim, &be, &t.adam, &t.store, serde_json::to_string(&p)?)?;
-        if let Some(pat) = s.patience {
-            if p.bad_epochs >= pat {
-                println!("early stop: the test loss has not improved for {pat} epochs");
-                break;
+            s.kl_weight
+        };
+        let n = idx.len();
+        let x = data.batch(&t.backend, &idx);
+        let l = match t.step(x, beta) {
+            Ok(l) => l,
+            Err(e) => {
+                bar.abandon();
+                bail!("training stopped: {e} (epoch {epoch}, batch {}); {}", b + 1, run.what_is_kept());
             }
-        }
+        };
+        let scale = if s.reduction == Reduction::Mean { n as f64 } else { 1.0 };
+        recon_sum += l.recon * scale;
+        kl_sum += l.kl * scale;
+        seen += n;
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "loss {:.2}  recon {:.2}  KL {:.2}  {:.0} img/s",
+            (recon_sum + kl_sum) / seen as f64,
+            recon_sum / seen as f64,
+            kl_sum / seen as f64,
+            seen as f64 / secs
+        ));
+        bar.inc(1);
     }
-    println!("best test loss {:.4}; checkpoints in {}", f64::from_bits(p.best_test_bits), dir.display());
-    Ok(())
+    t.backend.synchronize();
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok(EpochLosses { recon: recon_sum / seen as f64, kl: kl_sum / seen as f64, images: seen, seconds })
 }
 
 fn progress_bar(len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {

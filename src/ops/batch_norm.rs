@@ -219,36 +219,33 @@ pub fn batch_norm<B: Backend>(
     assert!(d.m() > 1, "batch_norm: training mode needs more than one value per channel (got shape {xs:?})");
     let mut mean = be.zeros(d.channels);
     let mut invstd = be.zeros(d.channels);
-    // Running statistics are taken out of the store for the call, so the store's other
-    // tensors (γ, β) can be read at the same time, and put back.
-    let mut rm = std::mem::replace(&mut tape.params.values[running_mean].buf, be.zeros(0));
-    let mut rv = std::mem::replace(&mut tape.params.values[running_var].buf, be.zeros(0));
+    let ([xv, gv, bv], [rm, rv]) = tape.values_and_params_mut([x, gamma, beta], [running_mean, running_var]);
     be.batch_norm_forward_train(
-        &tape.value(x).buf,
-        &tape.value(gamma).buf,
-        &tape.value(beta).buf,
+        &xv.buf,
+        &gv.buf,
+        &bv.buf,
         &mut y.buf,
         &mut mean,
         &mut invstd,
-        &mut rm,
-        &mut rv,
+        &mut rm.buf,
+        &mut rv.buf,
         d,
     );
-    tape.params.values[running_mean].buf = rm;
-    tape.params.values[running_var].buf = rv;
     tape.record1(&[x, gamma, beta], y, move |ctx, dy| {
         let be = ctx.backend;
         let (xv, gv) = (ctx.value(x), ctx.value(gamma));
-        // Each gradient slot is borrowed in turn; their buffers are distinct tensors.
-        let mut dx = ctx.grad(x).map(|t| std::mem::replace(&mut t.buf, be.zeros(0)));
-        let mut dg = ctx.grad(gamma).map(|t| std::mem::replace(&mut t.buf, be.zeros(0)));
-        let mut db = ctx.grad(beta).map(|t| std::mem::replace(&mut t.buf, be.zeros(0)));
-        be.batch_norm_backward(&dy.buf, &xv.buf, &gv.buf, &mean, &invstd, dx.as_mut(), dg.as_mut(), db.as_mut(), d);
-        for (v, buf) in [(x, dx), (gamma, dg), (beta, db)] {
-            if let Some(buf) = buf {
-                ctx.grad(v).unwrap().buf = buf;
-            }
-        }
+        let [dx, dg, db] = ctx.grads([x, gamma, beta]);
+        be.batch_norm_backward(
+            &dy.buf,
+            &xv.buf,
+            &gv.buf,
+            &mean,
+            &invstd,
+            dx.map(|t| &mut t.buf),
+            dg.map(|t| &mut t.buf),
+            db.map(|t| &mut t.buf),
+            d,
+        );
     })
 }
 

@@ -5,12 +5,17 @@
 //!
 //! The CPU reference lowers each image to columns (im2col) and calls the blocked GEMM:
 //! forward y_n = W·col_n, backward-data dcol = Wᵀ·dy_n folded back (col2im),
-//! backward-weight dW = Σ_n dy_n·col_nᵀ.
+//! backward-weight dW = Σ_n dy_n·col_nᵀ. The `cpu_*` functions the CPU backend calls run
+//! f32 layers on the AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits
+//! it, and the reference (`reference_*`) otherwise.
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{gemm, Threads};
 use crate::backend::Backend;
+use crate::ops::bias::bias_add;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::conv2d_avx512;
+use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
@@ -131,7 +136,7 @@ fn col2im_add<E: Float>(col: &[E], dx: &mut [E], d: &Conv2dDims) {
     }
 }
 
-pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
+pub fn reference_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
     let (k, l) = (d.c_in * d.kh * d.kw, d.oh * d.ow);
     y.par_chunks_mut(d.c_out * l).zip(x.par_chunks(d.c_in * d.h * d.w)).for_each_init(
         || vec![E::zero(); k * l],
@@ -141,11 +146,11 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
         },
     );
     if let Some(b) = b {
-        crate::backend::cpu::bias_add(y, b, d.n, d.c_out, l);
+        bias_add(y, b, d.n, d.c_out, l);
     }
 }
 
-pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
+pub fn reference_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
     if d.c_out == 1 {
         return cpu_backward_data_one_output_channel(dy, w, dx, d);
     }
@@ -160,7 +165,7 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
     );
 }
 
-/// `cpu_backward_data` when there is one output channel (a decoder's last layer): the column
+/// `reference_backward_data` when there is one output channel (a decoder's last layer): the column
 /// matrix Wᵀ·dy would be an outer product, k × l values written and read back per image, which
 /// made this 3× slower than the whole forward pass. Each column value w[c, p, q]·dy[i, j] is
 /// formed where it is added instead, in col2im's order, so the result is the same to the bit.
@@ -198,7 +203,7 @@ fn cpu_backward_data_one_output_channel<E: Float>(dy: &[E], w: &[E], dx: &mut [E
 /// added in order: the result does not depend on how many threads ran.
 const WEIGHT_GRAD_GROUPS: usize = 16;
 
-pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
+pub fn reference_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
     let (k, l) = (d.c_in * d.kh * d.kw, d.oh * d.ow);
     let per_group = d.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
     let partials: Vec<Vec<E>> = (0..d.n.div_ceil(per_group))
@@ -219,6 +224,51 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dD
             *a += b;
         }
     }
+}
+
+// ---- CPU: the fast path where it applies, else the reference ----
+
+/// Whether conv2d runs on its AVX-512 path (`ops::conv2d_avx512`): an f32 CPU with AVX-512F
+/// and a layer big enough for its register tiles. `VAECUDA_CPU_REFERENCE=1` forces the
+/// reference, to compare the two.
+#[cfg(target_arch = "x86_64")]
+fn takes_avx512_path(d: &Conv2dDims) -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| conv2d_avx512::available() && std::env::var_os("VAECUDA_CPU_REFERENCE").is_none())
+        && conv2d_avx512::suits(d)
+}
+
+/// y = conv2d(x, w) + b, overwriting y.
+pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(x), Some(w), Some(y)) = (E::as_f32_slice(x), E::as_f32_slice(w), E::as_f32_slice_mut(y)) {
+        if takes_avx512_path(&d) {
+            return conv2d_avx512::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
+        }
+    }
+    reference_forward(x, w, b, y, d)
+}
+
+/// dx += the gradient of conv2d with respect to its input.
+pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(dy), Some(w), Some(dx)) = (E::as_f32_slice(dy), E::as_f32_slice(w), E::as_f32_slice_mut(dx)) {
+        if takes_avx512_path(&d) {
+            return conv2d_avx512::backward_data(dy, w, dx, &d);
+        }
+    }
+    reference_backward_data(dy, w, dx, d)
+}
+
+/// dw += the gradient of conv2d with respect to its weight.
+pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(dy), Some(x), Some(dw)) = (E::as_f32_slice(dy), E::as_f32_slice(x), E::as_f32_slice_mut(dw)) {
+        if takes_avx512_path(&d) {
+            return conv2d_avx512::backward_weight(dy, x, dw, &d);
+        }
+    }
+    reference_backward_weight(dy, x, dw, d)
 }
 
 // ---- on the tape ----
@@ -257,7 +307,7 @@ mod tests {
         let x: Vec<f64> = (1..=16).map(|v| v as f64).collect(); // rows 1-4, 5-8, 9-12, 13-16
         let w = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]; // the diagonal: x[i,j]+x[i+1,j+1]+x[i+2,j+2]
         let mut y = [f64::NAN; 4];
-        cpu_forward(&x, &w, Some(&[0.5]), &mut y, Conv2dDims::new(1, 1, 4, 4, 1, 3, 3, 1, 0));
+        reference_forward(&x, &w, Some(&[0.5]), &mut y, Conv2dDims::new(1, 1, 4, 4, 1, 3, 3, 1, 0));
         // y[0,0] = 1 + 6 + 11, y[0,1] = 2 + 7 + 12, y[1,0] = 5 + 10 + 15, y[1,1] = 6 + 11 + 16
         assert_eq!(y, [18.5, 21.5, 30.5, 33.5]);
     }
@@ -269,7 +319,7 @@ mod tests {
         let d = Conv2dDims::new(1, 1, 3, 3, 1, 3, 3, 2, 1);
         assert_eq!((d.oh, d.ow), (2, 2));
         let mut y = [f64::NAN; 4];
-        cpu_forward(&[1.0; 9], &[1.0; 9], None, &mut y, d);
+        reference_forward(&[1.0; 9], &[1.0; 9], None, &mut y, d);
         assert_eq!(y, [4.0, 4.0, 4.0, 4.0]);
     }
 }

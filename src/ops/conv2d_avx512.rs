@@ -500,19 +500,19 @@ mod tests {
 
             let (mut got, mut want) = (vec![f32::NAN; d.y_len()], vec![f32::NAN; d.y_len()]);
             forward(&x, &w, Some(&b), &mut got, &d);
-            conv2d::cpu_forward(&x, &w, Some(&b), &mut want, d);
+            conv2d::reference_forward(&x, &w, Some(&b), &mut want, d);
             close(&got, &want, "forward");
 
             let dx0 = draw(&mut rng, d.x_len());
             let (mut got, mut want) = (dx0.clone(), dx0.clone());
             backward_data(&dy, &w, &mut got, &d);
-            conv2d::cpu_backward_data(&dy, &w, &mut want, d);
+            conv2d::reference_backward_data(&dy, &w, &mut want, d);
             close(&got, &want, "backward_data");
 
             let dw0 = draw(&mut rng, d.w_len());
             let (mut got, mut want) = (dw0.clone(), dw0.clone());
             backward_weight(&dy, &x, &mut got, &d);
-            conv2d::cpu_backward_weight(&dy, &x, &mut want, d);
+            conv2d::reference_backward_weight(&dy, &x, &mut want, d);
             let l = (d.n * d.oh * d.ow) as f32;
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 2e-6 * l.sqrt() * (1.0 + w.abs()), "backward_weight {d:?} [{i}]: {g} vs {w}");

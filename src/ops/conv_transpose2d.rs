@@ -142,8 +142,8 @@ pub fn conv_transpose2d<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::Cpu;
     use crate::tape::ParamStore;
+    use crate::Cpu;
 
     /// Stride 2, kernel 2, no padding: every input pixel becomes a 2×2 block of x·W.
     #[test]

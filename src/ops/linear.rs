@@ -1,8 +1,9 @@
 //! `linear`: y = x·Wᵀ + b, exactly `torch.nn.functional.linear`: x [n, in], W [out, in]
 //! (the `nn.Linear` layout), b [out]. Backward: dx = dy·W, dW = dyᵀ·x, db = Σₙ dy.
 
-use crate::backend::cpu::{gemm, Threads};
 use crate::backend::Backend;
+use crate::ops::bias::bias_add;
+use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
@@ -19,7 +20,7 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
     // y[n, out] = x[n, in] · Wᵀ: W read transposed through its strides.
     gemm(Threads::All, d.n, d.d_out, d.d_in, x, d.d_in, 1, w, 1, d.d_in, y, false);
     if let Some(b) = b {
-        crate::backend::cpu::bias_add(y, b, d.n, d.d_out, 1);
+        bias_add(y, b, d.n, d.d_out, 1);
     }
 }
 

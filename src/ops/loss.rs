@@ -8,12 +8,23 @@
 //! Each is a sum over all elements; `Reduction::Mean` divides by the element count,
 //! as `reduction='mean'` does.
 
-use crate::backend::{Backend, Recon};
+use crate::backend::Backend;
 use crate::ops::elementwise::{cpu_reduce, scale};
 use crate::ops::{simd, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
 use rayon::prelude::*;
+
+/// How losses are formed from probabilities or logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recon {
+    /// Binary cross-entropy on probabilities, log clamped at -100 as PyTorch does.
+    Bce,
+    /// Binary cross-entropy on logits, in the stable form.
+    BceWithLogits,
+    /// Squared error.
+    Mse,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reduction {

@@ -1,14 +1,18 @@
 //! Every op of the engine, one file each. A file holds, in order: the op's dims struct, its CPU
 //! reference forward/backward (the truth the CUDA kernels are tested against), and the function
 //! that runs it on a tape and records its backward. The PyTorch semantics are in each doc comment.
+//! `gemm.rs` (the CPU GEMM) and `bias.rs` (bias add and its gradient) are CPU code the other
+//! ops share. The CPU backend only dispatches here; nothing here depends on it.
 
 pub mod adam;
 pub mod batch_norm;
+pub mod bias;
 pub mod conv2d;
 #[cfg(target_arch = "x86_64")]
 pub mod conv2d_avx512;
 pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod reparam_kl;
@@ -19,7 +23,7 @@ pub use conv2d::conv2d;
 pub use conv_transpose2d::conv_transpose2d;
 pub use elementwise::{add, flatten, mean, mul, reshape, scale, sum};
 pub use linear::linear;
-pub use loss::{bce, bce_with_logits, mse, recon_loss, Reduction};
+pub use loss::{bce, bce_with_logits, mse, recon_loss, Recon, Reduction};
 pub use reparam_kl::reparam_kl;
 pub use unary::{leaky_relu, relu, sigmoid, tanh, unary};
 

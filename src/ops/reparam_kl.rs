@@ -72,14 +72,8 @@ pub fn reparam_kl<B: Backend>(tape: &mut Tape<B>, mu: Var, logvar: Var, eps: Var
         let be = ctx.backend;
         let (m, lv, e) = (ctx.value(mu), ctx.value(logvar), ctx.value(eps));
         let (dz, dkl) = (g[0].as_ref().map(|t| &t.buf), g[1].as_ref().map(|t| &t.buf));
-        let mut dmu = ctx.grad(mu).map(|t| std::mem::replace(&mut t.buf, be.zeros(0)));
-        let mut dlv = ctx.grad(logvar).map(|t| std::mem::replace(&mut t.buf, be.zeros(0)));
-        be.reparam_kl_backward(&m.buf, &lv.buf, &e.buf, dz, dkl, dmu.as_mut(), dlv.as_mut());
-        for (v, buf) in [(mu, dmu), (logvar, dlv)] {
-            if let Some(buf) = buf {
-                ctx.grad(v).unwrap().buf = buf;
-            }
-        }
+        let [dmu, dlv] = ctx.grads([mu, logvar]);
+        be.reparam_kl_backward(&m.buf, &lv.buf, &e.buf, dz, dkl, dmu.map(|t| &mut t.buf), dlv.map(|t| &mut t.buf));
     });
     (out[0], out[1])
 }
