@@ -48,7 +48,7 @@ impl RawTensor {
             d => bail!("tensor {name} has dtype {d:?}; expected a float type"),
         })
     }
-    /// An integer scalar (I64 or I32 storage, shape [] or [1]).
+    /// An integer scalar (I64 or I32 storage, shape `[]` or `[1]`).
     pub fn to_i64(&self, name: &str) -> Result<i64> {
         ensure!(
             self.shape.iter().product::<usize>() == 1,

@@ -58,7 +58,7 @@ pub trait Backend: Clone + 'static {
     /// dst = src (equal lengths).
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
     fn fill(&self, buf: &mut Self::Buf, value: Self::E);
-    /// dst[r, :] = src[idx[r], :] for rows of `row_len` elements (batch gathering).
+    /// `dst[r, :] = src[idx[r], :]` for rows of `row_len` elements (batch gathering).
     fn gather_rows(&self, src: &Self::Buf, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
 
     // ---- linear: y[n, out] = x[n, in] · W[out, in]ᵀ + b ----
@@ -69,9 +69,9 @@ pub trait Backend: Clone + 'static {
     fn linear_backward_weight(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, d: LinearDims);
 
     // ---- bias over a [outer, channels, inner] view ----
-    /// y[o, c, i] += b[c]
+    /// `y[o, c, i] += b[c]`
     fn bias_add(&self, y: &mut Self::Buf, b: &Self::Buf, outer: usize, channels: usize, inner: usize);
-    /// db[c] += Σ_{o,i} dy[o, c, i]
+    /// `db[c] += Σ_{o,i} dy[o, c, i]`
     fn bias_backward(&self, dy: &Self::Buf, db: &mut Self::Buf, outer: usize, channels: usize, inner: usize);
 
     // ---- conv2d (cross-correlation, NCHW, weight [c_out, c_in, kh, kw]) ----
@@ -131,13 +131,13 @@ pub trait Backend: Clone + 'static {
     fn mul_accumulate(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf);
     /// y += alpha · x
     fn axpy(&self, alpha: Self::E, x: &Self::Buf, y: &mut Self::Buf);
-    /// out[0] = Σ x, in a fixed order.
+    /// `out[0] = Σ x`, in a fixed order.
     fn sum(&self, x: &Self::Buf, out: &mut Self::Buf);
-    /// dx[i] += alpha · dout[0] (the backward of `sum`, and of any scalar broadcast).
+    /// `dx[i] += alpha · dout[0]` (the backward of `sum`, and of any scalar broadcast).
     fn broadcast_scalar_accumulate(&self, dout: &Self::Buf, alpha: Self::E, dx: &mut Self::Buf);
 
     // ---- the VAE's own ops ----
-    /// z = mu + eps·exp(logvar/2); kl[0] = -0.5·Σ(1 + logvar − mu² − exp(logvar))
+    /// `z = mu + eps·exp(logvar/2)`; `kl[0] = -0.5·Σ(1 + logvar − mu² − exp(logvar))`
     fn reparam_kl_forward(
         &self,
         mu: &Self::Buf,
@@ -158,9 +158,9 @@ pub trait Backend: Clone + 'static {
         dmu: Option<&mut Self::Buf>,
         dlogvar: Option<&mut Self::Buf>,
     );
-    /// out[0] = Σ loss(x, target) for the chosen reconstruction loss.
+    /// `out[0] = Σ loss(x, target)` for the chosen reconstruction loss.
     fn recon_loss_forward(&self, kind: Recon, x: &Self::Buf, target: &Self::Buf, out: &mut Self::Buf);
-    /// dx += dout[0] · ∂loss/∂x
+    /// `dx += dout[0] · ∂loss/∂x`
     fn recon_loss_backward(&self, kind: Recon, x: &Self::Buf, target: &Self::Buf, dout: &Self::Buf, dx: &mut Self::Buf);
 
     // ---- optimizer ----

@@ -77,7 +77,7 @@ pub struct Args {
     /// Stop when the test loss has not improved for N epochs.
     #[arg(long, value_name = "N")]
     patience: Option<usize>,
-    /// Run directory [default: runs/<arch>-<UTC yyyymmdd-hhmmss>].
+    /// Run directory [default: runs/ARCH-yyyymmdd-hhmmss, in UTC].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint, with its saved settings (only

@@ -4,7 +4,7 @@
 
 use crate::tensor::Float;
 
-/// y[o, c, i] += b[c]
+/// `y[o, c, i] += b[c]`
 pub fn bias_add<E: Float>(y: &mut [E], b: &[E], outer: usize, channels: usize, inner: usize) {
     assert!(y.len() == outer * channels * inner && b.len() == channels, "bias_add: shapes differ");
     for row in y.chunks_exact_mut(channels * inner) {
@@ -18,7 +18,7 @@ pub fn bias_add<E: Float>(y: &mut [E], b: &[E], outer: usize, channels: usize, i
     }
 }
 
-/// db[c] += Σ_{o,i} dy[o, c, i], in f64, rows taken in order (deterministic whatever the
+/// `db[c] += Σ_{o,i} dy[o, c, i]`, in f64, rows taken in order (deterministic whatever the
 /// thread count). Channels are split into blocks, one task each, and every task walks the rows
 /// front to back so its reads stay contiguous: with inner = 1 (a linear layer's bias) a
 /// channel-at-a-time loop would stride across rows and cost more than the GEMMs around it.

@@ -1,6 +1,6 @@
 //! `conv2d`: `torch.nn.functional.conv2d` with groups 1 and dilation 1. x [n, c_in, h, w],
-//! weight [c_out, c_in, kh, kw], bias [c_out]; cross-correlation with zero padding:
-//! y[n, o, i, j] = b[o] + Σ_{c,p,q} W[o, c, p, q] · x[n, c, i·s − pad + p, j·s − pad + q],
+//! weight `[c_out, c_in, kh, kw]`, bias `[c_out]`; cross-correlation with zero padding:
+//! `y[n, o, i, j] = b[o] + Σ_{c,p,q} W[o, c, p, q] · x[n, c, i·s − pad + p, j·s − pad + q]`,
 //! output size ⌊(h + 2·pad − kh) / s⌋ + 1. Backward to the input, the weight and the bias.
 //!
 //! The CPU reference lowers each image to columns (im2col) and calls the blocked GEMM:
@@ -273,7 +273,7 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dD
 
 // ---- on the tape ----
 
-/// 2-D convolution of x [n, c_in, h, w] with w [c_out, c_in, kh, kw] and optional bias [c_out].
+/// 2-D convolution of x `[n, c_in, h, w]` with w `[c_out, c_in, kh, kw]` and optional bias `[c_out]`.
 pub fn conv2d<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>, stride: usize, pad: usize) -> Var {
     let (xs, ws) = (tape.shape(x).to_vec(), tape.shape(w).to_vec());
     assert!(xs.len() == 4 && ws.len() == 4 && xs[1] == ws[1], "conv2d: x {xs:?} does not fit weight {ws:?}");

@@ -11,7 +11,7 @@
 //! back into dx (backward-data) or added into dW (backward-weight).
 //!
 //! One register kernel serves all three: `tile` computes an MR × 32 block of a product
-//! Σ_p A[p][r]·B[p][t], with the 32 columns in two 16-lane registers and MR rows broadcast,
+//! `Σ_p A[p][r]·B[p][t]`, with the 32 columns in two 16-lane registers and MR rows broadcast,
 //! so 2·MR accumulators stay in registers for the whole reduction. What A, B, rows and
 //! columns are:
 //!

@@ -1,6 +1,6 @@
 //! `conv_transpose2d`: `torch.nn.functional.conv_transpose2d` with groups 1, dilation 1.
 //! x [n, c_in, h, w], weight [c_in, c_out, kh, kw] (PyTorch's layout for transposed
-//! convolutions), bias [c_out]; output size (h − 1)·s − 2·pad + kh + output_padding.
+//! convolutions), bias `[c_out]`; output size (h − 1)·s − 2·pad + kh + output_padding.
 //! Every input pixel scatters `x · W[c_in, :, :, :]` into an output window at (i·s − pad, j·s − pad).
 //!
 //! It is the adjoint of a convolution, and that is how it is computed, on the CPU and the GPU:

@@ -92,12 +92,12 @@ pub fn scale<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
     })
 }
 
-/// Σ of all elements, as a [1] tensor.
+/// Σ of all elements, as a `[1]` tensor.
 pub fn sum<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     sum_scaled(tape, x, 1.0)
 }
 
-/// Mean of all elements, as a [1] tensor.
+/// Mean of all elements, as a `[1]` tensor.
 pub fn mean<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     let n = numel(tape.shape(x));
     sum_scaled(tape, x, 1.0 / n as f64)

@@ -1,5 +1,5 @@
 //! `linear`: y = x·Wᵀ + b, exactly `torch.nn.functional.linear`: x [n, in], W [out, in]
-//! (the `nn.Linear` layout), b [out]. Backward: dx = dy·W, dW = dyᵀ·x, db = Σₙ dy.
+//! (the `nn.Linear` layout), b `[out]`. Backward: dx = dy·W, dW = dyᵀ·x, db = Σₙ dy.
 
 use crate::backend::Backend;
 use crate::ops::bias::bias_add;
@@ -34,7 +34,7 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: LinearD
 
 // ---- on the tape ----
 
-/// `y = x·Wᵀ + b` with x [n, in], w [out, in], b [out].
+/// `y = x·Wᵀ + b` with x `[n, in]`, w `[out, in]`, b `[out]`.
 pub fn linear<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>) -> Var {
     let (xs, ws) = (tape.shape(x).to_vec(), tape.shape(w).to_vec());
     assert!(xs.len() == 2 && ws.len() == 2 && xs[1] == ws[1], "linear: x {xs:?} does not fit W {ws:?}");

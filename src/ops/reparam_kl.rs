@@ -55,7 +55,7 @@ pub fn cpu_backward<E: Float>(
 
 // ---- on the tape ----
 
-/// Returns (z [n, z], kl [1]).
+/// Returns (z `[n, z]`, kl `[1]`).
 pub fn reparam_kl<B: Backend>(tape: &mut Tape<B>, mu: Var, logvar: Var, eps: Var) -> (Var, Var) {
     let s = tape.shape(mu).to_vec();
     assert!(tape.shape(logvar) == s && tape.shape(eps) == s, "reparam_kl: mu, logvar and eps must have one shape");
