@@ -8,7 +8,9 @@ run() { cargo run --quiet --profile test --example "$@"; }
 run 01_tensors_and_backends
 run 02_tape_and_gradcheck
 run 03_one_op_end_to_end
-ex04=$(run 04_vae_in_one_screen 1024 512 | tee /dev/stderr | grep -E '^epoch' | sed -E 's/[0-9.]+ s$//')
+out04=$(run 04_vae_in_one_screen 1024 512)
+echo "$out04"
+ex04=$(echo "$out04" | grep -E '^epoch' | sed -E 's/[0-9.]+ s$//')
 run 05_pytorch_interop 300
 out=$(mktemp -d)
 cli=$(cargo run --quiet --profile test --bin vae -- --device cpu train --epochs 1 --limit-train 1024 --limit-test 512 \
