@@ -83,6 +83,51 @@ fn range(v: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     (lo - m, hi + m)
 }
 
+/// Key points for a log axis over [lo, hi]: about six round values in the range when it
+/// spans less than a factor 10, else 1, 2, 3 and 5 times each power of ten.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let round = |v: f64| {
+        let m = 10f64.powf(v.abs().log10().floor() - 8.0);
+        (v / m).round() * m
+    };
+    if hi / lo < 10.0 {
+        let raw = (hi - lo) / 6.0;
+        let mag = 10f64.powf(raw.log10().floor());
+        let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+        let mut t = (lo / step).ceil() * step;
+        let mut v = vec![];
+        while t <= hi {
+            v.push(round(t));
+            t += step;
+        }
+        return v;
+    }
+    let mut v = vec![];
+    for k in lo.log10().floor() as i32..=hi.log10().ceil() as i32 {
+        for m in [1.0, 2.0, 3.0, 5.0] {
+            let t = round(m * 10f64.powi(k));
+            if t >= lo && t <= hi {
+                v.push(t);
+            }
+        }
+    }
+    v
+}
+
+/// Raises the top of a y range so that `rows` legend lines fit above the data.
+fn headroom(r: (f64, f64), rows: usize, log: bool) -> (f64, f64) {
+    if rows < 2 {
+        return r;
+    }
+    let frac = ((rows * 20 + 24) as f64 / 330.0).min(0.6);
+    if log {
+        let (a, b) = (r.0.ln(), r.1.ln());
+        (r.0, (a + (b - a) / (1.0 - frac)).exp())
+    } else {
+        (r.0, r.0 + (r.1 - r.0) / (1.0 - frac))
+    }
+}
+
 /// A tick label with as few decimals as the axis span needs (about eight ticks per axis).
 fn tick(v: f64, span: f64) -> String {
     let decimals = (-(span.max(1e-9) / 8.0).log10().floor()).clamp(0.0, 6.0) as usize;
@@ -111,7 +156,7 @@ macro_rules! draw_lines {
             .y_label_formatter(&yfmt)
             .label_style((FAMILY, 14))
             .axis_desc_style((FAMILY, 16))
-            .light_line_style(RGBColor(246, 246, 246))
+            .light_line_style(TRANSPARENT)
             .bold_line_style(RGBColor(215, 215, 215))
             .draw()
             .map_err(err)?;
@@ -158,10 +203,13 @@ pub fn line_chart(title: &str, panels: &[Panel], log_y: bool, w: u32, h: u32) ->
         for (p, area) in panels.iter().zip(&areas) {
             let xr = range(p.lines.iter().flat_map(|l| l.points.iter().map(|q| q.0)), false);
             let yr = range(p.lines.iter().flat_map(|l| l.points.iter().map(|q| q.1)), log_y);
+            let yr = headroom(yr, p.lines.len(), log_y);
             let mut b = ChartBuilder::on(area);
             b.caption(&p.title, (FAMILY, 17)).margin(12).x_label_area_size(48).y_label_area_size(72);
             if log_y {
-                let mut chart = b.build_cartesian_2d(xr.0..xr.1, (yr.0..yr.1).log_scale()).map_err(err)?;
+                let mut chart = b
+                    .build_cartesian_2d(xr.0..xr.1, (yr.0..yr.1).log_scale().with_key_points(log_ticks(yr.0, yr.1)))
+                    .map_err(err)?;
                 draw_lines!(chart, p, xr, yr, true);
             } else {
                 let mut chart = b.build_cartesian_2d(xr.0..xr.1, yr.0..yr.1).map_err(err)?;
@@ -207,7 +255,7 @@ pub fn scatter_chart(
             .y_label_formatter(&|y| tick(*y, yspan))
             .label_style((FAMILY, 14))
             .axis_desc_style((FAMILY, 16))
-            .light_line_style(RGBColor(246, 246, 246))
+            .light_line_style(TRANSPARENT)
             .bold_line_style(RGBColor(215, 215, 215))
             .draw()
             .map_err(err)?;
@@ -317,6 +365,12 @@ mod tests {
             assert_eq!(img.dimensions(), (900, 400));
             assert!(dark_pixels(&img) > 2000);
         }
+    }
+
+    #[test]
+    fn log_ticks_are_round_and_inside() {
+        assert_eq!(log_ticks(95.0, 170.0), [100.0, 120.0, 140.0, 160.0]);
+        assert_eq!(log_ticks(2.5, 45.0), [3.0, 5.0, 10.0, 20.0, 30.0]);
     }
 
     #[test]

@@ -117,8 +117,15 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             );
             let o =
                 TsneOptions { perplexity: a.perplexity, iterations: a.iterations, seed: a.seed, ..Default::default() };
+            let start = std::time::Instant::now();
             let y = tsne2(&mu, test.len, c.latent, o, |i| bar.set_position(i as u64));
             bar.finish_and_clear();
+            eprintln!(
+                "t-SNE: {} points, {} iterations in {:.1} s",
+                test.len,
+                a.iterations,
+                start.elapsed().as_secs_f64()
+            );
             let how = format!("t-SNE of {}-D latent means (perplexity {}, seed {})", c.latent, a.perplexity, a.seed);
             (y, ("t-SNE 1", "t-SNE 2"), how)
         }
