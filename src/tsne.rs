@@ -31,7 +31,7 @@ fn euclidean(a: &&[f32], b: &&[f32]) -> f32 {
 /// Embeds `n` points of `dim` coordinates (row-major) in 2-D; `progress(iteration)` is called
 /// after each iteration. The largest perplexity the data allows is used when `perplexity` is
 /// too large for `n`.
-pub fn tsne2(data: &[f64], n: usize, dim: usize, o: TsneOptions, progress: impl FnMut(usize)) -> Vec<[f64; 2]> {
+pub fn tsne2(data: &[f64], n: usize, dim: usize, o: TsneOptions, progress: impl FnMut(usize) + Send) -> Vec<[f64; 2]> {
     assert_eq!(data.len(), n * dim, "tsne2: data is not n × dim");
     if n < 4 {
         // Too few points for neighbourhoods: a line is as good a map as any.
@@ -44,13 +44,22 @@ pub fn tsne2(data: &[f64], n: usize, dim: usize, o: TsneOptions, progress: impl 
     let init: Vec<f32> = (0..2 * n).map(|_| (1e-2 * rng.normal()) as f32).collect();
     let perplexity = o.perplexity.min((n - 1) as f64 / 3.0).max(1.0) as f32;
     let mut progress = progress;
-    let mut t: bhtsne::tSNE<f32, &[f32]> = bhtsne::tSNE::new(&rows);
-    t.perplexity(perplexity)
-        .epochs(o.iterations.max(1))
-        .initial_embedding(init)
-        .epoch_callback(move |e, _| progress(e + 1))
-        .barnes_hut(o.theta.max(1e-3) as f32, euclidean);
-    t.embedding().chunks(2).map(|p| [p[0] as f64, p[1] as f64]).collect()
+    let fit = move || {
+        let mut t: bhtsne::tSNE<f32, &[f32]> = bhtsne::tSNE::new(&rows);
+        t.perplexity(perplexity)
+            .epochs(o.iterations.max(1))
+            .initial_embedding(init)
+            .epoch_callback(move |e, _| progress(e + 1))
+            .barnes_hut(o.theta.max(1e-3) as f32, euclidean);
+        t.embedding()
+    };
+    // bhtsne's parallel sums split work as rayon's threads steal it, so their rounding (and
+    // the map) would change from run to run; one thread makes a seed give one map.
+    let y = match rayon::ThreadPoolBuilder::new().num_threads(1).stack_size(8 << 20).build() {
+        Ok(pool) => pool.install(fit),
+        Err(_) => fit(),
+    };
+    y.chunks(2).map(|p| [p[0] as f64, p[1] as f64]).collect()
 }
 
 /// Leave-one-out k-nearest-neighbour accuracy of labelled 2-D points (brute force): how
