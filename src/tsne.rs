@@ -1,7 +1,7 @@
-//! t-SNE of latent means to 2-D, through the `bhtsne` crate's parallel Barnes-Hut fit
-//! (vantage-point-tree neighbours, θ = 0.5). We seed the initial layout from our own RNG so
-//! that `--seed` decides the picture, and report each iteration to a callback (the progress
-//! bar).
+//! t-SNE of latent means to 2-D, through the `bhtsne` crate's Barnes-Hut fit
+//! (vantage-point-tree neighbours, θ = 0.5), run on one thread so that it is reproducible. We
+//! seed the initial layout from our own RNG so that `--seed` decides the picture, and report
+//! each iteration to a callback (the progress bar).
 
 use crate::rng::Rng;
 
