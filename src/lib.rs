@@ -4,10 +4,12 @@
 //! Reading order: [`tensor`] → [`backend`] (the interface) → [`ops`] (one file per op, CPU
 //! reference and tape function side by side) → [`tape`] → [`nn`] (layers and the three VAEs)
 //! → [`optim`] → [`train`]. Around them: [`data`] (IDX and image folders), [`checkpoint`]
-//! (safetensors), [`eval`] (ELBO, importance weighting, encode/decode) and [`image_out`] (PNGs).
+//! (safetensors), [`eval`] (ELBO, importance weighting, encode/decode), [`image_out`] (image
+//! grids), [`charts`] (labelled charts, plotters) and [`tsne`] (2-D maps of the latent space).
 
 pub mod backend;
 pub mod bench;
+pub mod charts;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
@@ -19,6 +21,7 @@ pub mod optim;
 pub mod rng;
 pub mod tape;
 pub mod tensor;
+pub mod tsne;
 
 pub use backend::cpu::Cpu;
 pub use backend::cuda::Cuda;

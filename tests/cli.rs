@@ -148,19 +148,24 @@ fn train_writes_metrics_and_checkpoints_that_reload() {
     let d = ["--data", f.data.as_str()];
     ok(&[&["sample", "-c", &run, "--n", "6", "--cols", "3"][..], &d].concat());
     assert_eq!(png_size(&f.path("run/samples.png")), (3 * 14 + 2, 2 * 14 + 2));
+    // Grids with captions: a 26-pixel band per caption line group, a 70-pixel row-label
+    // column for reconstruct, at least 480 pixels wide (the sizes the commands' help states).
     ok(&[&["reconstruct", "-c", &run, "--n", "5"][..], &d].concat());
-    assert_eq!(png_size(&f.path("run/reconstructions.png")), (5 * 14 + 2, 2 * 14 + 2));
+    assert_eq!(png_size(&f.path("run/reconstructions.png")), (480, 26 + 2 * 14 + 2));
+    let wide = f.path("run/wide.png");
+    ok(&[&["reconstruct", "-c", &run, "--n", "40", "--out", &wide][..], &d].concat());
+    assert_eq!(png_size(&wide), (70 + 40 * 14 + 2, 26 + 2 * 14 + 2));
     ok(&[&["interpolate", "-c", &run, "--steps", "4"][..], &d].concat());
-    assert_eq!(png_size(&f.path("run/interpolation.png")), (6 * 14 + 2, 14 + 2));
+    assert_eq!(png_size(&f.path("run/interpolation.png")), (480, 26 + 14 + 2 + 26));
     ok(&[&["manifold", "-c", &run, "--n", "5"][..], &d].concat());
-    assert_eq!(png_size(&f.path("run/manifold.png")), (60, 60));
+    assert_eq!(png_size(&f.path("run/manifold.png")), (480, 26 + 60 + 46));
     ok(&[&["latent", "-c", &run][..], &d].concat());
-    assert_eq!(png_size(&f.path("run/latent.png")), (800, 800));
+    assert_eq!(png_size(&f.path("run/latent.png")), (1000, 820));
     let lat = std::fs::read_to_string(f.path("run/latent.csv")).unwrap();
     assert_eq!(lat.lines().next().unwrap(), "index,label,z1,z2,x,y");
     assert_eq!(lat.lines().count(), 101);
     ok(&["plot", &run]);
-    assert_eq!(png_size(&f.path("run/loss.png")), (800, 500));
+    assert_eq!(png_size(&f.path("run/loss.png")), (1500, 500));
 }
 
 #[test]
@@ -261,5 +266,74 @@ fn trains_on_a_folder_of_images() {
     assert_eq!(t.tensors["fc1.weight"].shape, [16, 3 * 8 * 8]);
     let c = out.to_str().unwrap();
     ok(&["reconstruct", "-c", c, "--data", d, "--image-size", "8", "--n", "1"]);
-    assert_eq!(png_size(out.join("reconstructions.png").to_str().unwrap()), (8 + 2 * 2, 2 * 8 + 3 * 2));
+    assert_eq!(png_size(out.join("reconstructions.png").to_str().unwrap()), (480, 26 + 2 * 8 + 3 * 2));
+}
+
+#[test]
+fn plot_compares_runs_and_latent_maps_a_larger_latent_with_tsne() {
+    let f = Fixture::new();
+    f.train("a", &["--epochs", "2"]);
+    let z4 = f.path("z4");
+    let d = ["--data", f.data.as_str()];
+    ok(&[&["train", "--hidden", "32", "--latent", "4", "--batch-size", "32", "--epochs", "3", "--out", &z4][..], &d]
+        .concat());
+
+    // Two runs on one chart, on log axes.
+    let cmp = f.path("cmp.png");
+    ok(&["plot", &f.path("a"), &z4, "--log", "--out", &cmp]);
+    assert_eq!(png_size(&cmp), (1500, 500));
+
+    // t-SNE of the 4-D latent: the stated size, and a CSV with labels and finite 2-D coordinates.
+    let tsne = ["latent", "-c", &z4, "--method", "tsne", "--iterations", "300", "--perplexity", "10", "--seed", "3"];
+    let log = ok(&[&tsne[..], &d].concat());
+    assert!(log.contains("t-SNE"), "{log}");
+    assert_eq!(png_size(&f.path("z4/latent.png")), (1000, 820));
+    let csv = std::fs::read_to_string(f.path("z4/latent.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "index,label,z1,z2,z3,z4,x,y");
+    assert_eq!(rows.len(), 101);
+    for r in &rows[1..] {
+        let v: Vec<&str> = r.split(',').collect();
+        assert!(v[1].parse::<u8>().unwrap() < 4, "{r}");
+        assert!(v[6..].iter().all(|x| x.parse::<f64>().unwrap().is_finite()), "{r}");
+    }
+    // The same seed gives the same map.
+    ok(&[&tsne[..], &d, &["--out", &f.path("again.png")]].concat());
+    let again = std::fs::read_to_string(f.path("again.csv")).unwrap();
+    assert_eq!(again, csv);
+
+    let pca = f.path("pca.png");
+    ok(&[&["latent", "-c", &z4, "--method", "pca", "--out", &pca][..], &d].concat());
+    assert_eq!(png_size(&pca), (1000, 820));
+}
+
+/// Charts need no system font: the binary links no font library, and with fontconfig pointed
+/// at nothing the chart's title still draws (the font is compiled in).
+#[test]
+fn charts_draw_text_without_system_fonts() {
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_vae")).unwrap();
+    for lib in [&b"libfontconfig"[..], b"libfreetype"] {
+        assert!(!bin.windows(lib.len()).any(|w| w == lib), "vae links {}", String::from_utf8_lossy(lib));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("metrics.csv");
+    let rows: String = (1..=5).map(|e| format!("{e},{},{},{},{},1.0,1000\n", 150 - e, 120 - e, 30, 151 - e)).collect();
+    std::fs::write(&csv, format!("epoch,train_loss,recon,kl,test_loss,seconds,images_per_s\n{rows}")).unwrap();
+    let nowhere = tmp.path().join("no-fonts");
+    let o = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["plot", csv.to_str().unwrap()])
+        .env("FONTCONFIG_FILE", &nowhere)
+        .env("FONTCONFIG_PATH", &nowhere)
+        .env("XDG_DATA_HOME", &nowhere)
+        .env("XDG_DATA_DIRS", &nowhere)
+        .env("HOME", &nowhere)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(tmp.path().join("loss.png")).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1500, 500));
+    // The title band (top 30 rows) holds only text: count its dark pixels.
+    let ink =
+        (0..1500).flat_map(|x| (0..30).map(move |y| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128).count();
+    assert!(ink > 200, "the title drew {ink} dark pixels");
 }

@@ -4,13 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use vaecuda::backend::Backend;
+use vaecuda::charts::annotate_grid;
 use vaecuda::data::DeviceData;
 use vaecuda::image_out::{image_grid, save_png};
 
 use super::{out_path, CheckpointArgs};
 
 /// Walk in latent space between two test images: the first original, decodes of
-/// (1−t)·μ_a + t·μ_b for t = 0..1, then the second original.
+/// (1−t)·μ_a + t·μ_b for t = 0..1, then the second original; a caption line above and one
+/// below say so. The PNG is the image row ((steps+2)·(W+2)+2 by H+4 pixels) with 26-pixel
+/// caption bands above and below, at least 480 pixels wide.
 ///
 /// Example:
 ///   vae interpolate --checkpoint runs/mlp --from 0 --to 1 --steps 10
@@ -53,7 +56,10 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
     px.extend_from_slice(test.image(a.to));
     let n = a.steps + 2;
     let path = out_path(&a.out, &l.dir, "interpolation.png");
-    save_png(&image_grid(&px, n, [c.channels, c.height, c.width], n, 2), &path)?;
+    let grid = image_grid(&px, n, [c.channels, c.height, c.width], n, 2);
+    let above = format!("a walk in latent space: test image {} (left) to test image {} (right)", a.from, a.to);
+    let below = format!("between them: decodes of (1−t)·μ₁ + t·μ₂, t = 0 … 1 in {} steps", a.steps);
+    save_png(&annotate_grid(&grid, &[&above], &[&below], &[])?, &path)?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -4,13 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use vaecuda::backend::Backend;
+use vaecuda::charts::annotate_grid;
 use vaecuda::eval::normal_quantile;
 use vaecuda::image_out::{image_grid, save_png};
 
 use super::{out_path, CheckpointArgs};
 
 /// For a model with a 2-D latent: decode an N×N grid of z placed at the standard normal's
-/// quantiles 0.05..0.95 (z₁ left to right, z₂ bottom to top).
+/// quantiles 0.05..0.95 (z₁ left to right, z₂ bottom to top); a caption line above and two
+/// below say so. The PNG is the grid (n·W by n·H pixels) with a 26-pixel band above and a
+/// 46-pixel band below, at least 480 pixels wide.
 ///
 /// Example:
 ///   vae train --latent 2 --out runs/z2 && vae manifold --checkpoint runs/z2 --n 20
@@ -41,7 +44,12 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         (0..a.n).flat_map(|row| (0..a.n).flat_map(|col| [q[col], q[a.n - 1 - row]]).collect::<Vec<_>>()).collect();
     let px = l.model.decode(&z);
     let path = out_path(&a.out, &l.dir, "manifold.png");
-    save_png(&image_grid(&px, a.n * a.n, [c.channels, c.height, c.width], a.n, 0), &path)?;
+    let grid = image_grid(&px, a.n * a.n, [c.channels, c.height, c.width], a.n, 0);
+    let above = format!("the decoder over a {0}×{0} grid of the 2-D latent space ({1})", a.n, c.arch.name());
+    let (lo, hi) = (q[0], q[a.n - 1]);
+    let across = format!("across: z₁ from {lo:.2} (left) to {hi:.2} (right)");
+    let down = format!("down: z₂ from {hi:.2} (top) to {lo:.2} (bottom); N(0, 1) quantiles 5%–95%");
+    save_png(&annotate_grid(&grid, &[&above], &[&across, &down], &[])?, &path)?;
     println!("wrote {}", path.display());
     Ok(())
 }

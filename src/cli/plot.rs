@@ -1,49 +1,143 @@
-//! `vae plot`: loss curves from a run's metrics.csv.
+//! `vae plot`: loss curves from runs' metrics.csv, one run or several on one chart.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use vaecuda::image_out::{line_plot, save_png, PALETTE};
+use vaecuda::charts::{line_chart, Line, Panel};
+use vaecuda::image_out::{save_png, PALETTE};
 
-/// Plot train and test loss per epoch from metrics.csv (nats per image).
+/// Plot training curves from metrics.csv: train and test loss (−ELBO), and on their own
+/// panels the two terms of the training loss, reconstruction and KL divergence (all in nats
+/// per image; a KL falling toward 0 is posterior collapse). Several runs go on one chart,
+/// one colour each, train solid and test dashed. The PNG is 1500×500.
 ///
-/// Example:
-///   vae plot runs/mlp               # writes runs/mlp/loss.png
+/// Examples:
+///   vae plot runs/mlp                       # writes runs/mlp/loss.png
+///   vae plot runs/mlp runs/conv --log       # both runs on log axes, writes loss-compare.png
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// A run directory or its metrics.csv.
-    #[arg(value_name = "RUN|CSV")]
-    metrics: PathBuf,
-    /// Output PNG [default: loss.png beside metrics.csv].
+    /// Run directories, or their metrics.csv files.
+    #[arg(value_name = "RUN|CSV", required = true, num_args = 1..)]
+    metrics: Vec<PathBuf>,
+    /// Log scale on the y axes.
+    #[arg(long)]
+    log: bool,
+    /// Output PNG [default: loss.png beside metrics.csv for one run, loss-compare.png in the
+    /// current directory for several].
     #[arg(long, short)]
     out: Option<PathBuf>,
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let csv = if a.metrics.is_dir() { a.metrics.join("metrics.csv") } else { a.metrics.clone() };
+/// Chart size, stated in the help.
+pub const SIZE: (u32, u32) = (1500, 500);
+
+/// One run's curves and what it is.
+struct Run {
+    name: String,
+    /// "mlp, z = 20, MNIST" when run.json says so.
+    what: Option<String>,
+    epoch: Vec<f64>,
+    train: Vec<f64>,
+    test: Vec<f64>,
+    recon: Vec<f64>,
+    kl: Vec<f64>,
+}
+
+fn describe(run_json: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_json).ok()?).ok()?;
+    let m = v.get("model")?;
+    let arch = m.get("arch")?.as_str()?;
+    let z = m.get("latent")?.as_u64()?;
+    // Source: {"idx": null} is the bundled MNIST, else the data directory's name.
+    let data = match v.get("source") {
+        Some(serde_json::Value::Object(o)) => match o.values().next() {
+            Some(serde_json::Value::Null) | None => "MNIST".to_string(),
+            Some(serde_json::Value::String(p)) => name_of(Path::new(p)),
+            Some(serde_json::Value::Array(a)) => {
+                a.first().and_then(|p| p.as_str()).map_or("images".into(), |p| name_of(Path::new(p)))
+            }
+            _ => "data".into(),
+        },
+        _ => "MNIST".to_string(),
+    };
+    Some(format!("{arch}, z = {z}, {data}"))
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+fn read_run(path: &Path) -> Result<(PathBuf, Run)> {
+    let csv = if path.is_dir() { path.join("metrics.csv") } else { path.to_path_buf() };
     let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let dir = csv.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
     let col = |name: &str| {
         header.iter().position(|h| *h == name).with_context(|| format!("{} has no {name} column", csv.display()))
     };
-    let (e, tr, te) = (col("epoch")?, col("train_loss")?, col("test_loss")?);
-    let (mut train, mut test) = (vec![], vec![]);
+    let cols = [col("epoch")?, col("train_loss")?, col("test_loss")?, col("recon")?, col("kl")?];
+    let mut v: [Vec<f64>; 5] = Default::default();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').collect();
-        let num = |k: usize| -> Result<f64> {
-            match f.get(k).and_then(|v| v.parse().ok()) {
-                Some(v) => Ok(v),
-                None => bail!("{} line {}: cannot read column {}", csv.display(), i + 2, header[k]),
+        for (k, &c) in cols.iter().enumerate() {
+            match f.get(c).and_then(|s| s.parse().ok()) {
+                Some(x) => v[k].push(x),
+                None => bail!("{} line {}: cannot read column {}", csv.display(), i + 2, header[c]),
             }
-        };
-        train.push((num(e)?, num(tr)?));
-        test.push((num(e)?, num(te)?));
+        }
     }
-    ensure!(!train.is_empty(), "{} has no epochs yet", csv.display());
-    let img = line_plot(&[("train", train, PALETTE[0]), ("test", test, PALETTE[1])], 800, 500);
-    let out = a.out.unwrap_or_else(|| csv.parent().unwrap_or(Path::new(".")).join("loss.png"));
+    ensure!(!v[0].is_empty(), "{} has no epochs yet", csv.display());
+    let abs = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
+    let [epoch, train, test, recon, kl] = v;
+    let run = Run { name: name_of(&abs), what: describe(&dir.join("run.json")), epoch, train, test, recon, kl };
+    Ok((dir, run))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let runs: Vec<(PathBuf, Run)> = a.metrics.iter().map(|p| read_run(p)).collect::<Result<_>>()?;
+    let several = runs.len() > 1;
+    let xy = |r: &Run, v: &[f64]| r.epoch.iter().copied().zip(v.iter().copied()).collect::<Vec<_>>();
+    let label = |r: &Run, what: &str| {
+        if !several {
+            return what.to_string();
+        }
+        let desc = r.what.as_deref().map_or(String::new(), |w| format!(" ({w})"));
+        if what.is_empty() {
+            format!("{}{desc}", r.name)
+        } else {
+            format!("{}{desc} {what}", r.name)
+        }
+    };
+    let (mut loss, mut recon, mut kl) = (vec![], vec![], vec![]);
+    for (i, (_, r)) in runs.iter().enumerate() {
+        let (c_train, c_test) = if several { (PALETTE[i % 10], PALETTE[i % 10]) } else { (PALETTE[0], PALETTE[1]) };
+        let line = |label: String, pts, color, dashed| Line { label, points: pts, color, dashed };
+        loss.push(line(label(r, "train"), xy(r, &r.train), c_train, false));
+        loss.push(line(label(r, "test"), xy(r, &r.test), c_test, true));
+        recon.push(line(label(r, ""), xy(r, &r.recon), c_train, false));
+        kl.push(line(label(r, ""), xy(r, &r.kl), c_train, false));
+    }
+    let unit = if a.log { "nats per image (log scale)" } else { "nats per image" };
+    let panel = |title: &str, lines| Panel { title: title.into(), x_desc: "epoch".into(), y_desc: unit.into(), lines };
+    let panels = [
+        panel("loss (−ELBO): train solid, test dashed", loss),
+        panel("reconstruction term (train)", recon),
+        panel("KL divergence term (train)", kl),
+    ];
+    let title = if several {
+        format!("{} runs compared, per epoch", runs.len())
+    } else {
+        let r = &runs[0].1;
+        match &r.what {
+            Some(w) => format!("{}: {w}, per epoch", r.name),
+            None => format!("{}, per epoch", r.name),
+        }
+    };
+    let img = line_chart(&title, &panels, a.log, SIZE.0, SIZE.1)?;
+    let out =
+        a.out.unwrap_or_else(|| if several { PathBuf::from("loss-compare.png") } else { runs[0].0.join("loss.png") });
     save_png(&img, &out)?;
     println!("wrote {}", out.display());
     Ok(())

@@ -4,12 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use vaecuda::backend::Backend;
+use vaecuda::charts::annotate_grid;
 use vaecuda::data::DeviceData;
 use vaecuda::image_out::{image_grid, save_png};
 
 use super::{out_path, CheckpointArgs};
 
-/// Test images (top row) above their reconstructions (decoded latent means, bottom row).
+/// Test images (top row, labelled "input") above their reconstructions (decoded latent
+/// means, bottom row, "output"), under a caption line. The PNG is the image grid
+/// (n·(W+2)+2 by 2·(H+2)+2 pixels) with a 70-pixel label column at its left and a 26-pixel
+/// caption band above, at least 480 pixels wide.
 ///
 /// Example:
 ///   vae reconstruct --checkpoint runs/mlp --n 10
@@ -50,7 +54,11 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
     let mut px = originals;
     px.extend(l.model.decode(&mu));
     let path = out_path(&a.out, &l.dir, "reconstructions.png");
-    save_png(&image_grid(&px, 2 * a.n, [c.channels, c.height, c.width], a.n, 2), &path)?;
+    let grid = image_grid(&px, 2 * a.n, [c.channels, c.height, c.width], a.n, 2);
+    let caption =
+        format!("test images {}–{}: input above, reconstruction (decoded μ) below", a.first, a.first + a.n - 1);
+    let row = |r: usize| (2 + r * (c.height + 2) + c.height / 2) as u32;
+    save_png(&annotate_grid(&grid, &[&caption], &[], &[("input", row(0)), ("output", row(1))])?, &path)?;
     println!("wrote {}", path.display());
     Ok(())
 }
