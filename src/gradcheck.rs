@@ -2,6 +2,20 @@
 //! checked entry, |analytic − numeric| ≤ atol + rtol·|numeric| with numeric =
 //! (f(x + ε) − f(x − ε)) / 2ε. Written over any f64 backend, so the same checks run on the CPU
 //! and on the GPU.
+//!
+//! ```
+//! use vaecuda::gradcheck::{check, GradCheck, Input};
+//! use vaecuda::{ops, rng::Rng, Cpu};
+//! let mut rng = Rng::new(1);
+//! let inputs = [Input::uniform("x", &[2, 3], -1.0, 1.0, &mut rng)];
+//! // f(x) = Σ tanh(x): the tape's gradient 1 − tanh² against central differences.
+//! let worst = check(&Cpu::<f64>::default(), &inputs, true, GradCheck::default(), |tape, v| {
+//!     let y = ops::tanh(tape, v[0]);
+//!     ops::sum(tape, y)
+//! })
+//! .expect("tanh's backward is right");
+//! assert!(worst <= 1.0); // the worst entry, as a fraction of the tolerance
+//! ```
 
 use crate::backend::Backend;
 use crate::rng::Rng;

@@ -6,6 +6,36 @@
 //!   encoder.fc22, decoder.fc1, decoder.fc2, decoder.conv1..3`.
 //! - `conv-bn` (PyTorch-VAE's VanillaVAE layout): `encoder.{i}.0` conv + `encoder.{i}.1` batch
 //!   norm, `fc_mu`, `fc_var`, `decoder_input`, `decoder.{i}.{0,1}`, `final_layer.{0,1,3}`.
+//!
+//! # The math, as the code computes it
+//!
+//! **The objective.** For an image x the model maximizes the evidence lower bound
+//! `ELBO(x) = E_{z ~ q(z|x)}[log p(x|z)] − KL(q(z|x) ‖ p(z))`, with the prior `p(z) = N(0, I)`
+//! and the encoder's `q(z|x) = N(μ(x), diag σ²(x))`. Training minimizes `−ELBO`, summed over
+//! the batch ([`Vae::loss`]); reported losses are per image, in nats.
+//!
+//! **The reparameterization trick.** `z = μ + ε·exp(½ log σ²)` with `ε ~ N(0, I)` drawn
+//! outside the graph (`train::Trainer::draw_noise`), so z is a differentiable function of μ and
+//! log σ²: `∂z/∂μ = 1`, `∂z/∂log σ² = ½ ε σ`. One sample of z per image estimates the
+//! expectation. Computed by [`ops::reparam_kl()`] (`reparam_kl_fwd` in `kernels/vae_loss.cu`).
+//!
+//! **The KL term, in closed form.** For diagonal Gaussians against `N(0, I)`,
+//! `KL = −½ Σ_j (1 + log σ²_j − μ²_j − σ²_j)`, with gradients `∂KL/∂μ = μ` and
+//! `∂KL/∂log σ² = ½(σ² − 1)`. The same op computes it (its sum is a deterministic reduction,
+//! `reduce_final` in `kernels/elementwise.cu`), so μ and log σ² are read once for z and KL.
+//!
+//! **The reconstruction term** `−log p(x|z)`, from the decoder's output ([`ops::loss`],
+//! `loss_fwd`/`loss_bwd` in `kernels/vae_loss.cu`):
+//! - **BCE** on `p = sigmoid(logits)`: `−Σ [x log p + (1 − x) log(1 − p)]`, the negative
+//!   log-likelihood of a Bernoulli decoder (the tutorials' choice for MNIST; x in [0, 1] is
+//!   treated as a probability). Logs are clamped at −100 as PyTorch does.
+//! - **BCE with logits**: the same value computed from the logits in the stable form
+//!   `max(l, 0) − l·x + log(1 + e^{−|l|})`, gradient `sigmoid(l) − x`.
+//! - **MSE**: `Σ (x − x̂)²`. For a Gaussian decoder with fixed variance s²,
+//!   `−log p(x|z) = Σ (x − x̂)² / 2s² + const`, so a summed MSE is that likelihood with the
+//!   scale of the KL term changed by a factor 2s². That is why the CelebA recipe, training
+//!   on MSE, weights the KL by 0.00025 (`--kl-weight`): it stands for a small decoder
+//!   variance, i.e. sharp reconstructions, rather than for a different model.
 
 use serde::{Deserialize, Serialize};
 
