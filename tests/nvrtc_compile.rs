@@ -137,7 +137,7 @@ fn a_struct_changed_on_the_cuda_side_only_fails_to_compile() {
     // every use still compiles, only the layout check catches it.
     let err = compile_edited("gemm.cu", |src| src.replacen("    int m;\n    int n;\n", "    int n;\n    int m;\n", 1))
         .expect_err("a GemmArgs with swapped fields compiled");
-    assert!(err.contains("GemmArgs::m: offset differs from the Rust struct"), "{err}");
+    assert!(err.contains("GemmArgs::m: order of fields differs from the Rust struct"), "{err}");
     // A field of a different type: the size and every later offset differ.
     let err = compile_edited("batchnorm.cu", |src| src.replacen("    double momentum;", "    float momentum;", 1))
         .expect_err("a BnArgs with a float momentum compiled");

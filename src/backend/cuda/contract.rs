@@ -134,7 +134,10 @@ macro_rules! device_struct {
 type Layout = (&'static str, usize, Vec<(&'static str, &'static str, usize)>);
 
 /// `struct Name { fields };` (a template over `param` when given) and the assertions of each
-/// instantiation's size and offsets.
+/// instantiation's layout: its size; each field's place in the declaration order (a constant
+/// aggregate initialized with 1, 2, 3, ... must hold i + 1 in field i: works on every NVRTC);
+/// and each field's byte offset where the compiler has `__builtin_offsetof` (NVRTC 13.2 has
+/// not, 13.5 has).
 fn render_struct(name: &str, param: Option<&str>, layouts: &[Layout]) -> String {
     let mut s = String::new();
     if let Some(p) = param {
@@ -147,12 +150,23 @@ fn render_struct(name: &str, param: Option<&str>, layouts: &[Layout]) -> String 
     s.push_str("};\n");
     for (ty, size, fields) in layouts {
         let _ = writeln!(s, "static_assert(sizeof({ty}) == {size}, \"{ty}: size differs from the Rust struct\");");
+        let values: Vec<String> = (1..=fields.len()).map(|v| v.to_string()).collect();
+        let probe = format!("{ty}{{{}}}", values.join(", "));
+        for (i, (field, _, _)) in fields.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "static_assert({probe}.{field} == {}, \"{ty}::{field}: order of fields differs from the Rust struct\");",
+                i + 1
+            );
+        }
+        s.push_str("#if defined(__has_builtin)\n#if __has_builtin(__builtin_offsetof)\n");
         for (field, _, offset) in fields {
             let _ = writeln!(
                 s,
                 "static_assert(__builtin_offsetof({ty}, {field}) == {offset}, \"{ty}::{field}: offset differs from the Rust struct\");"
             );
         }
+        s.push_str("#endif\n#endif\n");
     }
     s
 }
