@@ -1,8 +1,8 @@
 //! Checkpoints as safetensors. A model file holds exactly the PyTorch `state_dict` (the
 //! [`ParamStore`] names and shapes; batch norm's `num_batches_tracked` as a 0-d int64), so
 //! `safetensors.torch.load_file` + `load_state_dict` reads it; the [`ModelConfig`] rides in the
-//! header metadata under [`CONFIG_KEY`]. Optimizer state goes to a separate file with `m.<name>`
-//! and `v.<name>` tensors. Every file is written to `<path>.tmp` and renamed into place, so a
+//! header metadata under [`CONFIG_KEY`]. A run's training state (the model again, Adam's
+//! moments as `m.<name>` and `v.<name>`, and its progress) goes to a separate file. Every file is written to `<path>.tmp` and renamed into place, so a
 //! crash never leaves a half-written checkpoint.
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,18 +63,33 @@ impl RawTensor {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file (`<path>.tmp`), flushed to disk, and a
+/// rename: whenever the process dies, `path` holds either its old contents or the new ones,
+/// never a mix. Creates the parent directory if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
-        use std::io::Write;
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        f.write_all(head).with_context(|| format!("cannot write {}", tmp.display()))?;
+        crate::failpoint::hit("half-written");
+        f.write_all(tail).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    // The rename itself reaches the disk when the directory is flushed (matters for power
+    // loss, not for a killed process; best effort where directories cannot be opened).
+    if let Ok(d) = std::fs::File::open(dir.unwrap_or(Path::new("."))) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Serializes named tensors with string metadata, atomically.
@@ -249,15 +264,22 @@ pub fn load_model<B: Backend>(path: &Path, backend: &B, fallback: Option<ModelCo
     Ok(LoadedModel { config, vae, store, file })
 }
 
-/// Writes the optimizer moments (`m.<name>`, `v.<name>`) and a JSON state blob.
-pub fn save_optimizer<B: Backend>(
+/// Prefix of the model's tensors inside a training-state file.
+const MODEL_PREFIX: &str = "model.";
+
+/// Writes everything a run needs to continue bit-exactly: the model (`model.<name>`), Adam's
+/// moments (`m.<name>`, `v.<name>`) and step, and a JSON blob of the caller's progress. One
+/// file, written atomically, so it is the run's commit point: a training state is either
+/// wholly the old one or wholly the new one, whatever moment the process dies at.
+pub fn save_training_state<B: Backend>(
     path: &Path,
     backend: &B,
     adam: &Adam<B>,
     store: &ParamStore<B>,
     state_json: String,
 ) -> Result<()> {
-    let mut t = BTreeMap::new();
+    let mut t: BTreeMap<String, RawTensor> =
+        model_tensors(backend, store).into_iter().map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v)).collect();
     for i in 0..store.len() {
         if let (Some(m), Some(v)) = (&adam.m[i], &adam.v[i]) {
             let shape = &store.values[i].shape;
@@ -270,14 +292,25 @@ pub fn save_optimizer<B: Backend>(
     write_tensors(path, &t, meta)
 }
 
-/// Restores what [`save_optimizer`] wrote; returns the JSON state blob.
-pub fn load_optimizer<B: Backend>(
+/// Restores what [`save_training_state`] wrote into `store` and `adam`; returns the JSON
+/// progress blob, and whether the file held the model (files from before the model moved
+/// into it hold only the optimizer: the caller then loads the model from its checkpoint).
+pub fn load_training_state<B: Backend>(
     path: &Path,
     backend: &B,
     adam: &mut Adam<B>,
-    store: &ParamStore<B>,
-) -> Result<String> {
+    store: &mut ParamStore<B>,
+) -> Result<(String, bool)> {
     let f = TensorFile::read(path)?;
+    let model: BTreeMap<String, RawTensor> = f
+        .tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix(MODEL_PREFIX).map(|n| (n.to_string(), t.clone())))
+        .collect();
+    let has_model = !model.is_empty();
+    if has_model {
+        TensorFile { path: f.path.clone(), metadata: HashMap::new(), tensors: model }.load_into(backend, store)?;
+    }
     for i in 0..store.len() {
         if adam.m[i].is_some() {
             let name = &store.names[i];
@@ -300,7 +333,12 @@ pub fn load_optimizer<B: Backend>(
         .get("adam_step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{} has no adam_step", path.display()))?;
-    f.metadata.get("vaecuda_optimizer").cloned().with_context(|| format!("{} has no optimizer state", path.display()))
+    let json = f
+        .metadata
+        .get("vaecuda_optimizer")
+        .cloned()
+        .with_context(|| format!("{} has no optimizer state", path.display()))?;
+    Ok((json, has_model))
 }
 
 #[cfg(test)]

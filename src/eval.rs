@@ -71,7 +71,17 @@ impl<B: Backend> Model<B> {
     /// Importance-weighted estimate of −log p(x) per image, in nats, with `k` samples:
     /// −mean_x log (1/k) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). For BCE models
     /// log p(x|z) = −BCE (log clamped at −100, as the training loss).
-    pub fn iw_nll(&mut self, data: &DeviceData<B>, recon: Recon, k: usize, batch: usize, seed: u64) -> Result<f64> {
+    /// `on_batch(images_done)` is called after each batch (for a progress bar: the work is
+    /// `k` decoder passes per image).
+    pub fn iw_nll(
+        &mut self,
+        data: &DeviceData<B>,
+        recon: Recon,
+        k: usize,
+        batch: usize,
+        seed: u64,
+        on_batch: &mut dyn FnMut(usize),
+    ) -> Result<f64> {
         if recon == Recon::Mse {
             bail!("--iw needs a Bernoulli decoder (a model trained with --recon bce)");
         }
@@ -111,6 +121,7 @@ impl<B: Backend> Model<B> {
                 let lme = m + (w.iter().map(|v| (v - m).exp()).sum::<f64>() / k as f64).ln();
                 total -= lme;
             }
+            on_batch(n);
         }
         Ok(total / data.len.max(1) as f64)
     }

@@ -24,10 +24,10 @@ pub const PALETTE: [Color; 10] = [
 
 /// Writes a PNG, creating its directory.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    img.save_with_format(path, image::ImageFormat::Png).with_context(|| format!("cannot write {}", path.display()))
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).with_context(|| format!("cannot encode {}", path.display()))?;
+    // Whole or not at all: a picture from an earlier run is never left half-overwritten.
+    crate::checkpoint::write_atomic(path, png.get_ref())
 }
 
 /// `n` images (CHW in [0, 1], 1 or 3 channels) tiled `cols` per row with a `pad`-pixel border.

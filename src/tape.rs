@@ -228,6 +228,11 @@ impl<'p, B: Backend> Tape<'p, B> {
     pub fn next_var(&self) -> Var {
         Var::Value(self.values.len())
     }
+    /// Elements held by the tape's values (inputs and activations, not parameters): what a
+    /// forward pass keeps alive until the step ends, and what its gradients will double.
+    pub fn value_elements(&self) -> usize {
+        self.values.iter().map(Tensor::numel).sum()
+    }
     /// Number of recorded backward closures (0 under `no_grad`).
     pub fn recorded(&self) -> usize {
         self.nodes.len()

@@ -106,6 +106,48 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
+/// What a training step at some batch size will take, measured on one image.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMemory {
+    /// Bytes per image of a step: the forward's activations, held until the backward, times
+    /// [`StepMemory::FACTOR`] for their gradients and the ops' scratch buffers.
+    pub bytes_per_image: u64,
+}
+
+impl StepMemory {
+    /// Peak bytes of a step per byte of forward activations. A step holds the activations
+    /// and their gradients (as many again), plus scratch space (im2col, transposes) that
+    /// gradients freed early make room for: on the CPU conv and conv-bn steps took 1.2–1.6×
+    /// their activations at the peak (bench/results/2026-12-01-cpu-step-memory.md), so 2
+    /// keeps the estimate on the safe side without refusing batches that fit.
+    pub const FACTOR: u64 = 2;
+
+    /// The estimated extra bytes a step on `batch` images takes.
+    pub fn for_batch(&self, batch: usize) -> u64 {
+        self.bytes_per_image.saturating_mul(batch as u64)
+    }
+    /// The largest batch that fits in `bytes`.
+    pub fn largest_batch(&self, bytes: u64) -> u64 {
+        bytes / self.bytes_per_image.max(1)
+    }
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Measures what a step takes per image by running the forward pass on `one_image`
+    /// ([1, c, h, w]) in eval mode: no gradient, no batch-norm statistics touched and no
+    /// training noise drawn, so training goes on exactly as if this had not run.
+    pub fn step_memory(&mut self, one_image: Tensor<B>) -> StepMemory {
+        let z = self.model.config.latent;
+        let eps = Tensor::from_host(&self.backend, &[1, z], &vec![B::E::of(0.0); z]);
+        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
+        let mut tape = Tape::no_grad(&self.backend, &mut self.store);
+        let (xv, ev) = (tape.input(one_image), tape.input(eps));
+        self.model.loss(&mut tape, xv, ev, recon, mean, 1.0);
+        let bytes = (tape.value_elements() * std::mem::size_of::<B::E>()) as u64;
+        StepMemory { bytes_per_image: bytes * StepMemory::FACTOR }
+    }
+}
+
 fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
     BatchLoss {
         loss: tape.to_host(l.loss)[0].f64(),

@@ -5,6 +5,7 @@
 //! crate (`ops/gemm.rs`), everything else runs on rayon.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::Backend;
@@ -48,6 +49,9 @@ impl<E: Float> Backend for Cpu<E> {
 
     fn describe(&self) -> String {
         format!("CPU ({} threads, {})", rayon::current_num_threads(), E::NAME)
+    }
+    fn free_memory(&self) -> Option<u64> {
+        available_memory()
     }
     fn zeros(&self, len: usize) -> Vec<E> {
         match self.take(len) {
@@ -227,5 +231,28 @@ impl<E: Float> Backend for Cpu<E> {
     }
     fn adam_step(&self, param: &mut Vec<E>, grad: &Vec<E>, m: &mut Vec<E>, v: &mut Vec<E>, s: AdamStep) {
         adam::cpu_step(param, grad, m, v, s)
+    }
+}
+
+/// Memory this process can still take, in bytes: the kernel's estimate of what can be
+/// allocated without swapping (`MemAvailable` in /proc/meminfo), and no more than the room
+/// left under a cgroup (v2) limit, as in a container. `None` where neither can be read.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    let read = |f: &str| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(f)).ok();
+    let cgroup = match (read("memory.max"), read("memory.current")) {
+        (Some(max), Some(cur)) => match (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+            (Ok(max), Ok(cur)) => Some(max.saturating_sub(cur)),
+            _ => None, // "max": no limit
+        },
+        _ => None,
+    };
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -30,6 +30,12 @@ pub trait Backend: Clone + 'static {
     fn describe(&self) -> String;
     /// Wait until queued work is done (no-op on the CPU).
     fn synchronize(&self) {}
+    /// Bytes that new buffers can still take (the host's available memory on the CPU, the
+    /// device's free memory on a GPU), when the device says; what training checks a batch's
+    /// estimated size against before it allocates.
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
     /// Device time taken by the work `f` queues. The default is the wall clock between two
     /// synchronizations; the CUDA backend records timing events on its stream instead, so host
     /// time before the first launch and after the last is not counted.

@@ -111,10 +111,7 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             format!("PCA of {}-D latent means", c.latent),
         ),
         Method::Tsne => {
-            let bar = indicatif::ProgressBar::new(a.iterations as u64).with_style(
-                indicatif::ProgressStyle::with_template("t-SNE {bar:40} {pos}/{len} iterations, {elapsed} (eta {eta})")
-                    .expect("valid template"),
-            );
+            let bar = super::progress_bar(a.iterations as u64, "t-SNE", "iterations");
             let o =
                 TsneOptions { perplexity: a.perplexity, iterations: a.iterations, seed: a.seed, ..Default::default() };
             let most = (test.len.max(1) - 1) as f64 / 3.0;

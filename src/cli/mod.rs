@@ -1,5 +1,5 @@
-//! The `vae` command line: one file per subcommand (and `run_dir.rs`, the files of a training
-//! run), plus what they share here (device choice, data, model and checkpoint flags).
+//! The `vae` command line: one file per subcommand, plus what they share here (device choice,
+//! data, model and checkpoint flags, the errors that are not failures).
 
 mod bench;
 mod eval;
@@ -8,14 +8,13 @@ mod latent;
 mod manifold;
 mod plot;
 mod reconstruct;
-mod run_dir;
 mod sample;
 mod train;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use vaecuda::backend::cuda::{self, Cuda, GpuError};
 use vaecuda::backend::{Backend, Recon};
@@ -23,6 +22,7 @@ use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
 use vaecuda::eval::Model;
 use vaecuda::nn::{Arch, ModelConfig};
+use vaecuda::run::ReconLoss;
 use vaecuda::Cpu;
 
 const ABOUT: &str = "Train, evaluate and look at variational autoencoders (CPU, or CUDA GPUs).";
@@ -200,29 +200,17 @@ impl DataArgs {
     }
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ReconArg {
-    /// Binary cross-entropy on sigmoid outputs, summed over pixels (Bernoulli decoder).
-    Bce,
-    /// Squared error summed over pixels.
-    Mse,
-}
+/// A command stopped on request (Ctrl-C): not a failure, but not done either. Its text says
+/// how to continue; `main` prints it as it is and exits with 130, as shells expect.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
 
-impl ReconArg {
-    pub fn recon(self) -> Recon {
-        match self {
-            ReconArg::Bce => Recon::Bce,
-            ReconArg::Mse => Recon::Mse,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            ReconArg::Bce => "bce",
-            ReconArg::Mse => "mse",
-        }
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
+impl std::error::Error for Interrupted {}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -267,7 +255,7 @@ pub struct CheckpointArgs {
     model: ModelArgs,
     /// Reconstruction loss the model was trained with [default: the checkpoint's, else bce].
     #[arg(long, value_enum)]
-    recon: Option<ReconArg>,
+    recon: Option<ReconLoss>,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -332,15 +320,26 @@ impl CheckpointArgs {
     }
 }
 
+/// A progress bar on stderr for work of `len` `unit`s, drawn only when stderr is a terminal
+/// (so logs and pipes get the result lines alone).
+pub fn progress_bar(len: u64, prefix: &str, unit: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} (eta {{eta}})");
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
 /// `path` when given, else `dir/name`.
 fn out_path(path: &Option<PathBuf>, dir: &Path, name: &str) -> PathBuf {
     path.clone().unwrap_or_else(|| dir.join(name))
 }
 
-/// Writes a text file, creating its directory.
+/// Writes a text file, creating its directory; whole or not at all (through a temporary file).
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    vaecuda::checkpoint::write_atomic(path, text.as_bytes())
 }

@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use vaecuda::charts::{line_chart, Line, Panel};
 use vaecuda::image_out::{save_png, PALETTE};
+use vaecuda::run::Metrics;
 
 /// Plot training curves from metrics.csv: train and test loss (−ELBO), and on their own
 /// panels the two terms of the training loss, reconstruction and KL divergence (all in nats
@@ -70,27 +71,13 @@ fn name_of(p: &Path) -> String {
 
 fn read_run(path: &Path) -> Result<(PathBuf, Run)> {
     let csv = if path.is_dir() { path.join("metrics.csv") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&csv).with_context(|| format!("cannot read {}", csv.display()))?;
+    let m = Metrics::read(&csv)?;
     let dir = csv.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
-    let col = |name: &str| {
-        header.iter().position(|h| *h == name).with_context(|| format!("{} has no {name} column", csv.display()))
-    };
-    let cols = [col("epoch")?, col("train_loss")?, col("test_loss")?, col("recon")?, col("kl")?];
-    let mut v: [Vec<f64>; 5] = Default::default();
-    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split(',').collect();
-        for (k, &c) in cols.iter().enumerate() {
-            match f.get(c).and_then(|s| s.parse().ok()) {
-                Some(x) => v[k].push(x),
-                None => bail!("{} line {}: cannot read column {}", csv.display(), i + 2, header[c]),
-            }
-        }
-    }
-    ensure!(!v[0].is_empty(), "{} has no epochs yet", csv.display());
+    let col = |name: &str| m.column(name).map(<[f64]>::to_vec).with_context(|| csv.display().to_string());
+    let (epoch, train, test, recon, kl) =
+        (col("epoch")?, col("train_loss")?, col("test_loss")?, col("recon")?, col("kl")?);
+    ensure!(m.rows > 0, "{} has no epochs yet", csv.display());
     let abs = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
-    let [epoch, train, test, recon, kl] = v;
     let run = Run { name: name_of(&abs), what: describe(&dir.join("run.json")), epoch, train, test, recon, kl };
     Ok((dir, run))
 }

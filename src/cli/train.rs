@@ -1,22 +1,20 @@
-//! `vae train`: the settings, the epoch loop, progress and early stopping. The files of a run
-//! (run.json, metrics.csv, checkpoints) and resuming from them are `run_dir.rs`'s.
+//! `vae train`: the settings, the epoch loop, progress, Ctrl-C and early stopping. The files
+//! of a run (run.json, metrics.csv, checkpoints, the training state) and resuming from them
+//! are `vaecuda::run`'s.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
-use serde::{Deserialize, Serialize};
 use vaecuda::backend::Backend;
-use vaecuda::data::{DeviceData, Source};
+use vaecuda::data::DeviceData;
 use vaecuda::eval::elbo;
-use vaecuda::nn::ModelConfig;
-use vaecuda::optim::AdamConfig;
 use vaecuda::rng::Rng;
-use vaecuda::train::{LossConfig, Trainer};
+use vaecuda::run::{Optimizer, PartialEpoch, Progress, ReconLoss, Reduction, RunDir, Settings};
+use vaecuda::train::Trainer;
 
-use super::run_dir::{Progress, RunDir};
-use super::{DataArgs, ModelArgs, ReconArg};
+use super::{DataArgs, Interrupted, ModelArgs};
 
 /// Train a VAE; writes metrics.csv and checkpoints into the run directory every epoch.
 ///
@@ -36,40 +34,48 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// Reconstruction loss.
-    #[arg(long, value_enum, default_value_t = ReconArg::Bce)]
-    recon: ReconArg,
+    #[arg(long, value_enum, default_value_t = ReconLoss::Bce)]
+    recon: ReconLoss,
     /// How a batch's loss is reduced before the gradient: sum over images (the PyTorch
     /// example) or mean over images (scales the gradient by 1/batch). Reported numbers are
     /// per image either way.
     #[arg(long, value_enum, default_value_t = Reduction::Sum)]
     reduction: Reduction,
     /// Weight β of the KL term (β-VAE).
-    #[arg(long, default_value_t = 1.0, value_name = "BETA")]
+    #[arg(long, default_value_t = 1.0, value_name = "BETA", allow_negative_numbers = true)]
     kl_weight: f64,
     /// Ramp the KL weight linearly from 0 to --kl-weight over this many epochs (per step).
-    #[arg(long, default_value_t = 0.0, value_name = "EPOCHS")]
+    #[arg(long, default_value_t = 0.0, value_name = "EPOCHS", allow_negative_numbers = true)]
     kl_warmup: f64,
     /// Adam (L2 weight decay) or AdamW (decoupled weight decay).
     #[arg(long, value_enum, default_value_t = Optimizer::Adam)]
     optimizer: Optimizer,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
     /// Adam's β1,β2.
-    #[arg(long, default_value = "0.9,0.999", value_delimiter = ',', num_args = 1, value_name = "B1,B2")]
+    #[arg(
+        long,
+        default_value = "0.9,0.999",
+        value_delimiter = ',',
+        num_args = 1,
+        value_name = "B1,B2",
+        allow_negative_numbers = true
+    )]
     betas: Vec<f64>,
     /// Adam's ε.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     eps: f64,
     /// Weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
-    /// Images per batch (the last batch of an epoch may be smaller).
-    #[arg(long, default_value_t = 128)]
+    /// Images per batch (the last batch of an epoch may be smaller; one larger than the
+    /// training set is cut to its size).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     batch_size: usize,
     /// Train until this many epochs are done in total [default: 10; with --resume: the
     /// run's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     epochs: Option<usize>,
     /// Seed of the weights, batch order and noise.
     #[arg(long, default_value_t = 0)]
@@ -82,6 +88,8 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint, with its saved settings (only
     /// --epochs, --patience and --device may change); the result equals an uninterrupted run.
+    /// Where --out holds no run yet (it was stopped before writing one), start it with these
+    /// flags.
     #[arg(long, requires = "out")]
     resume: bool,
     /// Start a new run in --out even if it already holds one (its checkpoints are replaced).
@@ -89,62 +97,23 @@ pub struct Args {
     overwrite: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Reduction {
-    Sum,
-    Mean,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Optimizer {
-    Adam,
-    Adamw,
-}
-
-/// Everything that defines a run; saved as run.json so --resume repeats it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Settings {
-    source: Source,
-    limit_train: Option<usize>,
-    limit_test: Option<usize>,
-    model: ModelConfig,
-    recon: ReconArg,
-    reduction: Reduction,
-    kl_weight: f64,
-    kl_warmup: f64,
-    optimizer: Optimizer,
-    lr: f64,
-    betas: [f64; 2],
-    eps: f64,
-    weight_decay: f64,
-    batch_size: usize,
-    epochs: usize,
-    seed: u64,
-    patience: Option<usize>,
-}
-
 pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
-    let (dir, settings, resumed) = if a.resume {
+    let resuming = a.resume && a.out.as_deref().is_some_and(RunDir::has_run);
+    let (dir, settings) = if resuming {
         let dir = a.out.clone().unwrap();
-        let mut s: Settings = RunDir::read_settings(&dir)?;
+        let mut s = RunDir::read_settings(&dir)?;
         if let Some(e) = a.epochs {
             s.epochs = e;
         }
         if a.patience.is_some() {
             s.patience = a.patience;
         }
-        (dir, s, true)
+        s.validate()?;
+        (dir, s)
     } else {
-        ensure!(a.batch_size > 0, "--batch-size must be at least 1");
         ensure!(a.betas.len() == 2, "--betas takes two numbers, like 0.9,0.999");
-        ensure!(a.lr > 0.0 && a.lr.is_finite(), "--lr must be a positive number");
         let source = a.data.source()?;
         let model = a.model.config(source.image_shape()?);
-        vaecuda::nn::vae::validate(&model)?;
-        let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", model.arch.name(), utc_stamp())));
-        RunDir::ensure_free(&dir, a.overwrite)?;
         let s = Settings {
             source,
             limit_train: a.data.limit_train,
@@ -164,53 +133,66 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             seed: a.seed,
             patience: a.patience,
         };
-        (dir, s, false)
+        s.validate()?;
+        let dir =
+            a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", s.model.arch.name(), utc_stamp())));
+        if a.resume {
+            println!("{} holds no run yet: starting it", dir.display());
+        } else {
+            RunDir::ensure_free(&dir, a.overwrite)?;
+        }
+        (dir, s)
     };
-    train(be, RunDir::create(&dir)?, settings, resumed)
+    train(be, RunDir::create(&dir)?, settings, resuming)
 }
 
-impl Settings {
-    fn loss(&self) -> LossConfig {
-        LossConfig { recon: self.recon.recon(), per_image_mean: self.reduction == Reduction::Mean }
-    }
-    fn adam(&self) -> AdamConfig {
-        AdamConfig {
-            lr: self.lr,
-            beta1: self.betas[0],
-            beta2: self.betas[1],
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            decoupled: self.optimizer == Optimizer::Adamw,
+/// Set by the first Ctrl-C (or SIGTERM): the loop stops after the current step.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Makes Ctrl-C stop training cleanly; a second one quits at once (every file on disk is
+/// whole at any moment, so that loses only the current epoch's progress).
+fn install_stop_handler() {
+    let handler = || {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopped at once; the last saved state is kept");
+            std::process::exit(130);
         }
-    }
-    /// Why a resumed run has nothing left to do, if it has not.
-    fn already_done(&self, p: &Progress) -> Option<String> {
-        if p.epoch >= self.epochs {
-            return Some(format!("this run already has {} epochs; pass a larger --epochs to continue it", p.epoch));
-        }
-        match self.patience {
-            Some(pat) if p.bad_epochs >= pat && p.epoch > 0 => {
-                Some(format!("early stopping had already ended this run (no improvement for {pat} epochs)"))
-            }
-            _ => None,
-        }
-    }
+        eprintln!("\nstopping after this step (Ctrl-C again to quit at once)");
+    };
+    // Fails only when a handler is already set: in a second `train` in the same process.
+    let _ = ctrlc::set_handler(handler);
 }
 
-fn train<B: Backend>(be: B, mut run: RunDir, s: Settings, resumed: bool) -> Result<()> {
+fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) -> Result<()> {
     let (train_dev, test_dev) = upload_data(&be, &s)?;
+    if s.batch_size > train_dev.len {
+        println!(
+            "note: --batch-size {} is larger than the {} training images; using {}",
+            s.batch_size, train_dev.len, train_dev.len
+        );
+        s.batch_size = train_dev.len;
+    }
     let mut t = Trainer::new(be.clone(), s.model.clone(), s.loss(), s.adam(), s.seed);
+    check_step_fits(&mut t, &train_dev, s.batch_size)?;
     let mut data_rng = Rng::new(s.seed ^ 0xDA7A_5EED);
     let mut p = Progress::start();
-    if resumed {
-        p = run.resume(&be, &mut t)?;
-        (t.noise, data_rng) = p.rngs()?;
-        println!("resuming {} after epoch {} (step {})", run.path.display(), p.epoch, t.adam.step);
-    } else {
-        run.write_settings(&s)?;
+    if resuming {
+        match run.resume(&mut t, &s)? {
+            Some(saved) => {
+                p = saved;
+                (t.noise, data_rng) = p.rngs()?;
+                let at = match &p.partial {
+                    Some(part) => format!("epoch {}, batch {}", p.epoch + 1, part.batches_done),
+                    None => format!("epoch {}", p.epoch),
+                };
+                println!("resuming {} after {at} (step {})", run.path.display(), t.adam.step);
+            }
+            None => println!("{} has no checkpoint yet: starting the run from the beginning", run.path.display()),
+        }
     }
-    // Only a resumed run can be over before it starts (a fresh one has done no epoch yet).
-    if let Some(why) = s.already_done(&p).filter(|_| resumed) {
+    // run.json again on a resume: --epochs and --patience may have changed.
+    run.write_settings(&s)?;
+    if let Some(why) = s.already_done(&p) {
         println!("{why}");
         return Ok(());
     }
@@ -222,21 +204,79 @@ fn train<B: Backend>(be: B, mut run: RunDir, s: Settings, resumed: bool) -> Resu
         test_dev.len,
         run.path.display()
     );
+    install_stop_handler();
     for epoch in p.epoch + 1..=s.epochs {
-        let e = train_epoch(&mut t, &train_dev, &mut data_rng, &s, epoch, &run)?;
+        let data_at_start = data_rng.clone();
+        let e = match train_epoch(&mut t, &train_dev, &mut data_rng, &s, epoch, &run, p.partial.take())? {
+            EpochEnd::Done(e) => e,
+            EpochEnd::Stopped(part) => {
+                let (batches, images) = (part.batches_done, part.images);
+                run.save_stopped(&t, &p.stopped_in_epoch(part, &t.noise, &data_at_start))?;
+                bail!(Interrupted(format!(
+                    "stopped in epoch {epoch} after {batches} batches ({images} images), saved in {}; continue with: vae train --out {} --resume",
+                    run.state().display(),
+                    run.path.display()
+                )));
+            }
+        };
         let test =
             elbo(&be, &t.model, &mut t.store, &test_dev, s.recon.recon(), s.batch_size, vaecuda::eval::EVAL_SEED);
         println!("{}", e.report(epoch, s.epochs, test.loss));
         run.push_metrics(e.csv_row(epoch, test.loss))?;
-        let improved = p.finish_epoch(epoch, test.loss, &t.noise, &data_rng);
-        run.save(&t, &s.model, s.recon.name(), &p, improved)?;
+        p.finish_epoch(epoch, test.loss, &t.noise, &data_rng);
+        run.commit_epoch(&t, &s, &p)?;
         if let Some(pat) = s.patience.filter(|&pat| p.bad_epochs >= pat) {
             println!("early stop: the test loss has not improved for {pat} epochs");
             break;
         }
+        if STOP.load(Ordering::SeqCst) && epoch < s.epochs {
+            bail!(Interrupted(format!(
+                "stopped after epoch {epoch}; continue with: vae train --out {} --resume",
+                run.path.display()
+            )));
+        }
     }
     println!("best test loss {:.4}; checkpoints in {}", p.best_test(), run.path.display());
     Ok(())
+}
+
+/// Refuses a batch whose step cannot fit in the device's free memory, before allocating it.
+fn check_step_fits<B: Backend>(t: &mut Trainer<B>, data: &DeviceData<B>, batch: usize) -> Result<()> {
+    let Some(free) = t.backend.free_memory() else { return Ok(()) };
+    let one = data.batch(&t.backend, &[0]);
+    let m = t.step_memory(one);
+    let need = m.for_batch(batch);
+    if need > free {
+        bail!(
+            "a training step on batches of {batch} would need about {} ({} per image) but {} is free; use --batch-size {} or less",
+            human_bytes(need),
+            human_bytes(m.bytes_per_image),
+            human_bytes(free),
+            m.largest_batch(free).max(1)
+        );
+    }
+    eprintln!(
+        "memory: a step on {batch} images takes about {} (estimated); {} is free",
+        human_bytes(need),
+        human_bytes(free)
+    );
+    Ok(())
+}
+
+/// Bytes as "3.2 GiB".
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// One epoch's training numbers, per image.
@@ -277,7 +317,15 @@ fn upload_data<B: Backend>(be: &B, s: &Settings) -> Result<(DeviceData<B>, Devic
     Ok((DeviceData::upload(be, &train_set), DeviceData::upload(be, &test_set)))
 }
 
-/// One pass over the training set in `data_rng`'s order, with a progress bar on a terminal.
+/// How an epoch's pass over the training set ended.
+enum EpochEnd {
+    Done(EpochLosses),
+    /// Ctrl-C: the batches done so far.
+    Stopped(PartialEpoch),
+}
+
+/// One pass over the training set in `data_rng`'s order, with a progress bar on a terminal;
+/// `resume` skips the batches a stopped run already did.
 fn train_epoch<B: Backend>(
     t: &mut Trainer<B>,
     data: &DeviceData<B>,
@@ -285,13 +333,35 @@ fn train_epoch<B: Backend>(
     s: &Settings,
     epoch: usize,
     run: &RunDir,
-) -> Result<EpochLosses> {
+    resume: Option<PartialEpoch>,
+) -> Result<EpochEnd> {
     let steps_per_epoch = data.len.div_ceil(s.batch_size);
     let warmup_steps = s.kl_warmup * steps_per_epoch as f64;
-    let bar = progress_bar(steps_per_epoch as u64, epoch, s.epochs);
+    let bar = super::progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", s.epochs), "batches");
     let start = Instant::now();
-    let (mut recon_sum, mut kl_sum, mut seen) = (0.0, 0.0, 0usize);
-    for (b, idx) in data.epoch_batches(s.batch_size, Some(data_rng)).into_iter().enumerate() {
+    let done = resume.unwrap_or(PartialEpoch {
+        batches_done: 0,
+        recon_bits: 0f64.to_bits(),
+        kl_bits: 0f64.to_bits(),
+        images: 0,
+        seconds: 0.0,
+    });
+    let (mut recon_sum, mut kl_sum) = (f64::from_bits(done.recon_bits), f64::from_bits(done.kl_bits));
+    let mut seen = done.images;
+    let seconds = |start: Instant| done.seconds + start.elapsed().as_secs_f64();
+    bar.inc(done.batches_done as u64);
+    let batches = data.epoch_batches(s.batch_size, Some(data_rng));
+    for (b, idx) in batches.into_iter().enumerate().skip(done.batches_done) {
+        if STOP.load(Ordering::SeqCst) {
+            bar.abandon();
+            return Ok(EpochEnd::Stopped(PartialEpoch {
+                batches_done: b,
+                recon_bits: recon_sum.to_bits(),
+                kl_bits: kl_sum.to_bits(),
+                images: seen,
+                seconds: seconds(start),
+            }));
+        }
         let beta = if warmup_steps > 0.0 {
             s.kl_weight * ((t.adam.step + 1) as f64 / warmup_steps).min(1.0)
         } else {
@@ -310,7 +380,7 @@ fn train_epoch<B: Backend>(
         recon_sum += l.recon * scale;
         kl_sum += l.kl * scale;
         seen += n;
-        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        let secs = seconds(start).max(1e-9);
         bar.set_message(format!(
             "loss {:.2}  recon {:.2}  KL {:.2}  {:.0} img/s",
             (recon_sum + kl_sum) / seen as f64,
@@ -321,23 +391,9 @@ fn train_epoch<B: Backend>(
         bar.inc(1);
     }
     t.backend.synchronize();
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = seconds(start);
     bar.finish_and_clear();
-    Ok(EpochLosses { recon: recon_sum / seen as f64, kl: kl_sum / seen as f64, images: seen, seconds })
-}
-
-fn progress_bar(len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("epoch {epoch}/{epochs}"));
-    bar
+    Ok(EpochEnd::Done(EpochLosses { recon: recon_sum / seen as f64, kl: kl_sum / seen as f64, images: seen, seconds }))
 }
 
 /// The current UTC time as yyyymmdd-hhmmss (no date crate needed).

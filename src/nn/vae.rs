@@ -99,6 +99,20 @@ pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
         c.width
     );
     ensure!(c.latent > 0, "the latent size must be at least 1");
+    // Bounds that no real model comes near, so that the sizes below cannot overflow and a
+    // damaged run.json cannot ask for an absurd model.
+    ensure!(
+        c.channels.max(c.height).max(c.width) <= MAX_SIDE,
+        "image shape {}×{}×{} is larger than {MAX_SIDE} in some dimension",
+        c.channels,
+        c.height,
+        c.width
+    );
+    ensure!(
+        c.latent.max(c.hidden).max(c.hiddens.iter().copied().max().unwrap_or(0)) <= MAX_WIDTH,
+        "layer widths (--latent, --hidden, --hiddens) must be at most {MAX_WIDTH}"
+    );
+    ensure!(c.hiddens.len() <= 16, "--hiddens lists {} blocks; at most 16 fit any image", c.hiddens.len());
     match c.arch {
         Arch::Mlp => ensure!(c.hidden > 0, "--hidden must be at least 1"),
         Arch::Conv => {
@@ -118,6 +132,62 @@ pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The largest image side or channel count [`validate`] accepts.
+pub const MAX_SIDE: usize = 1 << 16;
+/// The largest layer width (latent, hidden, conv channels) [`validate`] accepts.
+pub const MAX_WIDTH: usize = 1 << 24;
+
+/// The number of trainable parameters `config` builds (as [`ParamStore::trainable_count`]
+/// will count them), computed from the sizes alone, so a model can be refused before any of
+/// it is allocated. Saturates rather than overflows. Expects a config [`validate`] accepted.
+pub fn parameter_count(config: &ModelConfig) -> u64 {
+    let u = |v: usize| v as u64;
+    let linear = |i: usize, o: usize| u(i).saturating_mul(u(o)).saturating_add(u(o));
+    // Conv2d [o, i, 3, 3] and ConvTranspose2d [i, o, 3, 3], with a bias of o.
+    let conv = |i: usize, o: usize| u(i).saturating_mul(u(o)).saturating_mul(9).saturating_add(u(o));
+    let batch_norm = |c: usize| 2 * u(c);
+    let (c, z) = (config.channels, config.latent);
+    let parts: Vec<u64> = match config.arch {
+        Arch::Mlp => {
+            let (d, h) = (config.image_len(), config.hidden);
+            vec![linear(d, h), linear(h, z), linear(h, z), linear(z, h), linear(h, d)]
+        }
+        Arch::Conv => {
+            let flat = 128 * down(down(config.height)) * down(down(config.width));
+            vec![
+                conv(c, 32),
+                conv(32, 64),
+                conv(64, 128),
+                linear(flat, 256),
+                linear(256, z),
+                linear(256, z),
+                linear(z, 256),
+                linear(256, flat),
+                conv(128, 64),
+                conv(64, 32),
+                conv(32, c),
+            ]
+        }
+        Arch::ConvBn => {
+            let hs = &config.hiddens;
+            let side = hs.iter().fold(config.height, |s, _| down(s));
+            let flat = hs[hs.len() - 1].saturating_mul(side * side);
+            let mut parts = vec![linear(flat, z), linear(flat, z), linear(z, flat)];
+            let mut c_in = c;
+            for &h in hs {
+                parts.extend([conv(c_in, h), batch_norm(h)]);
+                c_in = h;
+            }
+            for w in hs.windows(2) {
+                parts.extend([conv(w[1], w[0]), batch_norm(w[0])]);
+            }
+            parts.extend([conv(hs[0], hs[0]), batch_norm(hs[0]), conv(hs[0], c)]);
+            parts
+        }
+    };
+    parts.into_iter().fold(0u64, u64::saturating_add)
 }
 
 /// Output size of a 3×3, stride-2, pad-1 convolution.
@@ -447,6 +517,27 @@ mod tests {
         let (mu, _) = vae.encode(&mut tape, x);
         let y = vae.decode_logits(&mut tape, mu);
         assert_eq!(tape.shape(y), [2, 3, 64, 64]);
+    }
+
+    #[test]
+    fn parameter_count_is_what_new_builds() {
+        let be = crate::Cpu::<f32>::default();
+        let mut configs = vec![ModelConfig::mnist(Arch::Mlp), ModelConfig::mnist(Arch::Conv)];
+        let mut bn = ModelConfig::mnist(Arch::ConvBn);
+        bn.hiddens = vec![3, 5, 7];
+        configs.push(bn.clone());
+        bn.hiddens = vec![4];
+        (bn.channels, bn.height, bn.width, bn.latent) = (3, 17, 17, 6);
+        configs.push(bn);
+        let mut conv = ModelConfig::mnist(Arch::Conv);
+        (conv.channels, conv.height, conv.width, conv.latent) = (3, 33, 21, 7);
+        configs.push(conv);
+        for c in configs {
+            validate(&c).unwrap();
+            let mut store = crate::tape::ParamStore::default();
+            Vae::new(c.clone(), &mut store, &be, 0);
+            assert_eq!(parameter_count(&c), store.trainable_count() as u64, "{c:?}");
+        }
     }
 
     #[test]

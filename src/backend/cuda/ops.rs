@@ -119,6 +119,10 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     fn synchronize(&self) {
         self.sync_or_raise();
     }
+    fn free_memory(&self) -> Option<u64> {
+        // Buffers parked in our pool count as taken: the estimate errs toward refusing.
+        self.inner.stream.context().mem_get_info().ok().map(|(free, _)| free as u64)
+    }
     fn time(&self, f: &mut dyn FnMut()) -> std::time::Duration {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         let stream = &self.inner.stream;
