@@ -258,6 +258,17 @@ pub fn load_model<B: Backend>(path: &Path, backend: &B, fallback: Option<ModelCo
         ),
     };
     crate::nn::vae::validate(&config)?;
+    // The model is built before the file's tensors are checked against it (which then names
+    // the first tensor that differs): a configuration that asks for far more parameters than
+    // the file holds values is refused first, so a damaged header cannot make us allocate
+    // more than a small multiple of the file's size.
+    let params = crate::nn::vae::parameter_count(&config);
+    let stored: u64 = file.tensors.values().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    ensure!(
+        params <= 2 * stored + (1 << 20),
+        "{} does not fit its configuration: the model has {params} parameters but the file holds {stored} values",
+        path.display()
+    );
     let mut store = ParamStore::default();
     let vae = Vae::new(config.clone(), &mut store, backend, 0);
     file.load_into(backend, &mut store)?;

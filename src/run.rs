@@ -120,11 +120,6 @@ pub struct Settings {
     pub patience: Option<usize>,
 }
 
-/// The largest parameter count a run may ask for (4G parameters: 16 GiB in f32 before the
-/// optimizer's moments); beyond it a setting is a typo, and refusing it early keeps a damaged
-/// run.json from asking for terabytes.
-pub const MAX_PARAMETERS: u64 = 1 << 32;
-
 impl Settings {
     /// Refuses nonsense with the flag it came from: zero counts, a learning rate that is not
     /// a positive number, betas outside [0, 1), a model that cannot be built. Runs on the
@@ -147,13 +142,7 @@ impl Settings {
         for b in self.betas {
             finite("--betas", b, (0.0..1.0).contains(&b), "two numbers in [0, 1), like 0.9,0.999")?;
         }
-        crate::nn::vae::validate(&self.model)?;
-        let params = crate::nn::vae::parameter_count(&self.model);
-        ensure!(
-            params <= MAX_PARAMETERS,
-            "the model would have {params} parameters, more than the {MAX_PARAMETERS} this trainer allows"
-        );
-        Ok(())
+        crate::nn::vae::validate(&self.model)
     }
     /// The loss configuration of a training step.
     pub fn loss(&self) -> LossConfig {

@@ -2,69 +2,12 @@
 //! the right rows), that checkpoints reload to the same numbers, that a resumed run equals an
 //! uninterrupted one, and that errors are one `error:` line with a non-zero exit.
 
-use std::io::Write;
+mod cli_common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use cli_common::{fails, ok, tiny_dataset, write_idx};
 use vaecuda::checkpoint::TensorFile;
-
-fn vae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).args(["--device", "cpu"]).output().expect("run vae")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vae(args);
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "vae {args:?} failed\nstdout:\n{out}\nstderr:\n{err}");
-    out.into_owned()
-}
-
-/// Fails, with exactly one `error:` line on stderr and no panic.
-fn fails(args: &[&str]) -> String {
-    let o = vae(args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "vae {args:?} should fail");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("device:") && !l.starts_with("note:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    lines[0].to_string()
-}
-
-fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&[0, 0, 8, dims.len() as u8]).unwrap();
-    for d in dims {
-        f.write_all(&d.to_be_bytes()).unwrap();
-    }
-    f.write_all(data).unwrap();
-}
-
-/// A tiny 12×12 IDX dataset: blobs whose position depends on the label.
-fn tiny_dataset(dir: &Path, n_train: usize, n_test: usize) {
-    let mut seed = 1u64;
-    let mut split = |name: &str, n: usize| {
-        let mut px = vec![];
-        let mut labels = vec![];
-        for _ in 0..n {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let label = (seed >> 33) as usize % 4;
-            labels.push(label as u8);
-            let (cx, cy) = (3 + 6 * (label % 2), 3 + 6 * (label / 2));
-            for y in 0..12usize {
-                for x in 0..12usize {
-                    let d2 = (x as i64 - cx as i64).pow(2) + (y as i64 - cy as i64).pow(2);
-                    let noise = (seed >> (x + y)) & 31;
-                    px.push(if d2 <= 5 { 224 + noise as u8 } else { noise as u8 });
-                }
-            }
-        }
-        write_idx(&dir.join(format!("{name}-images-idx3-ubyte")), &[n as u32, 12, 12], &px);
-        write_idx(&dir.join(format!("{name}-labels-idx1-ubyte")), &[n as u32], &labels);
-    };
-    split("train", n_train);
-    split("t10k", n_test);
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -232,6 +175,80 @@ fn errors_are_one_line_and_non_zero() {
     assert!(msg.contains("at step") && msg.contains("epoch 1"), "{msg}");
 }
 
+/// Nonsense in a flag is refused with the flag's name and what it must be, before any work;
+/// negative numbers reach that check instead of being taken for flags by the parser.
+#[test]
+fn every_flag_refuses_nonsense_with_a_reason() {
+    let f = Fixture::new();
+    let out = f.path("never");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--epochs", "0"], "--epochs must be at least 1"),
+        (&["--lr", "-1"], "--lr must be a positive number (got -1)"),
+        (&["--lr=-0.5"], "--lr must be a positive number"),
+        (&["--lr", "0"], "--lr must be a positive number"),
+        (&["--lr", "nan"], "--lr must be a positive number (got NaN)"),
+        (&["--lr", "inf"], "--lr must be a positive number (got inf)"),
+        (&["--eps", "0"], "--eps must be a positive number"),
+        (&["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (&["--kl-weight", "-1"], "--kl-weight must be 0 or more"),
+        (&["--kl-warmup", "inf"], "--kl-warmup must be 0 or more epochs"),
+        (&["--betas", "0.9,1.5"], "--betas must be two numbers in [0, 1)"),
+        (&["--betas", "-0.1,0.9"], "--betas must be two numbers in [0, 1)"),
+        (&["--betas", "0.9"], "--betas takes two numbers"),
+        (&["--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--patience", "0"], "--patience must be at least 1"),
+        (&["--limit-train", "0"], "--limit-train must be at least 1"),
+        (&["--latent", "0"], "latent size must be at least 1"),
+        (&["--latent", "100000000"], "must be at most"),
+        (&["--hidden", "16000000"], "parameters, more than"),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["train", "--data", &f.data, "--out", &out];
+        args.extend_from_slice(flags);
+        let msg = fails(&args);
+        assert!(msg.contains(want), "{flags:?}: {msg}");
+    }
+    assert!(!Path::new(&out).join("run.json").exists(), "a refused run left a run behind");
+    // A batch larger than the training set is cut to it, and says so.
+    let run = f.path("big-batch");
+    let said =
+        ok(&["train", "--data", &f.data, "--hidden", "32", "--epochs", "1", "--batch-size", "100000", "--out", &run]);
+    assert!(said.contains("--batch-size 100000 is larger than the 300 training images; using 300"), "{said}");
+    let msg = fails(&["eval", "-c", &run, "--data", &f.data, "--iw", "0"]);
+    assert!(msg.contains("--iw must be at least 1"), "{msg}");
+    let msg = fails(&["eval", "-c", &run, "--data", &f.data, "--batch-size", "0"]);
+    assert!(msg.contains("--batch-size must be at least 1"), "{msg}");
+    // --resume validates too: --epochs 0 there, and a damaged run.json.
+    assert!(fails(&["train", "--out", &run, "--resume", "--epochs", "0"]).contains("--epochs must be at least 1"));
+    let json = std::fs::read_to_string(Path::new(&run).join("run.json")).unwrap();
+    std::fs::write(Path::new(&run).join("run.json"), json.replace("\"batch_size\": 300", "\"batch_size\": 0")).unwrap();
+    let msg = fails(&["train", "--out", &run, "--resume", "--epochs", "2"]);
+    assert!(msg.contains("run.json is damaged") && msg.contains("--batch-size must be at least 1"), "{msg}");
+}
+
+/// A model or a batch that cannot fit in memory is refused before it is allocated, with the
+/// estimate (and for a batch, the largest that fits). The free memory is capped through
+/// VAECUDA_CPU_MEMORY so the test does not depend on the machine.
+#[test]
+fn what_cannot_fit_in_memory_is_refused_with_the_estimate() {
+    let f = Fixture::new();
+    let out = f.path("mem");
+    let train = |cap: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--data", &f.data, "--epochs", "1", "--out", &out];
+        args.extend_from_slice(extra);
+        cli_common::vae_with_env(&args, &[("VAECUDA_CPU_MEMORY", cap)])
+    };
+    // The conv VAE on 12×12 images: 0.7 M parameters, about 0.1 MiB of activations per image.
+    let (ok_run, err) = train("64M", &["--arch", "conv", "--batch-size", "32", "--overwrite"]);
+    assert!(ok_run, "a batch of 32 should fit in 64 MiB: {err}");
+    let (ok_run, err) = train("64M", &["--arch", "conv", "--batch-size", "300", "--overwrite"]);
+    assert!(!ok_run, "a batch of 300 should not fit in 64 MiB");
+    assert!(err.contains("would need about") && err.contains("per image") && err.contains("64.0 MiB is free"), "{err}");
+    assert!(err.contains("use --batch-size"), "{err}");
+    let (ok_run, err) = train("8M", &["--arch", "conv", "--batch-size", "32", "--overwrite"]);
+    assert!(!ok_run && err.contains("parameters, with their gradients and Adam's two moments"), "{err}");
+}
+
 #[test]
 fn trains_on_a_folder_of_images() {
     let tmp = tempfile::tempdir().unwrap();
@@ -320,7 +337,7 @@ fn charts_draw_text_without_system_fonts() {
     let rows: String = (1..=5).map(|e| format!("{e},{},{},{},{},1.0,1000\n", 150 - e, 120 - e, 30, 151 - e)).collect();
     std::fs::write(&csv, format!("epoch,train_loss,recon,kl,test_loss,seconds,images_per_s\n{rows}")).unwrap();
     let nowhere = tmp.path().join("no-fonts");
-    let o = Command::new(env!("CARGO_BIN_EXE_vae"))
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(["plot", csv.to_str().unwrap()])
         .env("FONTCONFIG_FILE", &nowhere)
         .env("FONTCONFIG_PATH", &nowhere)

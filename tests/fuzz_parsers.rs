@@ -91,9 +91,21 @@ fn fuzz(
     parse: impl Fn(&Path) -> Result<(), String>,
 ) {
     let mut rng = Rng::new(name.len() as u64 * 7919);
+    fuzz_with(name, valid, path, bound, |v, i| if i == 0 { v.to_vec() } else { mutate(v, &mut rng) }, parse)
+}
+
+/// [`fuzz`] with its own mutator (`damage(valid, i)`; input 0 is always the valid file).
+fn fuzz_with(
+    name: &str,
+    valid: &[u8],
+    path: &Path,
+    bound: impl Fn(usize) -> usize,
+    mut damage: impl FnMut(&[u8], usize) -> Vec<u8>,
+    parse: impl Fn(&Path) -> Result<(), String>,
+) {
     let (mut accepted, mut rejected) = (0, 0);
     for i in 0..INPUTS {
-        let bytes = if i == 0 { valid.to_vec() } else { mutate(valid, &mut rng) };
+        let bytes = if i == 0 { valid.to_vec() } else { damage(valid, i) };
         std::fs::write(path, &bytes).unwrap();
         let (result, largest) =
             largest_allocation(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(path))));
@@ -206,4 +218,113 @@ fn image_files() {
                 .map_err(|e| format!("cannot decode image {}: {e:#}", p.display()).replace('\n', " "))
         });
     }
+}
+
+/// A damaged copy of a JSON document: half the time bytes (as [`mutate`]), half the time one
+/// value replaced by another of any type or an extreme number, so that damage also reaches
+/// the checks behind the parser (a zero batch size, a model of 10^15 parameters).
+fn mutate_json(valid: &[u8], rng: &mut Rng) -> Vec<u8> {
+    use serde_json::{json, Value};
+    if rng.next_f64() < 0.5 {
+        return mutate(valid, rng);
+    }
+    let mut doc: Value = serde_json::from_slice(valid).unwrap();
+    let mut leaves = vec![];
+    fn walk(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => o.iter().for_each(|(k, v)| walk(v, format!("{at}/{k}"), out)),
+            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk(v, format!("{at}/{i}"), out)),
+            _ => {}
+        }
+        out.push(at);
+    }
+    walk(&doc, String::new(), &mut leaves);
+    let pick = |rng: &mut Rng, n: usize| (rng.next_f64() * n as f64) as usize % n.max(1);
+    let replacements = [
+        json!(0),
+        json!(-1),
+        json!(1u64 << 40),
+        json!(u64::MAX),
+        json!(1e308),
+        json!(-1e-300),
+        json!(0.5),
+        json!("mlp"),
+        json!(null),
+        json!([]),
+        json!({}),
+        json!([1u64 << 30, 1u64 << 30]),
+    ];
+    for _ in 0..1 + pick(rng, 2) {
+        let at = &leaves[pick(rng, leaves.len())];
+        if let Some(slot) = doc.pointer_mut(at) {
+            *slot = replacements[pick(rng, replacements.len())].clone();
+        }
+    }
+    serde_json::to_vec_pretty(&doc).unwrap()
+}
+
+/// run.json, as `--resume` reads it: parsed and validated, or refused naming the file.
+#[test]
+fn run_settings() {
+    use vaecuda::run::{ReconLoss, Reduction, RunDir, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        source: vaecuda::data::Source::Idx(None),
+        limit_train: Some(1000),
+        limit_test: None,
+        model: vaecuda::nn::ModelConfig::mnist(vaecuda::nn::Arch::ConvBn),
+        recon: ReconLoss::Bce,
+        reduction: Reduction::Sum,
+        kl_weight: 1.0,
+        kl_warmup: 0.0,
+        optimizer: vaecuda::run::Optimizer::Adam,
+        lr: 1e-3,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+        batch_size: 128,
+        epochs: 10,
+        seed: 0,
+        patience: Some(3),
+    };
+    let valid = serde_json::to_vec_pretty(&settings).unwrap();
+    let mut rng = Rng::new(0x5E77);
+    fuzz_with(
+        "run.json",
+        &valid,
+        &dir.path().join("run.json"),
+        |n| 4 * n + 65536,
+        |v, _| mutate_json(v, &mut rng),
+        |p| {
+            let s = RunDir::read_settings(p.parent().unwrap()).map_err(|e| format!("{e:#}").replace('\n', " "))?;
+            // What --resume builds from it must be buildable.
+            assert!(vaecuda::nn::vae::parameter_count(&s.model) <= vaecuda::nn::vae::MAX_PARAMETERS);
+            Ok(())
+        },
+    );
+}
+
+/// metrics.csv, as `vae plot` reads it.
+#[test]
+fn metrics_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (1..=6)
+        .map(|e| format!("{e},{:.6},120.5,30.25,{:.6},1.250,1000.0\n", 150.0 / e as f64, 151.5 - e as f64))
+        .collect();
+    let valid = format!("{}\n{rows}", vaecuda::run::METRICS_HEADER).into_bytes();
+    let mut rng = Rng::new(0xC5F);
+    fuzz_with(
+        "metrics.csv",
+        &valid,
+        &dir.path().join("metrics.csv"),
+        |n| 8 * n + 65536,
+        |v, _| mutate(v, &mut rng),
+        |p| {
+            let m = vaecuda::run::Metrics::read(p).map_err(|e| format!("{e:#}").replace('\n', " "))?;
+            for c in ["epoch", "train_loss", "test_loss", "recon", "kl"] {
+                m.column(c).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            Ok(())
+        },
+    );
 }

@@ -234,10 +234,34 @@ impl<E: Float> Backend for Cpu<E> {
     }
 }
 
+/// The variable that caps the memory [`available_memory`] reports (bytes, or with a K, M or G
+/// suffix: `VAECUDA_CPU_MEMORY=8G`): to keep a run within part of a shared machine, and to
+/// test the refusals without filling the machine.
+pub const MEMORY_CAP_ENV: &str = "VAECUDA_CPU_MEMORY";
+
 /// Memory this process can still take, in bytes: the kernel's estimate of what can be
 /// allocated without swapping (`MemAvailable` in /proc/meminfo), and no more than the room
-/// left under a cgroup (v2) limit, as in a container. `None` where neither can be read.
+/// left under a cgroup (v2) limit, as in a container, or the cap in [`MEMORY_CAP_ENV`].
+/// `None` where none of them can be read.
 pub fn available_memory() -> Option<u64> {
+    let cap = std::env::var(MEMORY_CAP_ENV).ok().and_then(|v| {
+        let v = v.trim();
+        let (digits, unit) = match v.char_indices().last()? {
+            (i, 'K' | 'k') => (&v[..i], 1u64 << 10),
+            (i, 'M' | 'm') => (&v[..i], 1 << 20),
+            (i, 'G' | 'g') => (&v[..i], 1 << 30),
+            _ => (v, 1),
+        };
+        digits.parse::<u64>().ok().map(|n| n.saturating_mul(unit))
+    });
+    let measured = measured_available_memory();
+    match (measured, cap) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn measured_available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

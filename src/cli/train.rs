@@ -60,7 +60,7 @@ pub struct Args {
         value_delimiter = ',',
         num_args = 1,
         value_name = "B1,B2",
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
     betas: Vec<f64>,
     /// Adam's ε.
@@ -172,6 +172,7 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
         );
         s.batch_size = train_dev.len;
     }
+    check_model_fits(&be, &s)?;
     let mut t = Trainer::new(be.clone(), s.model.clone(), s.loss(), s.adam(), s.seed);
     check_step_fits(&mut t, &train_dev, s.batch_size)?;
     let mut data_rng = Rng::new(s.seed ^ 0xDA7A_5EED);
@@ -196,6 +197,7 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
         println!("{why}");
         return Ok(());
     }
+    install_stop_handler();
     println!(
         "training {} ({} parameters) on {} images, testing on {}; run directory {}",
         s.model.arch.name(),
@@ -204,7 +206,6 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
         test_dev.len,
         run.path.display()
     );
-    install_stop_handler();
     for epoch in p.epoch + 1..=s.epochs {
         let data_at_start = data_rng.clone();
         let e = match train_epoch(&mut t, &train_dev, &mut data_rng, &s, epoch, &run, p.partial.take())? {
@@ -237,6 +238,21 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
         }
     }
     println!("best test loss {:.4}; checkpoints in {}", p.best_test(), run.path.display());
+    Ok(())
+}
+
+/// Refuses a model whose parameters, gradients and Adam moments cannot fit in the device's
+/// free memory, before building it.
+fn check_model_fits<B: Backend>(be: &B, s: &Settings) -> Result<()> {
+    let Some(free) = be.free_memory() else { return Ok(()) };
+    let params = vaecuda::nn::vae::parameter_count(&s.model);
+    let need = params.saturating_mul(4 * std::mem::size_of::<B::E>() as u64);
+    ensure!(
+        need <= free,
+        "the model's {params} parameters, with their gradients and Adam's two moments, would need {} but {} is free; choose smaller layers",
+        human_bytes(need),
+        human_bytes(free)
+    );
     Ok(())
 }
 

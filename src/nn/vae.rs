@@ -131,11 +131,21 @@ pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
             ensure!(c.height == c.width, "conv-bn expects square images, got {}×{}", c.height, c.width);
         }
     }
+    // Last: the count assumes the checks above passed.
+    let params = parameter_count(c);
+    ensure!(
+        params <= MAX_PARAMETERS,
+        "the model would have {params} parameters, more than the {MAX_PARAMETERS} this trainer allows"
+    );
     Ok(())
 }
 
 /// The largest image side or channel count [`validate`] accepts.
 pub const MAX_SIDE: usize = 1 << 16;
+/// The largest parameter count [`validate`] accepts (4G parameters: 16 GiB in f32 before the
+/// optimizer's moments); beyond it a setting is a typo, and refusing it early keeps a damaged
+/// run.json or checkpoint header from asking for terabytes.
+pub const MAX_PARAMETERS: u64 = 1 << 32;
 /// The largest layer width (latent, hidden, conv channels) [`validate`] accepts.
 pub const MAX_WIDTH: usize = 1 << 24;
 
