@@ -19,12 +19,15 @@ fn zip3<E: Float>(out: &mut [E], a: &[E], b: &[E], f: impl Fn(E, E, E) -> E + Sy
         .for_each(|((o, a), b)| simd(|| o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
 }
 
+/// `y[i] = a[i]·b[i]`, overwriting y.
 pub fn cpu_mul<E: Float>(a: &[E], b: &[E], y: &mut [E]) {
     zip3(y, a, b, |_, a, b| a * b);
 }
+/// `out[i] += a[i]·b[i]`: the backward of `mul` (dy ⊙ the other factor).
 pub fn cpu_mul_accumulate<E: Float>(a: &[E], b: &[E], out: &mut [E]) {
     zip3(out, a, b, |o, a, b| o + a * b);
 }
+/// `y[i] += alpha·x[i]` (BLAS's axpy): the backward of `add`, `scale` and `reshape`.
 pub fn cpu_axpy<E: Float>(alpha: E, x: &[E], y: &mut [E]) {
     zip3(y, x, x, |y, x, _| y + alpha * x);
 }
@@ -42,6 +45,8 @@ pub fn cpu_reduce(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
     chunks.into_iter().sum()
 }
 
+/// Σ x, accumulated in f64 in [`REDUCE_CHUNK`] chunks (the same bits on any thread count),
+/// rounded once to `E`.
 pub fn cpu_sum<E: Float>(x: &[E]) -> E {
     E::of(cpu_reduce(x.len(), |i| x[i].f64()))
 }

@@ -16,6 +16,8 @@ use crate::tensor::{Float, Tensor};
 
 // ---- CPU reference ----
 
+/// Writes `z[i] = mu[i] + eps[i]·exp(logvar[i]/2)` and returns the KL summed over every
+/// element (all images and latent dimensions), accumulated in f64.
 pub fn cpu_forward<E: Float>(mu: &[E], logvar: &[E], eps: &[E], z: &mut [E]) -> E {
     z.par_iter_mut()
         .with_min_len(PAR_MIN)
@@ -28,6 +30,9 @@ pub fn cpu_forward<E: Float>(mu: &[E], logvar: &[E], eps: &[E], z: &mut [E]) -> 
     E::of(-0.5 * s)
 }
 
+/// Adds into `dmu` and `dlogvar` (each only if asked for) the gradients from `dz` (per
+/// element, when z's gradient exists) and from `dkl` (the scalar gradient of the KL output);
+/// the formulas are in the module doc.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<E: Float>(
     mu: &[E],
