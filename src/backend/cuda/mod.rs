@@ -136,6 +136,7 @@ impl<E: CudaFloat> Cuda<E> {
         Ok(Cuda { inner: Arc::new(inner) })
     }
 
+    /// The GPU this backend runs on, as probed when it was opened.
     pub fn info(&self) -> &GpuInfo {
         &self.inner.info
     }
