@@ -10,10 +10,10 @@ use crate::backend::Backend;
 use crate::tensor::{numel, Float, Tensor};
 
 /// A handle to a value: an activation on the tape, or a parameter in the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 ///
 /// A `Var` is a plain index, cheap to copy into backward closures; the tensor it names is read
 /// through [`Tape::value`] (or [`BackwardCtx::value`] during backward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Var {
     /// The i-th tensor recorded on this tape (an input or an op's output); valid only for the
     /// tape that made it.

@@ -112,6 +112,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// The loss of a batch in eval mode (batch norm on running statistics), recording nothing.
+    /// The KL term is weighted 1 whatever β training uses, so this is the plain −ELBO.
     pub fn evaluate(&mut self, x: Tensor<B>) -> BatchLoss {
         let n = x.shape[0];
         let eps = self.draw_noise(n);
