@@ -53,7 +53,8 @@ pub fn cpu_sum<E: Float>(x: &[E]) -> E {
 
 // ---- on the tape ----
 
-/// a ⊙ b (same shapes).
+/// a ⊙ b (same shapes). Backward: `da += dy ⊙ b`, `db += dy ⊙ a`, so both inputs stay on the
+/// tape until backward.
 pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
     let mut y = Tensor::empty(&tape.backend, tape.shape(a));
@@ -70,7 +71,8 @@ pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     })
 }
 
-/// a + b (same shapes).
+/// a + b (same shapes): a's buffer copied, then b added in. Backward passes dy unchanged to
+/// both (`axpy` with α = 1).
 pub fn add<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
     let mut y = tape.value(a).duplicate(&tape.backend);
@@ -85,7 +87,8 @@ pub fn add<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     })
 }
 
-/// alpha · x.
+/// alpha · x, with alpha a host constant (no gradient flows to it): how the VAE divides its
+/// terms by the batch size and weights the KL by β.
 pub fn scale<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
     let mut y = Tensor::zeros(&tape.backend, tape.shape(x));
     tape.backend.axpy(B::E::of(alpha), &tape.value(x).buf, &mut y.buf);
@@ -124,7 +127,9 @@ fn sum_scaled<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
     })
 }
 
-/// The same elements under a new shape (`view`/`reshape` of a contiguous tensor).
+/// The same elements under a new shape (`view`/`reshape` of a contiguous tensor). Unlike
+/// PyTorch's `view`, the result is a copy: every value on the tape owns its buffer. Backward
+/// adds dy into dx unchanged, since the row-major order is the same.
 pub fn reshape<B: Backend>(tape: &mut Tape<B>, x: Var, shape: &[usize]) -> Var {
     assert_eq!(numel(shape), numel(tape.shape(x)), "reshape: {:?} has a different size than {shape:?}", tape.shape(x));
     let mut y = tape.value(x).duplicate(&tape.backend);
@@ -137,7 +142,7 @@ pub fn reshape<B: Backend>(tape: &mut Tape<B>, x: Var, shape: &[usize]) -> Var {
     })
 }
 
-/// [n, ...] → [n, rest].
+/// `[n, ...]` → `[n, rest]`: one row per image, as a linear layer wants (a [`reshape`]).
 pub fn flatten<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     let s = tape.shape(x);
     let shape = [s[0], s[1..].iter().product()];

@@ -43,7 +43,10 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: LinearD
 
 // ---- on the tape ----
 
-/// `y = x·Wᵀ + b` with x `[n, in]`, w `[out, in]`, b `[out]`.
+/// `y = x·Wᵀ + b` with x `[n, in]`, w `[out, in]`, b `[out]`; y is `[n, out]`. The backward
+/// runs only the parts that are needed: `linear_backward_data` when x needs a gradient (not for
+/// the first layer, whose x is the data), `linear_backward_weight` and `bias_backward` for
+/// trainable w and b.
 pub fn linear<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>) -> Var {
     let (xs, ws) = (tape.shape(x).to_vec(), tape.shape(w).to_vec());
     assert!(xs.len() == 2 && ws.len() == 2 && xs[1] == ws[1], "linear: x {xs:?} does not fit W {ws:?}");

@@ -60,7 +60,10 @@ pub fn cpu_backward<E: Float>(
 
 // ---- on the tape ----
 
-/// Returns (z `[n, z]`, kl `[1]`).
+/// Samples z and computes the KL term in one op. mu, logvar and eps are `[n, z]` (eps drawn
+/// from N(0, 1) by the caller, e.g. [`crate::train::Trainer::draw_noise`]). Returns
+/// (z `[n, z]`, kl `[1]`), the KL summed over the batch and the latent dimensions, in nats.
+/// Gradients flow to mu and logvar from both outputs; eps is noise and gets none.
 pub fn reparam_kl<B: Backend>(tape: &mut Tape<B>, mu: Var, logvar: Var, eps: Var) -> (Var, Var) {
     let s = tape.shape(mu).to_vec();
     assert!(tape.shape(logvar) == s && tape.shape(eps) == s, "reparam_kl: mu, logvar and eps must have one shape");

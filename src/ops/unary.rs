@@ -97,7 +97,9 @@ pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E
     });
 }
 
-/// Applies `op` elementwise.
+/// Applies `op` elementwise. The backward reads both x and the output y (whose [`Var`] it
+/// learns in advance from [`Tape::next_var`]), since sigmoid's and tanh's derivatives are
+/// cheapest written in y.
 pub fn unary<B: Backend>(tape: &mut Tape<B>, op: Unary, x: Var) -> Var {
     let mut y = Tensor::empty(&tape.backend, tape.shape(x));
     tape.backend.unary_forward(op, &tape.value(x).buf, &mut y.buf);
