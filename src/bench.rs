@@ -1,9 +1,12 @@
 //! Kernel and training throughput, shared by the criterion benches and `vae bench`.
 //!
-//! Every case owns its buffers and a closure that launches one call; inputs are held in
-//! several copies and rotated so a small case does not run from a warm cache (the copies add up
-//! to more than the H100's 50 MB L2). Kernel times come from `Backend::time` around many
-//! launches: CUDA events on the GPU, the wall clock between synchronizations on the CPU.
+//! Every case owns its buffers and a closure that launches one call. The buffers are held in
+//! several copies (96 MiB ÷ the case's size, from 1 to 8) and each call takes the next, so a
+//! case of 12 MiB or more does not run from a warm cache: its copies add up to at least 48 MiB,
+//! about the H100's 50 MB L2. Smaller cases, such as `reparam_kl` at 128 × 20, still fit in
+//! the cache with all eight copies.
+//! Kernel times come from `Backend::time` around many launches: CUDA events on the GPU, the
+//! wall clock between synchronizations on the CPU.
 
 use std::time::Instant;
 
@@ -21,11 +24,20 @@ use crate::train::{LossConfig, Trainer};
 
 /// One benchmarked kernel call.
 pub struct KernelCase {
+    /// The kernel family, one per criterion group (`gemm`, `conv2d`, `batchnorm`, ...).
     pub family: &'static str,
+    /// The `Backend` method it calls.
     pub name: String,
+    /// The problem size, as printed in the report.
     pub shape: String,
+    /// Floating-point operations of one call (a multiply-add is 2); 0 for memory-bound cases,
+    /// which are judged by bytes only.
     pub flops: f64,
+    /// Bytes of one call's buffers, inputs and output, each counted once: the least traffic
+    /// the call can make.
     pub bytes: f64,
+    /// Launches one call on the next set of rotated buffers (it may return before the
+    /// device finishes: time it with `Backend::time`).
     pub run: Box<dyn FnMut()>,
 }
 
@@ -269,7 +281,9 @@ pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> (f64,
 /// The machine's measured roofline: peak bandwidth (GB/s, from a large copy) and peak
 /// arithmetic (GFLOP/s, from an FMA-bound loop).
 pub trait Roofline {
+    /// Copy bandwidth, reads plus writes, in GB/s (10⁹ bytes per second).
     fn peak_bandwidth_gbs(&self) -> f64;
+    /// FMA throughput in GFLOP/s (an FMA is 2 FLOPs).
     fn peak_gflops(&self) -> f64;
 }
 
@@ -383,32 +397,50 @@ unsafe fn fma_loop_avx512(iters: usize, seed: f32) -> f64 {
     (iters * 12 * 16 * 2) as f64
 }
 
+/// One kernel case's result: a row of `vae bench`'s table (and of its JSON).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelRow {
+    /// As [`KernelCase::family`].
     pub family: String,
+    /// As [`KernelCase::name`].
     pub kernel: String,
+    /// As [`KernelCase::shape`].
     pub shape: String,
+    /// Median time of one call, in microseconds.
     pub median_us: f64,
+    /// Achieved GFLOP/s (`flops / time`); 0 for memory-bound cases.
     pub gflops: f64,
+    /// Achieved GB/s (`bytes / time`).
     pub gbs: f64,
     /// Share of the roofline bound (the larger of FLOP/s ÷ peak and bytes/s ÷ peak), in %.
     pub roofline_pct: f64,
 }
 
+/// One architecture's training speed at batch 128 (see [`train_step_seconds`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainRow {
+    /// `mlp`, `conv` or `conv-bn`.
     pub arch: String,
+    /// Median wall-clock time of one step (forward, backward, Adam, loss read back), in ms.
     pub step_ms: f64,
+    /// That times the steps of a 60,000-image epoch (469), in seconds.
     pub epoch_s: f64,
+    /// 128 images divided by the step time.
     pub images_per_s: f64,
 }
 
+/// What `vae bench` measures and prints (its `Display` is the report's text).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
+    /// [`Backend::describe`] of the device measured.
     pub device: String,
+    /// The measured copy bandwidth, GB/s ([`Roofline::peak_bandwidth_gbs`]).
     pub peak_bandwidth_gbs: f64,
+    /// The measured FMA peak, GFLOP/s ([`Roofline::peak_gflops`]).
     pub peak_gflops: f64,
+    /// One row per kernel case.
     pub kernels: Vec<KernelRow>,
+    /// One row per architecture.
     pub training: Vec<TrainRow>,
 }
 

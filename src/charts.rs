@@ -49,18 +49,27 @@ fn canvas(w: u32, h: u32, draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shif
 /// One named line of a chart.
 #[derive(Clone, Debug)]
 pub struct Line {
+    /// Its name in the legend (the legend is drawn when a panel has more than one line).
     pub label: String,
+    /// (x, y) in data units, drawn in order; non-finite y (and, on a log axis, y ≤ 0) are
+    /// left out. Up to 60 points also get a dot each.
     pub points: Vec<(f64, f64)>,
+    /// Line and dot colour.
     pub color: Color,
+    /// Dashed instead of solid (the test curve beside the training one).
     pub dashed: bool,
 }
 
 /// One panel: its own title, axis titles (with units) and lines.
 #[derive(Clone, Debug)]
 pub struct Panel {
+    /// Shown above the panel.
     pub title: String,
+    /// The x axis title, with its unit ("epoch").
     pub x_desc: String,
+    /// The y axis title, with its unit ("nats per image").
     pub y_desc: String,
+    /// The series; the axes are fitted to all of them.
     pub lines: Vec<Line>,
 }
 

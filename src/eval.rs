@@ -18,8 +18,11 @@ pub const EVAL_SEED: u64 = 0;
 
 /// A model ready to run: backend, architecture and weights.
 pub struct Model<B: Backend> {
+    /// The device it runs on.
     pub backend: B,
+    /// The network (parameter ids and configuration).
     pub vae: Vae,
+    /// The weights and batch-norm running statistics, usually loaded from a checkpoint.
     pub store: ParamStore<B>,
 }
 

@@ -22,10 +22,14 @@ use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape, Var};
 use crate::tensor::Tensor;
 
+/// Settings of a gradient check: the step of the central difference and the tolerance.
 #[derive(Clone, Copy, Debug)]
 pub struct GradCheck {
+    /// The finite-difference step ε added to and subtracted from one entry at a time.
     pub eps: f64,
+    /// Absolute tolerance: what a gradient near 0 may be off by.
     pub atol: f64,
+    /// Relative tolerance, as a fraction of the numeric gradient's magnitude.
     pub rtol: f64,
     /// Entries checked per input tensor (sampled without bias when the tensor is larger).
     pub max_entries: usize,
@@ -40,8 +44,11 @@ impl Default for GradCheck {
 
 /// A named input of a gradient check.
 pub struct Input {
+    /// Named in a [`Mismatch`], so a failure says which input was wrong.
     pub name: String,
+    /// The tensor's shape.
     pub shape: Vec<usize>,
+    /// Its values, row-major (`shape`'s product of them).
     pub data: Vec<f64>,
 }
 
@@ -58,8 +65,11 @@ impl Input {
 pub struct Mismatch {
     /// The input or parameter.
     pub name: String,
+    /// The entry, as a flat row-major index into the tensor.
     pub index: usize,
+    /// The gradient the tape's backward computed.
     pub tape: f64,
+    /// The central-difference estimate it should have matched.
     pub finite_differences: f64,
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 
+/// An 8-bit sRGB colour, `[red, green, blue]`.
 pub type Color = [u8; 3];
 
 /// Ten distinguishable colours (matplotlib's tab10), for classes and series.

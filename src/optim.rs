@@ -5,12 +5,19 @@ use crate::backend::Backend;
 use crate::ops::adam::AdamStep;
 use crate::tape::ParamStore;
 
+/// The optimizer's hyperparameters, fixed for a run (saved with the run so `--resume`
+/// repeats them).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
+    /// Learning rate (default 1e-3).
     pub lr: f64,
+    /// First-moment decay β₁ (default 0.9).
     pub beta1: f64,
+    /// Second-moment decay β₂ (default 0.999).
     pub beta2: f64,
+    /// Term added to the denominator, ε (default 1e-8).
     pub eps: f64,
+    /// Weight decay (default 0: none); how it applies depends on `decoupled`.
     pub weight_decay: f64,
     /// AdamW (decoupled weight decay) instead of Adam's L2 penalty.
     pub decoupled: bool,
@@ -26,13 +33,20 @@ impl Default for AdamConfig {
 /// Optimizer state: the step count and first/second moments per parameter (same order as the
 /// store; `None` for non-trainable entries).
 pub struct Adam<B: Backend> {
+    /// The hyperparameters.
     pub config: AdamConfig,
+    /// Updates applied so far; the next update is number `step + 1` (its bias corrections
+    /// depend on it, so a resumed run restores it).
     pub step: u64,
+    /// First moments (running mean of the gradient), one buffer per trainable entry, the
+    /// parameter's length.
     pub m: Vec<Option<B::Buf>>,
+    /// Second moments (running mean of the squared gradient), laid out as `m`.
     pub v: Vec<Option<B::Buf>>,
 }
 
 impl<B: Backend> Adam<B> {
+    /// A fresh optimizer for the trainable entries of `store`: step 0, moments zero.
     pub fn new(config: AdamConfig, backend: &B, store: &ParamStore<B>) -> Self {
         let moments = || {
             (0..store.len())

@@ -1,6 +1,10 @@
 //! A small seeded generator (SplitMix64 seeding a xoshiro256**), so a seed means the same
 //! weights, noise and batch order on every machine and on both backends.
 
+/// The generator: 256 bits of xoshiro256** state, plus the second value of the last
+/// Box–Muller pair waiting to be returned by [`Rng::normal`]. Every random number in the
+/// engine (initial weights, reparameterization noise, batch order, t-SNE's start) comes from
+/// one of these.
 #[derive(Clone, Debug)]
 pub struct Rng {
     s: [u64; 4],
@@ -8,6 +12,8 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// The generator for `seed`: the four state words are the next four outputs of SplitMix64
+    /// started at `seed`, so nearby seeds still give unrelated streams.
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
         let mut next = || {
@@ -19,6 +25,7 @@ impl Rng {
         };
         Rng { s: [next(), next(), next(), next()], spare_normal: None }
     }
+    /// The next 64 random bits (one xoshiro256** step).
     pub fn next_u64(&mut self) -> u64 {
         let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;
@@ -48,6 +55,7 @@ impl Rng {
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+    /// Uniform in [lo, hi): how layers draw their initial weights.
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.next_f64()
     }

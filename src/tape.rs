@@ -10,20 +10,38 @@ use crate::backend::Backend;
 use crate::tensor::{numel, Float, Tensor};
 
 /// A handle to a value: an activation on the tape, or a parameter in the store.
+///
+/// A `Var` is a plain index, cheap to copy into backward closures; the tensor it names is read
+/// through [`Tape::value`] (or [`BackwardCtx::value`] during backward).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Var {
+    /// The i-th tensor recorded on this tape (an input or an op's output); valid only for the
+    /// tape that made it.
     Value(usize),
+    /// Entry i of the [`ParamStore`] the tape borrows (a [`ParamId`]).
     Param(usize),
 }
 
+/// Index of a named tensor in a [`ParamStore`], in the order [`ParamStore::add`] was called.
+/// Layers ([`crate::nn::layers`]) hold these; [`Tape::param`] turns one into a [`Var`].
 pub type ParamId = usize;
 
 /// Named tensors: trainable parameters and non-trainable state (batch-norm running statistics).
 /// Names are those of the PyTorch `state_dict`, so they double as checkpoint tensor names.
+///
+/// The four vectors are parallel, indexed by [`ParamId`].
 pub struct ParamStore<B: Backend> {
+    /// `state_dict` key of each entry (`fc1.weight`, `encoder.0.1.running_var`, ...).
     pub names: Vec<String>,
+    /// The tensors themselves, in the layouts PyTorch uses (`nn.Linear` weights `[out, in]`,
+    /// convolution weights `[c_out, c_in, kh, kw]`).
     pub values: Vec<Tensor<B>>,
+    /// The gradient of each trainable entry, same shape as its value: `None` until a backward
+    /// first reaches it, then kept (and zeroed by [`ParamStore::zero_grads`]) from step to step.
+    /// [`crate::optim::Adam`] reads them.
     pub grads: Vec<Option<Tensor<B>>>,
+    /// Whether the entry is learned (weights, biases, batch-norm γ and β) or only state the
+    /// forward pass updates (running statistics): backward and Adam skip the latter.
     pub trainable: Vec<bool>,
     /// Integer state kept on the host (batch norm's `num_batches_tracked`), by name.
     pub counters: std::collections::BTreeMap<String, u64>,
@@ -36,6 +54,7 @@ impl<B: Backend> Default for ParamStore<B> {
 }
 
 impl<B: Backend> ParamStore<B> {
+    /// Appends a named tensor and returns its id; panics if `name` is already taken.
     pub fn add(&mut self, name: &str, value: Tensor<B>, trainable: bool) -> ParamId {
         assert!(self.find(name).is_none(), "duplicate parameter name {name}");
         self.names.push(name.to_string());
@@ -44,12 +63,16 @@ impl<B: Backend> ParamStore<B> {
         self.trainable.push(trainable);
         self.names.len() - 1
     }
+    /// The id of the entry called `name` (a linear search: for loading checkpoints, not for
+    /// the training loop).
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.names.iter().position(|n| n == name)
     }
+    /// Number of entries, trainable or not.
     pub fn len(&self) -> usize {
         self.names.len()
     }
+    /// Whether the store holds no entry.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
@@ -75,6 +98,7 @@ struct Node<B: Backend> {
 /// What a backward closure sees: values (read-only) and gradient slots (created zeroed on
 /// first use, so closures always accumulate).
 pub struct BackwardCtx<'a, B: Backend> {
+    /// The tape's backend, for the backward methods a closure calls.
     pub backend: &'a B,
     values: &'a [Tensor<B>],
     param_values: &'a [Tensor<B>],
@@ -85,6 +109,7 @@ pub struct BackwardCtx<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> BackwardCtx<'a, B> {
+    /// The forward value of `v` (an activation kept on the tape, or a parameter).
     pub fn value(&self, v: Var) -> &'a Tensor<B> {
         match v {
             Var::Value(i) => &self.values[i],
@@ -123,8 +148,15 @@ impl<'a, B: Backend> BackwardCtx<'a, B> {
     }
 }
 
+/// The record of one forward pass, for one step: the tensors it made ([`Var::Value`]), the
+/// backward closure of every op ([`Tape::record`]), and a borrow of the [`ParamStore`] whose
+/// parameters the ops read ([`Var::Param`]). Made per step by [`crate::train::Trainer::step`]
+/// ([`Tape::new`]) or per evaluation ([`Tape::no_grad`]); dropping it recycles its buffers.
 pub struct Tape<'p, B: Backend> {
+    /// The backend every op on this tape runs on (a cheap clone of the caller's).
     pub backend: B,
+    /// The parameters and running statistics, borrowed for the step; batch norm updates its
+    /// running statistics here during the forward pass.
     pub params: &'p mut ParamStore<B>,
     values: Vec<Tensor<B>>,
     needs_grad: Vec<bool>,
@@ -156,6 +188,7 @@ impl<'p, B: Backend> Tape<'p, B> {
         t
     }
 
+    /// The [`Var`] of parameter `id`, to pass to ops (no copy is made).
     pub fn param(&self, id: ParamId) -> Var {
         Var::Param(id)
     }
@@ -175,6 +208,7 @@ impl<'p, B: Backend> Tape<'p, B> {
         Var::Value(self.values.len() - 1)
     }
 
+    /// The tensor `v` names: a recorded value or a parameter.
     pub fn value(&self, v: Var) -> &Tensor<B> {
         match v {
             Var::Value(i) => &self.values[i],
@@ -211,12 +245,17 @@ impl<'p, B: Backend> Tape<'p, B> {
             writes.map(|w| w.expect("a parameter to update is missing or named twice")),
         )
     }
+    /// The shape of `v`, which ops check and derive their dims from.
     pub fn shape(&self, v: Var) -> &[usize] {
         &self.value(v).shape
     }
+    /// The values of `v` copied to the host (how a step reads its loss).
     pub fn to_host(&self, v: Var) -> Vec<B::E> {
         self.value(v).to_host(&self.backend)
     }
+    /// Whether backward will compute a gradient for `v`: a value recorded as needing one (an
+    /// [`Tape::input_with_grad`], or an op output with such an input), or a trainable parameter
+    /// while gradients are enabled. [`Tape::record`] keeps a closure only if an input answers yes.
     pub fn requires_grad(&self, v: Var) -> bool {
         match v {
             Var::Value(i) => self.needs_grad[i],

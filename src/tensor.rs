@@ -24,7 +24,11 @@ pub trait Float:
     const NAME: &'static str;
     /// Name of the same type in CUDA C ("float", "double").
     const CUDA_NAME: &'static str;
+    /// Converts from f64 (rounding to nearest for f32): how constants, initial weights and
+    /// host data (noise, pixels) enter generic code.
     fn of(v: f64) -> Self;
+    /// Widens to f64: how generic code reads a value back for host-side math, and how the CPU
+    /// reductions accumulate (always in f64, whatever `Self` is).
     fn f64(self) -> f64;
     /// The slice as f32 when `Self` is f32, else `None`: how generic CPU code picks a fast path
     /// written for f32 only (conv2d's AVX-512 kernels), while f64 stays on the reference.
@@ -77,12 +81,21 @@ pub fn numel(shape: &[usize]) -> usize {
 }
 
 /// A contiguous tensor living wherever its backend keeps buffers.
+///
+/// A tensor is plain data: it records nothing. On a [`crate::tape::Tape`] it is referred to by a
+/// [`crate::tape::Var`], and the ops of [`crate::ops`] read and write it through the
+/// [`Backend`](crate::backend::Backend) methods.
 pub struct Tensor<B: crate::backend::Backend> {
+    /// Dimensions, outermost first (row-major; images are `[n, c, h, w]`). Their product is the
+    /// length of `buf`.
     pub shape: Vec<usize>,
+    /// The elements, row-major, in the backend's buffer type: a `Vec<E>` on [`crate::Cpu`],
+    /// a device buffer ([`crate::backend::cuda::CudaBuf`]) on [`crate::Cuda`].
     pub buf: B::Buf,
 }
 
 impl<B: crate::backend::Backend> Tensor<B> {
+    /// A tensor of `shape` filled with zeros.
     pub fn zeros(backend: &B, shape: &[usize]) -> Self {
         Tensor { shape: shape.to_vec(), buf: backend.zeros(numel(shape)) }
     }
@@ -90,16 +103,23 @@ impl<B: crate::backend::Backend> Tensor<B> {
     pub fn empty(backend: &B, shape: &[usize]) -> Self {
         Tensor { shape: shape.to_vec(), buf: backend.empty(numel(shape)) }
     }
+    /// Uploads `data` (row-major, `numel(shape)` values; panics otherwise) as a tensor of
+    /// `shape`: how inputs, noise and initial weights reach the device.
     pub fn from_host(backend: &B, shape: &[usize], data: &[B::E]) -> Self {
         assert_eq!(numel(shape), data.len(), "data length does not match shape {shape:?}");
         Tensor { shape: shape.to_vec(), buf: backend.upload(data) }
     }
+    /// Copies the values back to the host, row-major (on CUDA this waits for the queued work
+    /// that produces them).
     pub fn to_host(&self, backend: &B) -> Vec<B::E> {
         backend.download(&self.buf)
     }
+    /// Number of elements: the product of `shape`.
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
+    /// A copy with its own buffer, on the same backend (an op whose output starts as one of
+    /// its inputs, such as [`crate::ops::add`], copies it first).
     pub fn duplicate(&self, backend: &B) -> Self {
         let mut buf = backend.zeros(self.numel());
         backend.copy(&self.buf, &mut buf);

@@ -8,8 +8,11 @@ use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
 
+/// Which objective a [`Trainer`] minimizes (the β of β-VAE is per step: [`Trainer::step`]'s
+/// `kl_weight`).
 #[derive(Clone, Debug)]
 pub struct LossConfig {
+    /// The reconstruction loss: BCE for a Bernoulli decoder (MNIST), MSE for colour images.
     pub recon: Recon,
     /// Divide reconstruction and KL by the batch size (`--reduction mean`); otherwise sums.
     pub per_image_mean: bool,
@@ -25,15 +28,20 @@ impl Default for LossConfig {
 /// Losses of one batch, as host numbers (sums over the batch unless per-image mean was asked).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchLoss {
+    /// recon + β·KL, the number training minimizes, in nats.
     pub loss: f64,
+    /// The reconstruction term, in nats.
     pub recon: f64,
+    /// The KL term before weighting, in nats.
     pub kl: f64,
 }
 
 /// The loss became NaN or infinite; the step was not applied.
 #[derive(Debug)]
 pub struct NonFiniteLoss {
+    /// The Adam step (from 1) that would have been applied.
     pub step: u64,
+    /// The loss it saw: NaN or ±∞.
     pub loss: f64,
 }
 
@@ -48,17 +56,26 @@ impl std::fmt::Display for NonFiniteLoss {
 }
 impl std::error::Error for NonFiniteLoss {}
 
+/// A model with its weights, optimizer state and noise source: everything one training step
+/// needs. [`Trainer::step`] is the path a batch takes through the whole engine.
 pub struct Trainer<B: Backend> {
+    /// Where every tensor lives and every op runs.
     pub backend: B,
+    /// The network: parameter ids and configuration.
     pub model: Vae,
+    /// The weights, gradients and batch-norm state the model's ids point into.
     pub store: ParamStore<B>,
+    /// The optimizer and its moments (its `step` counts the updates applied so far).
     pub adam: Adam<B>,
+    /// The objective.
     pub loss: LossConfig,
     /// Source of the reparameterization noise.
     pub noise: Rng,
 }
 
 impl<B: Backend> Trainer<B> {
+    /// Builds the model's parameters from `seed` (PyTorch's initialization) and zeroed Adam
+    /// moments; the noise generator is seeded from `seed` too, so one seed fixes the run.
     pub fn new(backend: B, config: ModelConfig, loss: LossConfig, adam: AdamConfig, seed: u64) -> Self {
         let mut store = ParamStore::default();
         let model = Vae::new(config, &mut store, &backend, seed);
@@ -95,6 +112,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// The loss of a batch in eval mode (batch norm on running statistics), recording nothing.
+    /// The KL term is weighted 1 whatever β training uses, so this is the plain −ELBO.
     pub fn evaluate(&mut self, x: Tensor<B>) -> BatchLoss {
         let n = x.shape[0];
         let eps = self.draw_noise(n);

@@ -22,8 +22,20 @@ use crate::tensor::Float;
 /// where the trait's loss methods take them.
 pub use crate::ops::loss::Recon;
 
+/// A device that stores tensors and computes every op of the engine: the step a batch takes
+/// between an op on the [`crate::tape::Tape`] (which checks shapes and builds the dims) and the
+/// CPU reference code in [`crate::ops`] or a CUDA kernel in `kernels/`. Implemented by
+/// [`crate::Cpu`] and [`crate::Cuda`]; models and the trainer are generic over it.
+///
+/// Methods take raw buffers plus a dims struct, never tensors: shapes are the caller's job.
+/// Unless its doc says it adds (`backward*`, `accumulate*`, `bias_add`, `axpy`), a method
+/// overwrites its output. Work may be queued asynchronously (CUDA); [`Backend::download`]
+/// and [`Backend::synchronize`] wait for it.
 pub trait Backend: Clone + 'static {
+    /// The element type every buffer holds: f32 to train, f64 to check gradients.
     type E: Float;
+    /// A buffer of `E` on this device (`Vec<E>` on the CPU, a pooled device allocation on
+    /// CUDA). Dropping it frees it, or returns it to the backend's pool.
     type Buf: 'static;
 
     /// One line naming the device, for logs.
@@ -48,6 +60,7 @@ pub trait Backend: Clone + 'static {
     }
 
     // ---- memory ----
+    /// A buffer of `len` elements, all zero (for outputs that are accumulated into).
     fn zeros(&self, len: usize) -> Self::Buf;
     /// A buffer whose contents are unspecified (maybe an earlier tensor's values), for an op
     /// that writes every element; skips zeroing what is overwritten anyway.
@@ -58,16 +71,22 @@ pub trait Backend: Clone + 'static {
     fn recycle(&self, buf: Self::Buf) {
         drop(buf)
     }
+    /// A new buffer holding a copy of `host`.
     fn upload(&self, host: &[Self::E]) -> Self::Buf;
+    /// The contents of `buf` on the host, once the work queued before has finished.
     fn download(&self, buf: &Self::Buf) -> Vec<Self::E>;
+    /// Number of elements of `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// dst = src (equal lengths).
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
+    /// Sets every element of `buf` to `value` (zeroing gradients between steps).
     fn fill(&self, buf: &mut Self::Buf, value: Self::E);
     /// `dst[r, :] = src[idx[r], :]` for rows of `row_len` elements (batch gathering).
     fn gather_rows(&self, src: &Self::Buf, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
 
     // ---- linear: y[n, out] = x[n, in] · W[out, in]ᵀ + b ----
+    /// `y = x·Wᵀ + b`, overwriting y: x `[n, d_in]`, W `[d_out, d_in]`, b `[d_out]`, y
+    /// `[n, d_out]` (see [`crate::ops::linear()`]).
     fn linear_forward(&self, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf, d: LinearDims);
     /// dx += dy·W
     fn linear_backward_data(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, d: LinearDims);
@@ -81,6 +100,8 @@ pub trait Backend: Clone + 'static {
     fn bias_backward(&self, dy: &Self::Buf, db: &mut Self::Buf, outer: usize, channels: usize, inner: usize);
 
     // ---- conv2d (cross-correlation, NCHW, weight [c_out, c_in, kh, kw]) ----
+    /// y = conv2d(x, W) + b, overwriting y: x `[n, c_in, h, w]`, y `[n, c_out, oh, ow]` (see
+    /// [`crate::ops::conv2d()`]).
     fn conv2d_forward(&self, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf, d: Conv2dDims);
     /// dx += conv2d input-gradient of dy (also the forward of a transposed convolution).
     fn conv2d_backward_data(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, d: Conv2dDims);
@@ -88,6 +109,10 @@ pub trait Backend: Clone + 'static {
     fn conv2d_backward_weight(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, d: Conv2dDims);
 
     // ---- batch norm over [outer, channels, inner] ----
+    /// Training-mode batch norm: normalizes x with the batch's per-channel mean and biased
+    /// variance into y (overwritten), writes that mean and `1/√(var + eps)` to `save_mean` and
+    /// `save_invstd` (`[channels]`, for the backward), and moves the running statistics toward
+    /// the batch's in place (see [`crate::ops::batch_norm()`]).
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_train(
         &self,
@@ -101,6 +126,7 @@ pub trait Backend: Clone + 'static {
         running_var: &mut Self::Buf,
         d: BatchNormDims,
     );
+    /// Eval-mode batch norm: y = (x − running_mean)/√(running_var + eps)·γ + β, overwriting y.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_eval(
         &self,
@@ -128,6 +154,7 @@ pub trait Backend: Clone + 'static {
     );
 
     // ---- elementwise ----
+    /// y = op(x) elementwise, overwriting y (the activations of [`crate::ops::unary()`]).
     fn unary_forward(&self, op: Unary, x: &Self::Buf, y: &mut Self::Buf);
     /// dx += dy · op'(x) (`y` is op(x), which most derivatives read instead of x)
     fn unary_backward(&self, op: Unary, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);

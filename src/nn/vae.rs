@@ -46,14 +46,23 @@ use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape, Var};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// Which of the three VAEs to build (`--arch`; stored in checkpoints as `mlp`, `conv`,
+/// `conv-bn`). The layers of each are in the module doc, their math in [`Vae::loss`].
+///
+/// The variants' one-line docs double as the `--arch` values' help in `vae train --help`
+/// (clap's `ValueEnum` reads them), so they stay one line of plain text.
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
+    /// MLP (pytorch/examples): one hidden layer of --hidden units, any image size
     Mlp,
+    /// The tutorials' conv VAE: 3x3 convolutions of 32, 64 and 128 channels, then 256 features
     Conv,
+    /// PyTorch-VAE's VanillaVAE: stride-2 conv + batch norm blocks of --hiddens widths
     ConvBn,
 }
 
 impl Arch {
+    /// The name used on the command line, in run directories and in checkpoint metadata.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Mlp => "mlp",
@@ -66,10 +75,15 @@ impl Arch {
 /// Everything needed to rebuild a model; stored in checkpoint metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Which network.
     pub arch: Arch,
+    /// Image channels: 1 for greyscale, 3 for RGB.
     pub channels: usize,
+    /// Image height, in pixels.
     pub height: usize,
+    /// Image width, in pixels.
     pub width: usize,
+    /// Dimension of z (20 in the tutorials; 2 for a manifold you can plot).
     pub latent: usize,
     /// Hidden width of the `mlp` (400 in pytorch/examples).
     pub hidden: usize,
@@ -82,6 +96,7 @@ impl ModelConfig {
     pub fn mnist(arch: Arch) -> Self {
         ModelConfig { arch, channels: 1, height: 28, width: 28, latent: 20, hidden: 400, hiddens: vec![32, 64, 128] }
     }
+    /// Values per image, `channels·height·width` (784 for MNIST).
     pub fn image_len(&self) -> usize {
         self.channels * self.height * self.width
     }
@@ -246,6 +261,7 @@ enum Net {
 /// A VAE: parameter ids into a [`ParamStore`] plus its configuration.
 #[derive(Clone, Debug)]
 pub struct Vae {
+    /// The architecture and sizes it was built from.
     pub config: ModelConfig,
     net: Net,
 }
@@ -255,7 +271,10 @@ pub struct Vae {
 pub struct VaeLoss {
     /// recon + β·KL: what training minimizes.
     pub loss: Var,
+    /// The reconstruction term `−log p(x|z)` (`[1]`), summed over pixels and the batch, or
+    /// divided by the batch size when asked.
     pub recon: Var,
+    /// The KL term (`[1]`) before the β weighting, reduced as `recon` is.
     pub kl: Var,
 }
 

@@ -12,10 +12,16 @@ use crate::tensor::Float;
 /// Everything one update needs, bias corrections already worked out on the host.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
+    /// Learning rate.
     pub lr: f64,
+    /// Decay of the first-moment (mean of g) estimate m, e.g. 0.9.
     pub beta1: f64,
+    /// Decay of the second-moment (mean of g²) estimate v, e.g. 0.999.
     pub beta2: f64,
+    /// Added to the bias-corrected `√v` in the denominator, so a zero v does not divide by 0.
     pub eps: f64,
+    /// Weight decay: added to the gradient as `wd·p` (Adam) or applied as `p·(1 − lr·wd)`
+    /// (AdamW, see `decoupled`); 0 turns it off.
     pub weight_decay: f64,
     /// AdamW's decoupled decay instead of Adam's L2 term.
     pub decoupled: bool,
@@ -26,6 +32,8 @@ pub struct AdamStep {
 }
 
 impl AdamStep {
+    /// The step for update number `step` (counting from 1, as PyTorch's `state['step']`
+    /// after its increment): works out the bias corrections `1 − β₁ᵗ` and `√(1 − β₂ᵗ)`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, decoupled: bool, step: u64) -> Self {
         AdamStep {
@@ -96,6 +104,8 @@ impl<E: Float> AdamCoefficients<E> {
     }
 }
 
+/// One update of a whole parameter tensor in place: p, m and v updated elementwise from g
+/// with [`AdamStep::apply`]'s formula, in parallel chunks, bit for bit the same as it.
 pub fn cpu_step<E: Float>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E], s: AdamStep) {
     match (s.weight_decay != 0.0, s.decoupled) {
         (false, _) => cpu_step_with::<E, false, false>(p, g, m, v, AdamCoefficients::of(&s)),

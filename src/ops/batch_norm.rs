@@ -15,11 +15,19 @@ use crate::tape::{ParamId, Tape, Var};
 use crate::tensor::{Float, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
+/// The shape and constants of one batch-norm call: x viewed as `[outer, channels, inner]`
+/// (`[n, c, h·w]` for images, `[n, c, 1]` for features). On CUDA it becomes
+/// [`crate::backend::cuda::contract::BnArgs`].
 pub struct BatchNormDims {
+    /// Batch size n.
     pub outer: usize,
+    /// Channels: one mean, variance, γ and β each.
     pub channels: usize,
+    /// Positions per channel per sample (`h·w`, or 1).
     pub inner: usize,
+    /// Added to the variance before the square root (PyTorch's default 1e-5).
     pub eps: f64,
+    /// Weight of the batch statistics in the running-average update (PyTorch's default 0.1).
     pub momentum: f64,
 }
 
@@ -101,6 +109,10 @@ fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: 
     }
 }
 
+/// Training mode: per channel, the batch mean and biased variance (two passes, in f64), then
+/// y overwritten with the normalized, scaled and shifted x; `save_mean`/`save_invstd` get the
+/// mean and `1/√(var + eps)` for the backward; the running mean and (unbiased) variance move
+/// toward the batch's by `momentum`.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_forward_train<E: Float>(
     x: &[E],
@@ -135,6 +147,8 @@ pub fn cpu_forward_train<E: Float>(
     }
 }
 
+/// Eval mode: y = (x − rm)/√(rv + eps)·γ + β with the running mean `rm` and variance `rv`,
+/// overwriting y.
 pub fn cpu_forward_eval<E: Float>(x: &[E], gamma: &[E], beta: &[E], rm: &[E], rv: &[E], y: &mut [E], d: BatchNormDims) {
     let invstd: Vec<f64> = rv.iter().map(|v| 1.0 / (v.f64() + d.eps).sqrt()).collect();
     per_row(y, &d, |c, k0, row| {

@@ -20,17 +20,32 @@ use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The shape of one convolution, built by [`Conv2dDims::new`] (which works out `oh`, `ow`) and
+/// passed by value to the backend; on CUDA it becomes the kernels'
+/// [`crate::backend::cuda::contract::ConvArgs`]. Also describes a transposed convolution, as
+/// the convolution it is the adjoint of ([`crate::ops::conv_transpose2d::ConvTranspose2dDims::as_conv`]).
 pub struct Conv2dDims {
+    /// Batch size.
     pub n: usize,
+    /// Input channels.
     pub c_in: usize,
+    /// Input height, in pixels.
     pub h: usize,
+    /// Input width, in pixels.
     pub w: usize,
+    /// Output channels (the number of filters).
     pub c_out: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Step between output pixels, in input pixels, both ways (at least 1).
     pub stride: usize,
+    /// Zeros added on every side of the input, both ways.
     pub pad: usize,
+    /// Output height: `⌊(h + 2·pad − kh) / stride⌋ + 1`.
     pub oh: usize,
+    /// Output width: `⌊(w + 2·pad − kw) / stride⌋ + 1`.
     pub ow: usize,
 }
 
@@ -54,12 +69,15 @@ impl Conv2dDims {
         let ow = (w + 2 * pad - kw) / stride + 1;
         Conv2dDims { n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow }
     }
+    /// Elements of the input x, `n·c_in·h·w`.
     pub fn x_len(&self) -> usize {
         self.n * self.c_in * self.h * self.w
     }
+    /// Elements of the output y, `n·c_out·oh·ow`.
     pub fn y_len(&self) -> usize {
         self.n * self.c_out * self.oh * self.ow
     }
+    /// Elements of the weight, `c_out·c_in·kh·kw`.
     pub fn w_len(&self) -> usize {
         self.c_out * self.c_in * self.kh * self.kw
     }
@@ -136,6 +154,8 @@ fn col2im_add<E: Float>(col: &[E], dx: &mut [E], d: &Conv2dDims) {
     }
 }
 
+/// y = conv2d(x, w) + b, overwriting y: for each image (in parallel), im2col into a
+/// `[c_in·kh·kw, oh·ow]` column matrix, then `y_n = W·col_n` as one GEMM; the bias last.
 pub fn reference_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
     let (k, l) = (d.c_in * d.kh * d.kw, d.oh * d.ow);
     y.par_chunks_mut(d.c_out * l).zip(x.par_chunks(d.c_in * d.h * d.w)).for_each_init(
@@ -150,6 +170,9 @@ pub fn reference_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E
     }
 }
 
+/// dx += the gradient of conv2d with respect to its input: per image, `dcol = Wᵀ·dy_n`,
+/// folded back onto the pixels each column entry was read from (col2im). A layer with one
+/// output channel takes a direct loop instead (same result, bit for bit).
 pub fn reference_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
     if d.c_out == 1 {
         return cpu_backward_data_one_output_channel(dy, w, dx, d);
@@ -203,6 +226,9 @@ fn cpu_backward_data_one_output_channel<E: Float>(dy: &[E], w: &[E], dx: &mut [E
 /// added in order: the result does not depend on how many threads ran.
 const WEIGHT_GRAD_GROUPS: usize = 16;
 
+/// dw += the gradient of conv2d with respect to its weight, `Σ_n dy_n·col_nᵀ`: images are
+/// summed in a fixed number of groups, in order, so the result does not depend on the thread
+/// count.
 pub fn reference_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
     let (k, l) = (d.c_in * d.kh * d.kw, d.oh * d.ow);
     let per_group = d.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);

@@ -15,22 +15,41 @@ use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The shape of one transposed convolution, built by [`ConvTranspose2dDims::new`]. The
+/// backend never sees it: [`ConvTranspose2dDims::as_conv`] turns it into the [`Conv2dDims`] of
+/// the convolution whose backward-data it runs.
 pub struct ConvTranspose2dDims {
+    /// Batch size.
     pub n: usize,
+    /// Input channels (the weight's first dimension).
     pub c_in: usize,
+    /// Input height, in pixels.
     pub h: usize,
+    /// Input width, in pixels.
     pub w: usize,
+    /// Output channels (the weight's second dimension).
     pub c_out: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Upsampling factor: input pixels land `stride` output pixels apart.
     pub stride: usize,
+    /// Output pixels cropped from every side (the padding of the adjoint convolution).
     pub pad: usize,
+    /// Extra rows and columns added at the bottom and right of the output (less than
+    /// `stride`), to pick between the output sizes that a stride-s convolution maps to one size.
     pub output_padding: usize,
+    /// Output height: `(h − 1)·stride − 2·pad + kh + output_padding`.
     pub oh: usize,
+    /// Output width: `(w − 1)·stride − 2·pad + kw + output_padding`.
     pub ow: usize,
 }
 
 impl ConvTranspose2dDims {
+    /// Dims of a transposed convolution of an `[n, c_in, h, w]` input with a
+    /// `[c_in, c_out, kh, kw]` weight; works out the output size. Panics on a zero stride, on
+    /// `output_padding ≥ stride` (PyTorch's rule) and on padding larger than the output.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         n: usize,
@@ -66,6 +85,9 @@ impl ConvTranspose2dDims {
 
 // ---- CPU reference: written directly as the scatter, independent of the conv2d code ----
 
+/// The forward written as the definition, a scatter of every input pixel times the weight
+/// into the output (overwriting y, bias first): slow, and independent of the conv2d code, so
+/// the tests can check the adjoint construction against it.
 pub fn cpu_forward_direct<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: ConvTranspose2dDims) {
     for n in 0..d.n {
         for co in 0..d.c_out {

@@ -19,12 +19,15 @@ fn zip3<E: Float>(out: &mut [E], a: &[E], b: &[E], f: impl Fn(E, E, E) -> E + Sy
         .for_each(|((o, a), b)| simd(|| o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
 }
 
+/// `y[i] = a[i]·b[i]`, overwriting y.
 pub fn cpu_mul<E: Float>(a: &[E], b: &[E], y: &mut [E]) {
     zip3(y, a, b, |_, a, b| a * b);
 }
+/// `out[i] += a[i]·b[i]`: the backward of `mul` (dy ⊙ the other factor).
 pub fn cpu_mul_accumulate<E: Float>(a: &[E], b: &[E], out: &mut [E]) {
     zip3(out, a, b, |o, a, b| o + a * b);
 }
+/// `y[i] += alpha·x[i]` (BLAS's axpy): the backward of `add`, `scale` and `reshape`.
 pub fn cpu_axpy<E: Float>(alpha: E, x: &[E], y: &mut [E]) {
     zip3(y, x, x, |y, x, _| y + alpha * x);
 }
@@ -42,13 +45,16 @@ pub fn cpu_reduce(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
     chunks.into_iter().sum()
 }
 
+/// Σ x, accumulated in f64 in [`REDUCE_CHUNK`] chunks (the same bits on any thread count),
+/// rounded once to `E`.
 pub fn cpu_sum<E: Float>(x: &[E]) -> E {
     E::of(cpu_reduce(x.len(), |i| x[i].f64()))
 }
 
 // ---- on the tape ----
 
-/// a ⊙ b (same shapes).
+/// a ⊙ b (same shapes). Backward: `da += dy ⊙ b`, `db += dy ⊙ a`, so both inputs stay on the
+/// tape until backward.
 pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
     let mut y = Tensor::empty(&tape.backend, tape.shape(a));
@@ -65,7 +71,8 @@ pub fn mul<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     })
 }
 
-/// a + b (same shapes).
+/// a + b (same shapes): a's buffer copied, then b added in. Backward passes dy unchanged to
+/// both (`axpy` with α = 1).
 pub fn add<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
     let mut y = tape.value(a).duplicate(&tape.backend);
@@ -80,7 +87,8 @@ pub fn add<B: Backend>(tape: &mut Tape<B>, a: Var, b: Var) -> Var {
     })
 }
 
-/// alpha · x.
+/// alpha · x, with alpha a host constant (no gradient flows to it): how the VAE divides its
+/// terms by the batch size and weights the KL by β.
 pub fn scale<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
     let mut y = Tensor::zeros(&tape.backend, tape.shape(x));
     tape.backend.axpy(B::E::of(alpha), &tape.value(x).buf, &mut y.buf);
@@ -119,7 +127,9 @@ fn sum_scaled<B: Backend>(tape: &mut Tape<B>, x: Var, alpha: f64) -> Var {
     })
 }
 
-/// The same elements under a new shape (`view`/`reshape` of a contiguous tensor).
+/// The same elements under a new shape (`view`/`reshape` of a contiguous tensor). Unlike
+/// PyTorch's `view`, the result is a copy: every value on the tape owns its buffer. Backward
+/// adds dy into dx unchanged, since the row-major order is the same.
 pub fn reshape<B: Backend>(tape: &mut Tape<B>, x: Var, shape: &[usize]) -> Var {
     assert_eq!(numel(shape), numel(tape.shape(x)), "reshape: {:?} has a different size than {shape:?}", tape.shape(x));
     let mut y = tape.value(x).duplicate(&tape.backend);
@@ -132,7 +142,7 @@ pub fn reshape<B: Backend>(tape: &mut Tape<B>, x: Var, shape: &[usize]) -> Var {
     })
 }
 
-/// [n, ...] → [n, rest].
+/// `[n, ...]` → `[n, rest]`: one row per image, as a linear layer wants (a [`reshape`]).
 pub fn flatten<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     let s = tape.shape(x);
     let shape = [s[0], s[1..].iter().product()];

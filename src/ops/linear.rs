@@ -8,14 +8,21 @@ use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The shape of one `linear` call, passed by value down to the backend (and, on CUDA, into
+/// the GEMM kernel's arguments).
 pub struct LinearDims {
+    /// Rows of x and y: the batch size.
     pub n: usize,
+    /// Input features: columns of x and of W.
     pub d_in: usize,
+    /// Output features: rows of W, columns of y, length of b.
     pub d_out: usize,
 }
 
 // ---- CPU reference ----
 
+/// `y[n, out] = x[n, in]·W[out, in]ᵀ + b[out]`, overwriting y: one GEMM with W read
+/// transposed through its strides (no copy), then the bias per column.
 pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: LinearDims) {
     // y[n, out] = x[n, in] · Wᵀ: W read transposed through its strides.
     gemm(Threads::All, d.n, d.d_out, d.d_in, x, d.d_in, 1, w, 1, d.d_in, y, false);
@@ -24,17 +31,22 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
     }
 }
 
+/// `dx[n, in] += dy[n, out]·W[out, in]`.
 pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: LinearDims) {
     gemm(Threads::All, d.n, d.d_in, d.d_out, dy, d.d_out, 1, w, d.d_in, 1, dx, true);
 }
 
+/// `dW[out, in] += dy[n, out]ᵀ·x[n, in]`: the sum over the batch of each row's outer product.
 pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: LinearDims) {
     gemm(Threads::All, d.d_out, d.d_in, d.n, dy, 1, d.d_out, x, d.d_in, 1, dw, true);
 }
 
 // ---- on the tape ----
 
-/// `y = x·Wᵀ + b` with x `[n, in]`, w `[out, in]`, b `[out]`.
+/// `y = x·Wᵀ + b` with x `[n, in]`, w `[out, in]`, b `[out]`; y is `[n, out]`. The backward
+/// runs only the parts that are needed: `linear_backward_data` when x needs a gradient (not for
+/// the first layer, whose x is the data), `linear_backward_weight` and `bias_backward` for
+/// trainable w and b.
 pub fn linear<B: Backend>(tape: &mut Tape<B>, x: Var, w: Var, b: Option<Var>) -> Var {
     let (xs, ws) = (tape.shape(x).to_vec(), tape.shape(w).to_vec());
     assert!(xs.len() == 2 && ws.len() == 2 && xs[1] == ws[1], "linear: x {xs:?} does not fit W {ws:?}");

@@ -27,8 +27,11 @@ pub enum Recon {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a loss turns its per-element terms into one scalar (PyTorch's `reduction=`).
 pub enum Reduction {
+    /// Σ over every element: the VAE's per-batch objective, in nats.
     Sum,
+    /// Σ divided by the number of elements (an extra [`scale`] on the tape).
     Mean,
 }
 
@@ -58,10 +61,12 @@ pub fn elementwise_grad(kind: Recon, x: f64, t: f64) -> f64 {
 
 // ---- CPU reference ----
 
+/// `Σᵢ elementwise_loss(x[i], t[i])`, every term in f64, summed deterministically.
 pub fn cpu_forward<E: Float>(kind: Recon, x: &[E], t: &[E]) -> E {
     E::of(cpu_reduce(x.len(), |i| elementwise_loss(kind, x[i].f64(), t[i].f64())))
 }
 
+/// `dx[i] += dout·elementwise_grad(x[i], t[i])`, with dout the gradient of the summed loss.
 pub fn cpu_backward<E: Float>(kind: Recon, x: &[E], t: &[E], dout: E, dx: &mut [E]) {
     assert!(x.len() == dx.len() && t.len() == dx.len(), "{kind:?}: lengths differ");
     let g = dout.f64();
@@ -98,12 +103,17 @@ pub fn recon_loss<B: Backend>(tape: &mut Tape<B>, kind: Recon, x: Var, target: V
     }
 }
 
+/// Binary cross-entropy of probabilities `p` (in [0, 1]) against targets in [0, 1]:
+/// `F.binary_cross_entropy`. See [`Recon::Bce`].
 pub fn bce<B: Backend>(tape: &mut Tape<B>, p: Var, target: Var, reduction: Reduction) -> Var {
     recon_loss(tape, Recon::Bce, p, target, reduction)
 }
+/// Binary cross-entropy of logits `x` (`sigmoid(x)` is the probability), in the stable form:
+/// `F.binary_cross_entropy_with_logits`. See [`Recon::BceWithLogits`].
 pub fn bce_with_logits<B: Backend>(tape: &mut Tape<B>, x: Var, target: Var, reduction: Reduction) -> Var {
     recon_loss(tape, Recon::BceWithLogits, x, target, reduction)
 }
+/// Squared error of x against the target: `F.mse_loss`. See [`Recon::Mse`].
 pub fn mse<B: Backend>(tape: &mut Tape<B>, x: Var, target: Var, reduction: Reduction) -> Var {
     recon_loss(tape, Recon::Mse, x, target, reduction)
 }

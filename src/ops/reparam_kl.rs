@@ -16,6 +16,8 @@ use crate::tensor::{Float, Tensor};
 
 // ---- CPU reference ----
 
+/// Writes `z[i] = mu[i] + eps[i]·exp(logvar[i]/2)` and returns the KL summed over every
+/// element (all images and latent dimensions), accumulated in f64.
 pub fn cpu_forward<E: Float>(mu: &[E], logvar: &[E], eps: &[E], z: &mut [E]) -> E {
     z.par_iter_mut()
         .with_min_len(PAR_MIN)
@@ -28,6 +30,9 @@ pub fn cpu_forward<E: Float>(mu: &[E], logvar: &[E], eps: &[E], z: &mut [E]) -> 
     E::of(-0.5 * s)
 }
 
+/// Adds into `dmu` and `dlogvar` (each only if asked for) the gradients from `dz` (per
+/// element, when z's gradient exists) and from `dkl` (the scalar gradient of the KL output);
+/// the formulas are in the module doc.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<E: Float>(
     mu: &[E],
@@ -55,7 +60,10 @@ pub fn cpu_backward<E: Float>(
 
 // ---- on the tape ----
 
-/// Returns (z `[n, z]`, kl `[1]`).
+/// Samples z and computes the KL term in one op. mu, logvar and eps are `[n, z]` (eps drawn
+/// from N(0, 1) by the caller, e.g. [`crate::train::Trainer::draw_noise`]). Returns
+/// (z `[n, z]`, kl `[1]`), the KL summed over the batch and the latent dimensions, in nats.
+/// Gradients flow to mu and logvar from both outputs; eps is noise and gets none.
 pub fn reparam_kl<B: Backend>(tape: &mut Tape<B>, mu: Var, logvar: Var, eps: Var) -> (Var, Var) {
     let s = tape.shape(mu).to_vec();
     assert!(tape.shape(logvar) == s && tape.shape(eps) == s, "reparam_kl: mu, logvar and eps must have one shape");

@@ -14,14 +14,22 @@ use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
+/// Which activation an elementwise op applies. Passed by value to
+/// [`Backend::unary_forward`]/[`Backend::unary_backward`]; on CUDA it becomes a
+/// [`crate::backend::cuda::contract::UnaryCode`] plus the slope argument.
 pub enum Unary {
+    /// `max(x, 0)`.
     Relu,
+    /// `1/(1 + e^{−x})`, in (0, 1): turns the decoder's logits into pixel probabilities.
     Sigmoid,
+    /// The hyperbolic tangent, in (−1, 1).
     Tanh,
+    /// `x` for x > 0, else `slope·x`; the field is the slope (PyTorch's default is 0.01).
     LeakyRelu(f64),
 }
 
 impl Unary {
+    /// The activation of one element, y = f(x).
     #[inline(always)]
     pub fn f<E: Float>(self, x: E) -> E {
         match self {
@@ -67,6 +75,7 @@ impl Unary {
     }
 }
 
+/// `y[i] = op.f(x[i])`, overwriting y; parallel over chunks and vectorized.
 pub fn cpu_forward<E: Float>(op: Unary, x: &[E], y: &mut [E]) {
     assert_eq!(x.len(), y.len());
     y.par_chunks_mut(PAR_MIN)
@@ -74,6 +83,7 @@ pub fn cpu_forward<E: Float>(op: Unary, x: &[E], y: &mut [E]) {
         .for_each(|(y, x)| simd(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y = op.f(x))));
 }
 
+/// `dx[i] += op.df(x[i], y[i], dy[i])`, with y the forward's output.
 pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E]) {
     assert!(x.len() == dx.len() && y.len() == dx.len() && dy.len() == dx.len());
     let chunks =
@@ -87,7 +97,9 @@ pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E
     });
 }
 
-/// Applies `op` elementwise.
+/// Applies `op` elementwise. The backward reads both x and the output y (whose [`Var`] it
+/// learns in advance from [`Tape::next_var`]), since sigmoid's and tanh's derivatives are
+/// cheapest written in y.
 pub fn unary<B: Backend>(tape: &mut Tape<B>, op: Unary, x: Var) -> Var {
     let mut y = Tensor::empty(&tape.backend, tape.shape(x));
     tape.backend.unary_forward(op, &tape.value(x).buf, &mut y.buf);
@@ -101,15 +113,19 @@ pub fn unary<B: Backend>(tape: &mut Tape<B>, op: Unary, x: Var) -> Var {
     })
 }
 
+/// [`unary`] with [`Unary::Relu`]: the hidden activation of every VAE here.
 pub fn relu<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     unary(tape, Unary::Relu, x)
 }
+/// [`unary`] with [`Unary::Sigmoid`]: logits to probabilities (its backward reads y, not x).
 pub fn sigmoid<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     unary(tape, Unary::Sigmoid, x)
 }
+/// [`unary`] with [`Unary::Tanh`].
 pub fn tanh<B: Backend>(tape: &mut Tape<B>, x: Var) -> Var {
     unary(tape, Unary::Tanh, x)
 }
+/// [`unary`] with [`Unary::LeakyRelu`] of the given negative `slope`.
 pub fn leaky_relu<B: Backend>(tape: &mut Tape<B>, x: Var, slope: f64) -> Var {
     unary(tape, Unary::LeakyRelu(slope), x)
 }

@@ -23,10 +23,14 @@ pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 /// One kernel file: its name under `kernels/` and its source. The kernels it defines are
 /// those of the kernel table (`kernels::KERNELS`).
 pub struct KernelFile {
+    /// The file name under `kernels/` (`gemm.cu`); also the NVRTC program's name, so compiler
+    /// messages point at it.
     pub name: &'static str,
+    /// Its text as embedded at build time (`$VAECUDA_KERNEL_SOURCES` can replace it at run time).
     pub source: &'static str,
 }
 
+/// Every kernel file, each compiled as its own program into its own module.
 pub const FILES: &[KernelFile] = &[
     KernelFile { name: "gemm.cu", source: include_str!("../../../kernels/gemm.cu") },
     KernelFile { name: "conv2d.cu", source: include_str!("../../../kernels/conv2d.cu") },
@@ -87,6 +91,8 @@ pub fn nvrtc_missing() -> GpuError {
     )
 }
 
+/// Whether NVRTC (`libnvrtc.so`) can be loaded; checked first because cudarc panics when it
+/// cannot.
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library.
     unsafe { sys::is_culib_present() }
@@ -173,16 +179,22 @@ fn cubin_of(prog: sys::nvrtcProgram) -> Result<Vec<u8>, GpuError> {
 /// What `compile_all_for_arch` did, file by file.
 #[derive(Clone, Debug)]
 pub struct CompileReport {
+    /// The target, e.g. `sm_80`.
     pub arch: String,
+    /// NVRTC's (major, minor) version.
     pub nvrtc_version: (i32, i32),
+    /// One report per entry of [`FILES`], in order.
     pub files: Vec<FileReport>,
 }
 
+/// How one kernel file compiled: what the NVRTC test (`tests/nvrtc_compile.rs`) checks.
 #[derive(Clone, Debug)]
 pub struct FileReport {
+    /// The file under `kernels/`.
     pub file: &'static str,
     /// NVRTC's log (empty when the file compiled without a message).
     pub log: String,
+    /// Size of the CUBIN.
     pub binary_bytes: usize,
     /// Whether the CUBIN passes `cubin_is_whole` (the check a cached file must pass).
     pub whole: bool,
@@ -306,7 +318,10 @@ fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> R
 
 /// A CUBIN and whether it was read from the disk cache (rather than compiled just now).
 pub struct Cubin {
+    /// The CUBIN, for `cuModuleLoadData`.
     pub binary: Vec<u8>,
+    /// True when it came from the disk cache: if the driver then refuses it, the loader
+    /// compiles afresh ([`cubin_fresh`]) instead of failing.
     pub from_cache: bool,
 }
 

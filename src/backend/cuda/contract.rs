@@ -21,8 +21,12 @@ pub const BLOCK: u32 = 256;
 /// Output tile of the GEMM engine (`tile_gemm` in `common.cuh`): TILE_M × TILE_N, walking K in
 /// steps of TILE_K, with TILE_THREADS threads each owning a 4 × 4 micro-tile.
 pub const TILE_M: usize = 64;
+/// Columns of a GEMM output tile (see [`TILE_M`]).
 pub const TILE_N: usize = 64;
+/// Depth of one step along K: the slice of A and B staged in shared memory at a time; split-K
+/// chunk lengths are multiples of it.
 pub const TILE_K: usize = 16;
+/// Threads per GEMM block: `(TILE_M/4)·(TILE_N/4)`, one per 4 × 4 micro-tile.
 pub const TILE_THREADS: u32 = 256;
 
 /// The `#define`s of the prelude: every constant both sides use.
@@ -46,10 +50,11 @@ macro_rules! codes {
         $(#[doc = $doc])*
         #[repr(i32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name { $($variant = $value),* }
+        pub enum $name { $(#[doc = concat!("`", $cuda, "` (= ", stringify!($value), ") in the kernels.")] $variant = $value),* }
         impl $name {
             /// (CUDA name, value) of every variant.
             pub const CUDA: &'static [(&'static str, i32)] = &[$(($cuda, $value)),*];
+            /// The `int` a kernel receives for this variant.
             pub fn code(self) -> i32 {
                 self as i32
             }
@@ -100,6 +105,8 @@ macro_rules! device_struct {
         // the prelude's static_asserts check).
         unsafe impl DeviceRepr for $name {}
         impl $name {
+            /// The CUDA definition of this struct, with the static_asserts of its layout (part
+            /// of [`prelude`]).
             pub fn cuda() -> String {
                 let fields: &[(&str, &str, usize)] = &[$((stringify!($field), c_type!($ty), offset_of!($name, $field))),*];
                 render_struct(stringify!($name), None, &[(stringify!($name), size_of::<$name>(), fields.to_vec())])
@@ -114,6 +121,8 @@ macro_rules! device_struct {
         // SAFETY: as above; T is f32 or f64.
         unsafe impl<T: crate::backend::cuda::CudaFloat> DeviceRepr for $name<T> {}
         impl $name<f32> {
+            /// The CUDA template of this struct, with the static_asserts of the layout of both
+            /// instantiations, `<float>` and `<double>` (part of [`prelude`]).
             pub fn cuda() -> String {
                 let layout = |ty: &'static str, size: usize, offsets: Vec<usize>| {
                     let names = [$(stringify!($field)),*];
@@ -175,8 +184,20 @@ device_struct! {
     /// `gemm`/`gemm_splitk`: C[m, n] = (accumulate ? C : 0) + Σ_k A[m, k]·B[k, n] (+ bias), with
     /// A[m, k] at a[m·a_rs + k·a_cs] and B[k, n] at b[k·b_rs + n·b_cs].
     GemmArgs {
-        m: i32, n: i32, k: i32,
-        a_rs: i32, a_cs: i32, b_rs: i32, b_cs: i32,
+        /// Rows of A and C.
+        m: i32,
+        /// Columns of B and C.
+        n: i32,
+        /// The reduction length: columns of A, rows of B.
+        k: i32,
+        /// Row stride of A, in elements.
+        a_rs: i32,
+        /// Column stride of A (1: rows are contiguous; a transposed A has `a_rs` = 1).
+        a_cs: i32,
+        /// Row stride of B.
+        b_rs: i32,
+        /// Column stride of B.
+        b_cs: i32,
         /// A `BiasMode` code.
         bias_mode: i32,
         /// 1: C += product.
@@ -189,7 +210,28 @@ device_struct! {
 device_struct! {
     /// The shape of a convolution (see `ops::conv2d::Conv2dDims`), as the kernels' ints.
     ConvArgs {
-        n: i32, c_in: i32, h: i32, w: i32, c_out: i32, kh: i32, kw: i32, stride: i32, pad: i32, oh: i32, ow: i32,
+        /// Batch size.
+        n: i32,
+        /// Input channels.
+        c_in: i32,
+        /// Input height.
+        h: i32,
+        /// Input width.
+        w: i32,
+        /// Output channels.
+        c_out: i32,
+        /// Kernel height.
+        kh: i32,
+        /// Kernel width.
+        kw: i32,
+        /// Stride, both ways.
+        stride: i32,
+        /// Zero padding on every side.
+        pad: i32,
+        /// Output height.
+        oh: i32,
+        /// Output width.
+        ow: i32,
         /// Split-K chunk length (backward-weight only).
         kc: i32,
     }
@@ -198,16 +240,34 @@ device_struct! {
 device_struct! {
     /// Batch norm over an [outer, channels, inner] view (doubles first: no padding).
     BnArgs {
-        eps: f64, momentum: f64,
-        outer: i32, channels: i32, inner: i32,
+        /// Added to the variance under the square root.
+        eps: f64,
+        /// Weight of the batch in the running statistics.
+        momentum: f64,
+        /// Batch size.
+        outer: i32,
+        /// Channels: one statistic each.
+        channels: i32,
+        /// Positions per channel per sample (`h·w`, or 1).
+        inner: i32,
     }
 }
 
 device_struct! {
     /// One Adam/AdamW step, every constant already converted to the element type.
     AdamArgs<T> {
-        beta1: T, beta2: T, one_minus_beta1: T, one_minus_beta2: T,
-        eps: T, weight_decay: T,
+        /// β₁, the first moment's decay.
+        beta1: T,
+        /// β₂, the second moment's decay.
+        beta2: T,
+        /// 1 − β₁, rounded once on the host as the CPU path rounds it.
+        one_minus_beta1: T,
+        /// 1 − β₂.
+        one_minus_beta2: T,
+        /// ε, added to the denominator.
+        eps: T,
+        /// Weight decay (Adam's L2 mode adds `weight_decay·p` to the gradient).
+        weight_decay: T,
         /// 1 − lr·wd (AdamW).
         decay_factor: T,
         /// lr / (1 − β₁ᵗ).
@@ -216,6 +276,7 @@ device_struct! {
         bc2_sqrt: T,
         /// An `AdamMode` code.
         mode: i32,
+        /// Elements of the parameter tensor.
         n: i32,
     }
 }

@@ -10,9 +10,13 @@ use super::{Cuda, CudaFloat};
 /// One GPU as the driver reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
+    /// The device's index: `--device cuda:N` and [`open`] take it.
     pub ordinal: usize,
+    /// The name the driver reports (`NVIDIA H100 80GB HBM3`).
     pub name: String,
+    /// (major, minor): the kernels are compiled for `sm_<major><minor>`.
     pub compute_capability: (u32, u32),
+    /// Total device memory, in bytes.
     pub memory_bytes: u64,
 }
 

@@ -11,14 +11,33 @@ pub enum GpuError {
     Unavailable(String),
     /// NVRTC (or, on the emulated device, the host C++ compiler) rejected our kernels: a bug
     /// in `kernels/`, never a reason to fall back silently. `log` is the compiler's.
-    Compile { file: String, log: String },
+    Compile {
+        /// The kernel file (under `kernels/`) that failed.
+        file: String,
+        /// The compiler's messages.
+        log: String,
+    },
     /// The driver reported an error during `during`.
-    Driver { during: String, error: String },
+    Driver {
+        /// What the backend was doing, as a phrase ("copying to the GPU").
+        during: String,
+        /// The driver's error code, as cudarc prints it.
+        error: String,
+    },
     /// An allocation did not fit in device memory.
-    OutOfMemory { requested_bytes: u64, free_bytes: u64, total_bytes: u64 },
+    OutOfMemory {
+        /// Size of the allocation that failed.
+        requested_bytes: u64,
+        /// Device memory free at that moment, by the driver's count.
+        free_bytes: u64,
+        /// The device's total memory.
+        total_bytes: u64,
+    },
 }
 
 impl GpuError {
+    /// A [`GpuError::Driver`] for a failed call made while `during` (its message reads
+    /// "CUDA driver error while `during`: ...").
     pub fn driver(during: impl Into<String>, error: impl fmt::Debug) -> Self {
         GpuError::Driver { during: during.into(), error: format!("{error:?}") }
     }

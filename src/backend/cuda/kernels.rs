@@ -116,7 +116,7 @@ macro_rules! kernel_table {
     ($($file:literal { $($variant:ident $name:ident ($($p:ident: $kind:ident),*);)* })*) => {
         /// Every kernel, in table order (the index into the loaded functions).
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum Kernel { $($($variant),*),* }
+        pub enum Kernel { $($(#[doc = concat!("`", stringify!($name), "` (kernels/", $file, ").")] $variant),*),* }
 
         /// One kernel of the table.
         #[derive(Debug)]
@@ -129,6 +129,9 @@ macro_rules! kernel_table {
             pub params: &'static [(&'static str, &'static str)],
         }
 
+        /// The table itself, in [`Kernel`] order: what the loader looks up (`<name>_f32` or
+        /// `<name>_f64` in `file`'s module), what [`declarations`] renders and what
+        /// [`symbols_in`] lists.
         pub const KERNELS: &[KernelSpec] = &[$($(
             KernelSpec { name: stringify!($name), file: $file, params: &[$((stringify!($p), c_param!($kind))),*] }
         ),*),*];

@@ -136,6 +136,7 @@ impl<E: CudaFloat> Cuda<E> {
         Ok(Cuda { inner: Arc::new(inner) })
     }
 
+    /// The GPU this backend runs on, as probed when it was opened.
     pub fn info(&self) -> &GpuInfo {
         &self.inner.info
     }
@@ -152,8 +153,8 @@ impl<E: CudaFloat> Cuda<E> {
     }
 
     /// Launches the FMA-bound roofline probe (`fma_peak`, kernels/elementwise.cu): `blocks`
-    /// blocks of `kernels::contract::BLOCK` threads, each doing `iters` × 8 FMAs. See
-    /// `bench::Roofline`.
+    /// blocks of [`contract::BLOCK`] threads, each doing `iters` × 8 FMAs. See
+    /// [`crate::bench::Roofline`].
     pub fn fma_probe(&self, blocks: u32, iters: i32) {
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (contract::BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut sink = self.inner.pool.take(1);

@@ -11,6 +11,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, DriverError};
 
 use super::error::GpuError;
 
+/// The free lists of one element type on one stream. The CUDA backend holds two: one for
+/// tensors (`T` = the element type) and one for the f64 partial sums of reductions.
 pub struct Pool<T: DeviceRepr> {
     stream: Arc<CudaStream>,
     free: Mutex<HashMap<usize, Vec<CudaSlice<T>>>>,
@@ -19,6 +21,8 @@ pub struct Pool<T: DeviceRepr> {
 }
 
 impl<T: DeviceRepr> Pool<T> {
+    /// An empty pool allocating on `stream`; shared (`Arc`) because every buffer it hands out
+    /// holds it, to return to it on drop.
     pub fn new(stream: Arc<CudaStream>) -> Arc<Self> {
         Arc::new(Pool { stream, free: Mutex::new(HashMap::new()), allocations: AtomicUsize::new(0) })
     }
@@ -48,6 +52,7 @@ impl<T: DeviceRepr> Pool<T> {
         GpuError::OutOfMemory { requested_bytes, free_bytes: free as u64, total_bytes: total as u64 }
     }
 
+    /// Real device allocations (`cuMemAlloc` calls) made so far; reused buffers do not count.
     pub fn allocations(&self) -> usize {
         self.allocations.load(Ordering::Relaxed)
     }
@@ -62,9 +67,11 @@ pub struct CudaBuf<T: DeviceRepr> {
 }
 
 impl<T: DeviceRepr> CudaBuf<T> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether the buffer has no elements (and so no device memory).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -72,6 +79,7 @@ impl<T: DeviceRepr> CudaBuf<T> {
     pub fn s(&self) -> &CudaSlice<T> {
         self.slice.as_ref().expect("zero-length CUDA buffer has no device memory")
     }
+    /// The device slice, mutably: what a kernel launch's output parameter takes.
     pub fn sm(&mut self) -> &mut CudaSlice<T> {
         self.slice.as_mut().expect("zero-length CUDA buffer has no device memory")
     }
