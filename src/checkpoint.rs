@@ -24,16 +24,21 @@ pub const CONFIG_KEY: &str = "vaecuda_config";
 /// One tensor read from or written to a file: dtype, shape, little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct RawTensor {
+    /// The element type as stored (F32, F64, F16, BF16 or I64 here).
     pub dtype: Dtype,
+    /// The dimensions, outermost first (PyTorch's order: a linear weight is `[out, in]`).
     pub shape: Vec<usize>,
+    /// The elements, little-endian, row-major: `shape`'s product times the dtype's size.
     pub bytes: Vec<u8>,
 }
 
 impl RawTensor {
+    /// A float tensor of `shape` from host values (F32 or F64, as `E`).
     pub fn from_floats<E: Float>(shape: &[usize], v: &[E]) -> Self {
         let dtype = if E::NAME == "f64" { Dtype::F64 } else { Dtype::F32 };
         RawTensor { dtype, shape: shape.to_vec(), bytes: bytemuck::cast_slice(v).to_vec() }
     }
+    /// A 0-d int64 tensor, as PyTorch stores batch norm's `num_batches_tracked`.
     pub fn scalar_i64(v: i64) -> Self {
         RawTensor { dtype: Dtype::I64, shape: vec![], bytes: v.to_le_bytes().to_vec() }
     }
@@ -137,12 +142,17 @@ pub fn serialize(tensors: &BTreeMap<String, RawTensor>, metadata: &HashMap<Strin
 /// A safetensors file read into memory.
 #[derive(Clone, Debug)]
 pub struct TensorFile {
+    /// Where it was read from (named in every error about it).
     pub path: PathBuf,
+    /// The header's `__metadata__` strings (the model configuration, the epoch, ...).
     pub metadata: HashMap<String, String>,
+    /// The tensors by name, sorted.
     pub tensors: BTreeMap<String, RawTensor>,
 }
 
 impl TensorFile {
+    /// Reads and checks a whole file (header, dtypes, shapes and byte ranges); an error names
+    /// the file and says what is wrong.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -239,9 +249,13 @@ pub fn save_model<B: Backend>(
 
 /// A model rebuilt from a checkpoint.
 pub struct LoadedModel<B: Backend> {
+    /// The configuration it was built from (the file's, or the fallback).
     pub config: ModelConfig,
+    /// The model's structure (parameter ids into `store`).
     pub vae: Vae,
+    /// The parameters, holding the file's values.
     pub store: ParamStore<B>,
+    /// The file as read (its metadata, e.g. `vaecuda_recon`, is the caller's to use).
     pub file: TensorFile,
 }
 

@@ -214,6 +214,9 @@ fn every_flag_refuses_nonsense_with_a_reason() {
     let said =
         ok(&["train", "--data", &f.data, "--hidden", "32", "--epochs", "1", "--batch-size", "100000", "--out", &run]);
     assert!(said.contains("--batch-size 100000 is larger than the 300 training images; using 300"), "{said}");
+    // Long work draws a progress bar only on a terminal: piped, stderr has no bar.
+    let (ran, err) = cli_common::vae_with_env(&["eval", "-c", &run, "--data", &f.data, "--iw", "2"], &[]);
+    assert!(ran && !err.contains('\r') && !err.contains("importance sampling"), "{err}");
     let msg = fails(&["eval", "-c", &run, "--data", &f.data, "--iw", "0"]);
     assert!(msg.contains("--iw must be at least 1"), "{msg}");
     let msg = fails(&["eval", "-c", &run, "--data", &f.data, "--batch-size", "0"]);
@@ -224,6 +227,20 @@ fn every_flag_refuses_nonsense_with_a_reason() {
     std::fs::write(Path::new(&run).join("run.json"), json.replace("\"batch_size\": 300", "\"batch_size\": 0")).unwrap();
     let msg = fails(&["train", "--out", &run, "--resume", "--epochs", "2"]);
     assert!(msg.contains("run.json is damaged") && msg.contains("--batch-size must be at least 1"), "{msg}");
+}
+
+/// Asking for a GPU that is not there is one line (whether the machine has no GPU, no
+/// driver, or fewer GPUs than asked for).
+#[test]
+fn a_missing_gpu_is_one_line() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["--device", "cuda:99", "sample", "-c", "nowhere"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() == 1 && lines[0].starts_with("error: cannot use cuda:99: "), "{err}");
 }
 
 /// A model or a batch that cannot fit in memory is refused before it is allocated, with the

@@ -60,6 +60,20 @@ fn vae_trains_through_the_emulated_device_to_the_cpus_losses() {
     }
 }
 
+/// The one `error` line of a failed run, checked for no panic or backtrace.
+fn one_error_line(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the run succeeded:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("backtrace"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    errors[0].to_string()
+}
+
+/// Out of device memory, two ways: `train` predicts it from the model's size and a step's
+/// estimate and refuses before allocating; anything else that runs out (here `eval` uploading
+/// a test set larger than the memory left) gets the typed out-of-memory error. Both are one
+/// line that says what to do.
 #[test]
 fn out_of_device_memory_is_one_line_that_says_what_to_do() {
     if !emulator_available() {
@@ -67,19 +81,22 @@ fn out_of_device_memory_is_one_line_that_says_what_to_do() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    // 6 MiB holds the MLP's weights but not the optimizer state and a batch's activations.
-    let o = vae(
-        "emu",
-        &[("VAECUDA_EMU_MEMORY", "6M")],
-        &["train", "--limit-train", "256", "--limit-test", "128", "--epochs", "1", "--out", out.to_str().unwrap()],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "training in 6 MiB succeeded:\n{err}");
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{err}");
-    assert!(errors[0].starts_with("error: out of GPU memory: asked for "), "{err}");
-    assert!(errors[0].contains("free of 6.0 MiB; try a smaller --batch-size"), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("backtrace"), "{err}");
+    let out = out.to_str().unwrap();
+    let small = ["--limit-train", "256", "--limit-test", "128", "--epochs", "1", "--out", out];
+    // 6 MiB holds the MLP's weights but not with their gradients and the optimizer state.
+    let o = vae("emu", &[("VAECUDA_EMU_MEMORY", "6M")], &[&["train"][..], &small].concat());
+    let line = one_error_line(&o);
+    assert!(line.contains("parameters, with their gradients and Adam's two moments, would need"), "{line}");
+    assert!(line.contains("MiB is free"), "{line}");
+
+    // A checkpoint from the CPU; then 8 MiB of device memory holds the model (2.5 MiB) but
+    // not 2,000 test images (6 MiB) beside it.
+    let o = vae("cpu", &[], &[&["train"][..], &small].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vae("emu", &[("VAECUDA_EMU_MEMORY", "8M")], &["eval", "-c", out, "--limit-test", "2000"]);
+    let line = one_error_line(&o);
+    assert!(line.starts_with("error: out of GPU memory: asked for "), "{line}");
+    assert!(line.contains("free of 8.0 MiB; try a smaller --batch-size"), "{line}");
 }
 
 #[test]
