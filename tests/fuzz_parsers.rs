@@ -14,6 +14,15 @@ use vaecuda::checkpoint::TensorFile;
 use vaecuda::data::{decode_image, gunzip, parse_idx, read_maybe_gz, MAX_EXPANSION};
 use vaecuda::rng::Rng;
 
+/// Prints a count past the test harness's capture (which holds back `println!`), so CI's log
+/// shows it for passing tests too.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Records the largest single allocation made by the current thread while `tracking` is set.
 struct Tracking;
 thread_local! {
@@ -125,7 +134,7 @@ fn fuzz_with(
         }
     }
     assert!(rejected > 0, "{name}: no damaged input was refused");
-    eprintln!("{name}: {INPUTS} inputs tried, {accepted} parsed, {rejected} refused with a message naming the file");
+    report!("{name}: {INPUTS} inputs tried, {accepted} parsed, {rejected} refused with a message naming the file");
 }
 
 fn idx_file() -> Vec<u8> {
