@@ -45,6 +45,7 @@ impl<E: Float> Cpu<E> {
 impl<E: Float> Backend for Cpu<E> {
     type E = E;
     type Buf = Vec<E>;
+    type Bytes = Arc<Vec<u8>>;
 
     fn describe(&self) -> String {
         format!("CPU ({} threads, {})", rayon::current_num_threads(), E::NAME)
@@ -95,6 +96,15 @@ impl<E: Float> Backend for Cpu<E> {
         for (r, &i) in idx.iter().enumerate() {
             dst[r * row_len..][..row_len].copy_from_slice(&src[i as usize * row_len..][..row_len]);
         }
+    }
+    fn upload_bytes(&self, host: &Arc<Vec<u8>>) -> Arc<Vec<u8>> {
+        host.clone()
+    }
+    fn bytes_len(&self, buf: &Arc<Vec<u8>>) -> usize {
+        buf.len()
+    }
+    fn gather_rows_u8(&self, src: &Arc<Vec<u8>>, row_len: usize, idx: &[u32], dst: &mut Vec<E>) {
+        elementwise::cpu_gather_rows_u8(src, row_len, idx, dst)
     }
 
     fn linear_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: LinearDims) {

@@ -25,6 +25,10 @@ pub use crate::ops::loss::Recon;
 pub trait Backend: Clone + 'static {
     type E: Float;
     type Buf: 'static;
+    /// A buffer of bytes on the device: a dataset's pixels stay `u8` there and become floats
+    /// only when a batch is gathered ([`Backend::gather_rows_u8`]), a quarter of the memory of
+    /// f32 pixels.
+    type Bytes: 'static;
 
     /// One line naming the device, for logs.
     fn describe(&self) -> String;
@@ -60,6 +64,15 @@ pub trait Backend: Clone + 'static {
     fn fill(&self, buf: &mut Self::Buf, value: Self::E);
     /// `dst[r, :] = src[idx[r], :]` for rows of `row_len` elements (batch gathering).
     fn gather_rows(&self, src: &Self::Buf, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
+    /// Puts bytes on the device. The CPU keeps a reference to the same allocation (no copy,
+    /// so a dataset is in host memory once); a GPU copies them.
+    fn upload_bytes(&self, host: &std::sync::Arc<Vec<u8>>) -> Self::Bytes;
+    /// The number of bytes in a byte buffer.
+    fn bytes_len(&self, buf: &Self::Bytes) -> usize;
+    /// `dst[r, e] = src[idx[r]·row_len + e] / 255`: gathers rows of `u8` pixels as floats in
+    /// [0, 1] (a training batch). The division is IEEE-exact on both sides, so the batch equals
+    /// pixels converted on the host.
+    fn gather_rows_u8(&self, src: &Self::Bytes, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
 
     // ---- linear: y[n, out] = x[n, in] · W[out, in]ᵀ + b ----
     fn linear_forward(&self, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf, d: LinearDims);
