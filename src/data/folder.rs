@@ -304,9 +304,13 @@ pub fn mem_available() -> Option<u64> {
     parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
-/// Bytes as GB with two decimals (decimal units, as `free -h` and disk sizes).
-pub fn gb(bytes: u64) -> String {
-    format!("{:.2} GB", bytes as f64 / 1e9)
+/// Bytes in decimal units: GB with two decimals from 1 GB, else MB with one.
+pub fn bytes_human(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("{:.2} GB", bytes as f64 / 1e9)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
 
 /// Refuses, before anything is loaded, a dataset of `images` images of `image_bytes` bytes
@@ -318,8 +322,8 @@ pub fn ensure_fits(images: usize, image_bytes: usize, available: Option<u64>, si
             needed <= avail,
             "the dataset needs {} of memory ({images} images of {image_bytes} bytes at --image-size {size}) but only {} \
              is available; train on a subset (--limit-train N, --limit-test N) or at a smaller --image-size",
-            gb(needed),
-            gb(avail)
+            bytes_human(needed),
+            bytes_human(avail)
         );
     }
     Ok(())
@@ -591,7 +595,7 @@ fn load_set(entries: &[Entry], size: usize, what: &str, opts: &Options) -> Resul
                         "data: {what}: {} images from the cache {} in {s:.2} s ({}/s)",
                         entries.len(),
                         p.display(),
-                        gb((px.len() as f64 / s.max(1e-9)) as u64)
+                        bytes_human((px.len() as f64 / s.max(1e-9)) as u64)
                     );
                 }
                 return Ok((px, CacheUse::Hit(p.clone())));
@@ -625,7 +629,7 @@ fn load_set(entries: &[Entry], size: usize, what: &str, opts: &Options) -> Resul
     if opts.log {
         let cached = match &outcome {
             CacheUse::Written(p) | CacheUse::Rebuilt(p, _) => {
-                format!("; cached in {} ({}; delete it to clear the cache)", p.display(), gb(px.len() as u64))
+                format!("; cached in {} ({}; delete it to clear the cache)", p.display(), bytes_human(px.len() as u64))
             }
             CacheUse::NotWritten(why) => format!("; not cached: {why}"),
             _ => String::new(),
