@@ -9,7 +9,13 @@ use std::process::{Command, Output};
 use vaecuda::checkpoint::TensorFile;
 
 fn vae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).args(["--device", "cpu"]).output().expect("run vae")
+    // No decoded-image cache: these folders are temporary (tests/data_folders.rs tests the cache).
+    Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .env("VAECUDA_DATA_CACHE", "off")
+        .output()
+        .expect("run vae")
 }
 
 fn ok(args: &[&str]) -> String {

@@ -246,6 +246,12 @@ fn fails(cache: &Path, args: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// The test loss of the last epoch line of `vae train`'s output.
+fn test_loss(train_out: &str) -> String {
+    let line = train_out.lines().rfind(|l| l.starts_with("epoch")).expect("an epoch line");
+    line.split("  test ").nth(1).and_then(|t| t.split_whitespace().next()).expect("a test loss").to_string()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -265,9 +271,10 @@ fn vae_trains_and_evaluates_on_celeba_and_image_folder_layouts() {
     let (out, err) = ok(&cache, &args);
     assert!(out.contains("on 32 images, testing on 4"), "{out}");
     assert!(err.contains("decoded 32 images") && err.contains("cached in"), "{err}");
-    // The second run reads the cache.
-    let (_, err) = ok(&cache, &["eval", "-c", s(&run), "--data", s(&celeba), "--image-size", "16"]);
+    // Evaluation reads the test set from the cache, and gets the test loss training printed.
+    let (eval, err) = ok(&cache, &["eval", "-c", s(&run), "--data", s(&celeba), "--image-size", "16"]);
     assert!(err.contains("4 images from the cache"), "{err}");
+    assert!(eval.contains(&format!("negative ELBO: {} nats/image", test_loss(&out))), "{out}\n{eval}");
     let again = tmp.path().join("run-celeba-2");
     args.pop();
     args.push(s(&again));
@@ -298,8 +305,8 @@ fn vae_trains_and_evaluates_on_celeba_and_image_folder_layouts() {
         ],
     );
     assert!(out.contains("on 22 images, testing on 2"), "{out}");
-    let (out, _) = ok(&cache, &["eval", "-c", s(&run), "--data", s(&pets), "--image-size", "8"]);
-    assert!(out.contains("ELBO") || out.contains("elbo") || !out.is_empty(), "{out}");
+    let (eval, _) = ok(&cache, &["eval", "-c", s(&run), "--data", s(&pets), "--image-size", "8"]);
+    assert!(eval.contains(&format!("negative ELBO: {} nats/image", test_loss(&out))), "{out}\n{eval}");
     ok(&cache, &["latent", "-c", s(&run), "--data", s(&pets), "--image-size", "8"]);
     let csv = std::fs::read_to_string(run.join("latent.csv")).unwrap();
     let labels: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap()).collect();
