@@ -85,7 +85,9 @@ impl Dataset {
 /// An IDX array: its dimensions and unsigned-byte payload.
 #[derive(Clone, Debug)]
 pub struct Idx {
+    /// The dimensions, outermost first (e.g. [n, rows, cols]).
     pub dims: Vec<usize>,
+    /// The bytes, row-major.
     pub data: Vec<u8>,
 }
 

@@ -89,26 +89,33 @@ fn image_folder_classes_become_labels_and_flat_folders_split_by_name() {
     jpegs(&root.join("dog/indoor"), "d", 6, 200); // nested below its class folder
     jpegs(&root.join("dog"), "e", 4, 300);
     jpegs(&root.join("emu"), "f", 1, 400); // one image: training only
+                                           // A class name that another one begins with: "dog-2/…" sorts before "dog/…" as a path.
+    jpegs(&root.join("dog-2"), "g", 3, 600);
     let index = folder::scan(&root).unwrap();
     assert_eq!(index.layout, Layout::ImageFolder);
-    assert_eq!(index.classes, ["cat", "dog", "emu"]);
+    assert_eq!(index.classes, ["cat", "dog", "dog-2", "emu"]);
     // The last 10% of each class (at least one of two or more) are the test set.
     let labels = |v: &[folder::Entry]| v.iter().map(|e| e.label.unwrap()).collect::<Vec<_>>();
-    assert_eq!(labels(&index.test), [0, 1]);
+    assert_eq!(labels(&index.test), [0, 1, 2]);
     assert_eq!(index.test[0].rel, "cat/c009.jpg");
     assert_eq!(index.test[1].rel, "dog/indoor/d005.jpg");
-    assert_eq!(index.train.len(), 9 + 9 + 1);
+    assert_eq!(index.test[2].rel, "dog-2/g002.jpg");
+    assert_eq!(index.train.len(), 9 + 9 + 2 + 1);
+    // Every file is labelled by its class folder.
+    for e in index.train.iter().chain(&index.test) {
+        assert!(e.rel.starts_with(&format!("{}/", index.classes[e.label.unwrap() as usize])), "{e:?}");
+    }
     let l = folder::load(&index, 8, None, None, &opts(None)).unwrap();
     assert_eq!(l.train.labels.as_deref().unwrap(), &labels(&index.train)[..]);
-    assert_eq!(l.test.labels.as_deref().unwrap(), [0, 1]);
-    assert_eq!(l.test.classes, ["cat", "dog", "emu"]);
+    assert_eq!(l.test.labels.as_deref().unwrap(), [0, 1, 2]);
+    assert_eq!(l.test.classes, ["cat", "dog", "dog-2", "emu"]);
     assert_eq!(l.test.image_bytes(1), &expected(&root.join("dog/indoor/d005.jpg"), 8)[..]);
 
     // Images at the top as well: a flat (recursive) folder without labels, 10% held out.
     jpegs(&root, "top", 1, 900);
     let flat = folder::scan(&root).unwrap();
     assert_eq!(flat.layout, Layout::Flat);
-    assert_eq!((flat.train.len(), flat.test.len()), (20, 2));
+    assert_eq!((flat.train.len(), flat.test.len()), (23, 2));
     assert!(flat.train.iter().chain(&flat.test).all(|e| e.label.is_none()));
 }
 

@@ -228,7 +228,9 @@ pub fn scan(root: &Path) -> Result<FolderIndex> {
         let class_of = |e: &Entry| e.rel.split_once('/').map(|(c, _)| c.to_string());
         if entries.iter().all(|e| class_of(e).is_some()) {
             classes = entries.iter().filter_map(class_of).collect();
-            classes.dedup(); // sorted by rel, so by class
+            // Sorted by name ("dog" before "dog-2", although "dog-2/x" sorts before "dog/x").
+            classes.sort();
+            classes.dedup();
         }
         if classes.len() >= 2 {
             ensure!(
@@ -241,6 +243,7 @@ pub fn scan(root: &Path) -> Result<FolderIndex> {
                 let c = class_of(e).expect("every entry has a class");
                 e.label = Some(classes.binary_search(&c).expect("class listed") as u8);
             }
+            entries.sort_by(|a, b| (a.label, &a.rel).cmp(&(b.label, &b.rel)));
             Layout::ImageFolder
         } else {
             classes.clear();
