@@ -348,3 +348,26 @@ fn vae_refuses_nonsense_data_flags() {
     std::fs::create_dir(&empty).unwrap();
     assert!(fails(&cache, &["train", "--data", s(&empty)]).contains("no images"));
 }
+
+/// End to end, with the machine's own `MemAvailable`: enough (undecodable) files that at the
+/// largest image size they need more memory than there is. The refusal must come before any
+/// file is read, so it names the size, not a file that does not decode.
+#[test]
+fn vae_refuses_a_dataset_bigger_than_memory() {
+    let Some(avail) = folder::mem_available() else { return };
+    let per_image = 3 * (vaecuda::data::MAX_IMAGE_SIZE as u64).pow(2);
+    let n = avail / per_image + 10;
+    if n > 20_000 {
+        return; // a machine this large would need too many files for a test
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("many");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..n {
+        std::fs::write(dir.join(format!("{i:05}.jpg")), b"not a jpeg").unwrap();
+    }
+    let size = vaecuda::data::MAX_IMAGE_SIZE.to_string();
+    let msg = fails(&tmp.path().join("cache"), &["train", "--data", s(&dir), "--image-size", &size]);
+    assert!(msg.contains("the dataset needs") && msg.contains(&format!("{n} images")), "{msg}");
+    assert!(msg.contains("is available") && msg.contains("--limit-train") && !msg.contains("decode"), "{msg}");
+}
