@@ -66,6 +66,16 @@ __device__ void gather_rows_impl(const T* src, const unsigned* idx, int row_len,
     }
 }
 
+// The same over u8 pixels, converted to T in [0, 1]: dst[i] = src[...] / PIXEL_MAX. A true
+// division (NVRTC's default -prec-div=true), so float pixels equal the host's b / 255.0f.
+template <typename T>
+__device__ void gather_rows_u8_impl(const unsigned char* src, const unsigned* idx, int row_len, T* dst, int n) {
+    GRID_STRIDE(i, n) {
+        const long long r = i / row_len, e = i % row_len;
+        dst[i] = T(src[(long long)idx[r] * row_len + e]) / T(PIXEL_MAX);
+    }
+}
+
 // ---- bias over an [outer, channels, inner] view ----
 // y[o, c, i] += b[c]: element k belongs to channel (k / inner) % channels.
 template <typename T>
@@ -130,6 +140,10 @@ __device__ void reduce_final_impl(const acc_t* part, int g, double scale, T* out
     extern "C" __global__ void gather_rows_##S(const T* src, const unsigned* idx, int row_len, T* dst,    \
                                                int n) {                                                    \
         gather_rows_impl<T>(src, idx, row_len, dst, n);                                                    \
+    }                                                                                                      \
+    extern "C" __global__ void gather_rows_u8_##S(const unsigned char* src, const unsigned* idx, int row_len, \
+                                                  T* dst, int n) {                                            \
+        gather_rows_u8_impl<T>(src, idx, row_len, dst, n);                                                 \
     }                                                                                                      \
     extern "C" __global__ void bias_add_##S(T* y, const T* b, int channels, int inner, int n) {           \
         bias_add_impl<T>(y, b, channels, inner, n);                                                        \

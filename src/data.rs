@@ -1,60 +1,93 @@
 //! Datasets: IDX files (MNIST, Fashion-MNIST, any directory of the four standard files, `.gz`
 //! or raw), the MNIST copy bundled in `data/mnist/` (checked against its SHA256SUMS), and
-//! folders of images (CelebA-style: center-cropped, resized, RGB). Pixels are scaled to [0, 1].
+//! folders of images (CelebA-style: center-cropped, resized, RGB). Pixels are bytes standing
+//! for [0, 1].
 //!
-//! A dataset is uploaded to the backend once ([`DeviceData`]); batches are gathered on the
-//! device by index, so an epoch moves only the shuffled index list.
+//! Pixels are `u8` from the file to the device: a dataset is uploaded to the backend once
+//! ([`DeviceData`]) as bytes, and batches are gathered on the device by index and converted to
+//! floats there, so an epoch moves only the shuffled index list and a dataset costs one byte
+//! per pixel. Image folders (flat, nested, CelebA's, ImageFolder's) and their decoded cache
+//! are [`folder`]'s.
+
+pub mod folder;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::backend::Backend;
+use crate::ops::elementwise::PIXEL_MAX;
 use crate::rng::Rng;
-use crate::tensor::{Float, Tensor};
+use crate::tensor::Tensor;
 
-/// Images in [0, 1], NCHW, with optional class labels.
+/// Images as `u8` pixels (0..=255 standing for [0, 1]), NCHW, with optional class labels.
+/// Pixels stay bytes in host memory and on the device; a batch becomes floats only when it is
+/// gathered ([`DeviceData::batch`]), so a dataset costs one byte per pixel.
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    pub images: Vec<f32>,
+    /// The pixels of every image, image after image, each `channels × height × width`. Shared
+    /// (not copied) with the CPU backend when uploaded.
+    pub pixels: Arc<Vec<u8>>,
+    /// One class label per image, when the data has them.
     pub labels: Option<Vec<u8>>,
+    /// Class names for labels 0, 1, … (an ImageFolder's subfolders); empty when unknown.
+    pub classes: Vec<String>,
+    /// The number of images.
     pub len: usize,
+    /// Colour channels (1 for IDX, 3 for image folders).
     pub channels: usize,
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
 }
 
 impl Dataset {
+    /// Pixels per image (`channels × height × width`), also its size in bytes.
     pub fn image_len(&self) -> usize {
         self.channels * self.height * self.width
     }
-    /// The first `n` images (all of them when `n` is larger).
+    /// The first `n` images (all of them when `n` is larger). Frees the rest when nothing
+    /// else holds the pixels.
     pub fn truncate(mut self, n: usize) -> Self {
         let n = n.min(self.len);
-        self.images.truncate(n * self.image_len());
+        if n < self.len {
+            let keep = n * self.image_len();
+            let mut v = Arc::try_unwrap(self.pixels).unwrap_or_else(|shared| shared[..keep].to_vec());
+            v.truncate(keep);
+            v.shrink_to_fit();
+            self.pixels = Arc::new(v);
+        }
         if let Some(l) = &mut self.labels {
             l.truncate(n);
         }
         self.len = n;
         self
     }
-    /// Image `i`'s pixels.
-    pub fn image(&self, i: usize) -> &[f32] {
+    /// Image `i`'s pixels as bytes.
+    pub fn image_bytes(&self, i: usize) -> &[u8] {
         let l = self.image_len();
-        &self.images[i * l..(i + 1) * l]
+        &self.pixels[i * l..(i + 1) * l]
     }
-    /// Images at `idx`, concatenated.
+    /// Image `i`'s pixels in [0, 1] (`byte / 255`, as a gathered batch has them).
+    pub fn image(&self, i: usize) -> Vec<f32> {
+        self.image_bytes(i).iter().map(|&b| b as f32 / PIXEL_MAX as f32).collect()
+    }
+    /// Images at `idx`, concatenated, in [0, 1].
     pub fn gather(&self, idx: &[usize]) -> Vec<f32> {
-        idx.iter().flat_map(|&i| self.image(i).iter().copied()).collect()
+        idx.iter().flat_map(|&i| self.image(i)).collect()
     }
 }
 
 /// An IDX array: its dimensions and unsigned-byte payload.
 #[derive(Clone, Debug)]
 pub struct Idx {
+    /// The dimensions, outermost first (e.g. [n, rows, cols]).
     pub dims: Vec<usize>,
+    /// The bytes, row-major.
     pub data: Vec<u8>,
 }
 
@@ -95,6 +128,21 @@ pub fn decode_image(bytes: &[u8]) -> Result<image::DynamicImage> {
 
 /// Parses IDX bytes (magic 0x00 0x00 0x08 ndim, big-endian u32 dims, then the bytes).
 pub fn parse_idx(bytes: &[u8]) -> Result<Idx> {
+    let dims = parse_idx_header(bytes)?;
+    let header = 4 + 4 * dims.len();
+    Ok(Idx { dims, data: bytes[header..].to_vec() })
+}
+
+/// [`parse_idx`] of bytes it may keep: the payload is moved to the front of the same
+/// allocation instead of copied, so a file is in memory once.
+pub fn parse_idx_owned(mut bytes: Vec<u8>) -> Result<Idx> {
+    let dims = parse_idx_header(&bytes)?;
+    bytes.drain(..4 + 4 * dims.len());
+    Ok(Idx { dims, data: bytes })
+}
+
+/// The dimensions of IDX bytes, checked against the payload's length.
+fn parse_idx_header(bytes: &[u8]) -> Result<Vec<usize>> {
     ensure!(bytes.len() >= 4, "too short for an IDX header ({} bytes)", bytes.len());
     ensure!(
         bytes[0] == 0 && bytes[1] == 0,
@@ -119,7 +167,7 @@ pub fn parse_idx(bytes: &[u8]) -> Result<Idx> {
         "IDX dimensions {dims:?} need {n} bytes of data but the file has {}",
         bytes.len() - header
     );
-    Ok(Idx { dims, data: bytes[header..].to_vec() })
+    Ok(dims)
 }
 
 /// The bytes of `<dir>/<name>` or `<dir>/<name>.gz`, decompressed, and the path used.
@@ -165,7 +213,7 @@ pub fn load_idx_split(dir: &Path, split: &str) -> Result<Dataset> {
                 );
             }
         }
-        parse_idx(&bytes).with_context(|| format!("{} is not a valid IDX file", path.display()))
+        parse_idx_owned(bytes).with_context(|| format!("{} is not a valid IDX file", path.display()))
     };
     let images_name = format!("{split}-images-idx3-ubyte");
     let labels_name = format!("{split}-labels-idx1-ubyte");
@@ -192,8 +240,9 @@ pub fn load_idx_split(dir: &Path, split: &str) -> Result<Dataset> {
     );
     let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
     Ok(Dataset {
-        images: images.data.iter().map(|&b| b as f32 / 255.0).collect(),
+        pixels: Arc::new(images.data),
         labels: Some(labels.data),
+        classes: vec![],
         len: n,
         channels: 1,
         height: h,
@@ -224,69 +273,28 @@ pub fn is_idx_dir(dir: &Path) -> bool {
     ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"].iter().any(|n| dir.join(n).is_file())
 }
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
-
-/// Image files directly in `dir`, sorted by name.
-pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Center-crops to a square, resizes to `size`×`size` and converts to RGB in [0, 1], CHW.
-pub fn prepare_image(img: image::DynamicImage, size: usize) -> Vec<f32> {
-    let (w, h) = (img.width(), img.height());
-    let s = w.min(h);
-    let img = img.crop_imm((w - s) / 2, (h - s) / 2, s, s);
-    let img = img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle).to_rgb8();
-    let mut out = vec![0f32; 3 * size * size];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * size * size + y as usize * size + x as usize] = p[c] as f32 / 255.0;
-        }
-    }
-    out
-}
-
-/// Every image of a folder (the first `limit` by name when given), as RGB `size`×`size`.
-pub fn load_image_folder(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
-    let mut files = image_files(dir)?;
-    ensure!(!files.is_empty(), "{} has no IDX files and no images ({})", dir.display(), IMAGE_EXTENSIONS.join(", "));
-    if let Some(l) = limit {
-        files.truncate(l);
-    }
-    use rayon::prelude::*;
-    let images: Vec<Vec<f32>> = files
-        .par_iter()
-        .map(|f| {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read image {}", f.display()))?;
-            let img = decode_image(&bytes).with_context(|| format!("cannot decode image {}", f.display()))?;
-            Ok(prepare_image(img, size))
-        })
-        .collect::<Result<_>>()?;
-    Ok(Dataset { len: images.len(), images: images.concat(), labels: None, channels: 3, height: size, width: size })
-}
+/// The largest `--image-size` accepted: larger squares are no image size a VAE here trains at
+/// (and a folder at that size would need gigabytes per thousand images).
+pub const MAX_IMAGE_SIZE: usize = 4096;
 
 /// Where images come from.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     /// A directory of IDX files (`None`: the bundled MNIST).
     Idx(Option<PathBuf>),
-    /// A folder of images, resized to the given square size.
+    /// A folder of images, resized to the given square size (see [`folder`] for the layouts).
     Folder(PathBuf, usize),
 }
 
 impl Source {
-    /// Chooses by contents: IDX files win, otherwise a folder of images.
+    /// Chooses by contents: IDX files win, otherwise a folder of images. Refuses an image size
+    /// of 0 or above [`MAX_IMAGE_SIZE`].
     pub fn detect(dir: Option<&Path>, image_size: usize) -> Result<Self> {
+        ensure!(
+            (1..=MAX_IMAGE_SIZE).contains(&image_size),
+            "--image-size {image_size} is not a usable image size: give the side of the square images are \
+             resized to, 1 to {MAX_IMAGE_SIZE} (e.g. 64)"
+        );
         match dir {
             None => Ok(Source::Idx(None)),
             Some(d) => {
@@ -300,10 +308,15 @@ impl Source {
         }
     }
 
-    /// The train and test sets, each cut to its limit. Image folders hold out their last 10%
-    /// (by file name) as the test set.
+    /// The train and test sets, each cut to its limit. Image folders are split by their
+    /// layout ([`folder::scan`]): CelebA's list_eval_partition.txt when present, otherwise the
+    /// last 10% by file name (of each class) are the test set; the limits take the first
+    /// images of each set, and only those are decoded (or read from the cache).
     pub fn load(&self, limit_train: Option<usize>, limit_test: Option<usize>) -> Result<(Dataset, Dataset)> {
-        let cut = |d: Dataset, l: Option<usize>| l.map_or(d.clone(), |l| d.truncate(l));
+        let cut = |d: Dataset, l: Option<usize>| match l {
+            Some(l) => d.truncate(l),
+            None => d,
+        };
         match self {
             Source::Idx(dir) => {
                 let dir = match dir {
@@ -324,25 +337,9 @@ impl Source {
                 Ok((cut(train, limit_train), cut(test, limit_test)))
             }
             Source::Folder(dir, size) => {
-                let total = limit_train.zip(limit_test).map(|(a, b)| a + b);
-                let all = load_image_folder(dir, *size, total)?;
-                let n_test = match (limit_train, limit_test) {
-                    (Some(a), Some(_)) => all.len.saturating_sub(a),
-                    _ => (all.len / 10).max(1).min(all.len.saturating_sub(1)),
-                };
-                ensure!(all.len >= 2, "{} needs at least 2 images (one to train, one to test)", dir.display());
-                let n_train = all.len - n_test;
-                let l = all.image_len();
-                let test = Dataset {
-                    images: all.images[n_train * l..].to_vec(),
-                    labels: None,
-                    len: n_test,
-                    channels: all.channels,
-                    height: all.height,
-                    width: all.width,
-                };
-                let train = all.truncate(n_train);
-                Ok((cut(train, limit_train), cut(test, limit_test)))
+                let index = folder::scan(dir)?;
+                let l = folder::load(&index, *size, limit_train, limit_test, &folder::Options::default())?;
+                Ok((l.train, l.test))
             }
         }
     }
@@ -359,7 +356,7 @@ impl Source {
         })
     }
 
-    /// Only the test set.
+    /// Only the test set (a folder decodes, or reads from the cache, only its test images).
     pub fn load_test(&self, limit: Option<usize>) -> Result<Dataset> {
         match self {
             Source::Idx(dir) => {
@@ -368,34 +365,37 @@ impl Source {
                     None => bundled_mnist_dir()?,
                 };
                 let test = load_idx_split(&dir, "t10k")?;
-                Ok(limit.map_or(test.clone(), |l| test.truncate(l)))
+                Ok(match limit {
+                    Some(l) => test.truncate(l),
+                    None => test,
+                })
             }
-            Source::Folder(..) => Ok(self.load(None, limit)?.1),
+            Source::Folder(..) => Ok(self.load(Some(0), limit)?.1),
         }
     }
 }
 
-/// A dataset uploaded to the backend once, plus a reusable batch buffer.
+/// A dataset on the backend: its `u8` pixels uploaded once (on the CPU, shared with the host
+/// copy), batches gathered and converted to floats on the device.
 pub struct DeviceData<B: Backend> {
-    pub all: Tensor<B>,
+    /// Every image's pixels, as bytes.
+    pub pixels: B::Bytes,
+    /// The number of images.
     pub len: usize,
+    /// [channels, height, width] of one image.
     pub shape: [usize; 3],
 }
 
 impl<B: Backend> DeviceData<B> {
+    /// Uploads a dataset's pixels (the CPU backend keeps a reference: no copy).
     pub fn upload(backend: &B, d: &Dataset) -> Self {
-        let host: Vec<B::E> = d.images.iter().map(|&v| B::E::of(v as f64)).collect();
-        DeviceData {
-            all: Tensor::from_host(backend, &[d.len, d.channels, d.height, d.width], &host),
-            len: d.len,
-            shape: [d.channels, d.height, d.width],
-        }
+        DeviceData { pixels: backend.upload_bytes(&d.pixels), len: d.len, shape: [d.channels, d.height, d.width] }
     }
-    /// The images at `idx` as a [idx.len(), c, h, w] tensor, gathered on the device.
+    /// The images at `idx` as a [idx.len(), c, h, w] tensor in [0, 1], gathered on the device.
     pub fn batch(&self, backend: &B, idx: &[u32]) -> Tensor<B> {
         let row: usize = self.shape.iter().product();
         let mut out = Tensor::empty(backend, &[idx.len(), self.shape[0], self.shape[1], self.shape[2]]);
-        backend.gather_rows(&self.all.buf, row, idx, &mut out.buf);
+        backend.gather_rows_u8(&self.pixels, row, idx, &mut out.buf);
         out
     }
     /// Index batches of one epoch: shuffled with `rng` when given, the last batch partial.
@@ -436,6 +436,7 @@ mod tests {
         let test = Source::Idx(None).load_test(Some(10)).unwrap();
         assert_eq!((test.len, test.channels, test.height, test.width), (10, 1, 28, 28));
         assert_eq!(test.labels.as_ref().unwrap()[..3], [7, 2, 1]);
-        assert!(test.images.iter().all(|&p| (0.0..=1.0).contains(&p)));
+        assert_eq!(test.pixels.len(), 10 * 28 * 28);
+        assert!(test.image(0).iter().all(|&p| (0.0..=1.0).contains(&p)));
     }
 }

@@ -4,7 +4,9 @@
 //! # The path a batch takes
 //!
 //! 1. **Data**: [`data::Source`] finds the images (the bundled MNIST, IDX files, an image
-//!    folder); [`data::DeviceData`] uploads them once and gathers each batch on the device.
+//!    folder: [`data::folder`], decoded once and cached); pixels stay `u8` and
+//!    [`data::DeviceData`] uploads them once and gathers each batch on the device, converting
+//!    it to floats there.
 //! 2. **Model**: [`nn::Vae`] (MLP, conv, conv + batch norm, PyTorch's names and
 //!    initialization) builds the negative ELBO of a batch from [`ops`]: `encode` → [`ops::reparam_kl()`]
 //!    (sample z and the KL term in one op) → `decode_logits` → a reconstruction loss

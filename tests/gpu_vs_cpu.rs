@@ -387,6 +387,62 @@ fn elementwise_and_reductions_match_cpu() {
     assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
 }
 
+/// `gather_rows_u8` (a batch of u8 pixels gathered as floats in [0, 1]) equals the CPU twin
+/// bit for bit, in f32 and f64: random bytes (0 and 255 included), rows out of order with
+/// repeats, ragged row lengths and a 64×64 RGB row, outputs poisoned first; and f32 pixels
+/// equal `b as f32 / 255.0`, what the host conversion gave before pixels stayed bytes.
+#[test]
+fn gather_rows_u8_matches_cpu() {
+    fn run<E: vaecuda::backend::cuda::CudaFloat>(gpu: Cuda<E>, rng: &mut Rng, fails: &mut Vec<String>) {
+        let cpu = Cpu::<E>::default();
+        for &(rows, row_len) in &[(1usize, 1usize), (9, 7), (50, 784), (40, 3 * 64 * 64)] {
+            let mut bytes: Vec<u8> = (0..rows * row_len).map(|_| (rng.next_u64() & 0xff) as u8).collect();
+            bytes[0] = 255;
+            if bytes.len() > 1 {
+                bytes[1] = 0;
+            }
+            let bytes = std::sync::Arc::new(bytes);
+            let (src_cpu, src_gpu) = (cpu.upload_bytes(&bytes), gpu.upload_bytes(&bytes));
+            assert_eq!(gpu.bytes_len(&src_gpu), bytes.len());
+            for count in [1usize, 3, 2 * rows + 1] {
+                let idx: Vec<u32> = (0..count).map(|_| (rng.next_u64() % rows as u64) as u32).collect();
+                let n = count * row_len;
+                let mut want = vec![E::nan(); n];
+                let mut got = gpu.upload(&vec![E::nan(); n]);
+                cpu.gather_rows_u8(&src_cpu, row_len, &idx, &mut want);
+                gpu.gather_rows_u8(&src_gpu, row_len, &idx, &mut got);
+                let got = gpu.download(&got);
+                let what = format!("gather_rows_u8_{} {count} rows of {row_len}", E::NAME);
+                if let Some(i) = (0..n).find(|&i| got[i].f64().to_bits() != want[i].f64().to_bits()) {
+                    fails.push(format!("{what}[{i}]: gpu {:e}, cpu {:e}", got[i].f64(), want[i].f64()));
+                }
+                // The reference itself: byte / 255 at the element type's precision.
+                let r = (idx[0] as usize) * row_len;
+                if want[0].f64() != E::of(bytes[r] as f64 / 255.0).f64() && E::NAME == "f64" {
+                    fails.push(format!("{what}: cpu {:e} is not {} / 255", want[0].f64(), bytes[r]));
+                }
+            }
+        }
+    }
+    let mut rng = Rng::new(77);
+    let mut fails = vec![];
+    let Some(g32) = gpu32() else { return };
+    run(g32, &mut rng, &mut fails);
+    // f32 pixels are what the host computed before (b as f32 / 255.0), bit for bit.
+    let bytes = std::sync::Arc::new((0..=255u8).collect::<Vec<u8>>());
+    let mut out = vec![f32::NAN; 256];
+    Cpu::<f32>::default().gather_rows_u8(&bytes, 256, &[0], &mut out);
+    for (b, v) in out.iter().enumerate() {
+        if v.to_bits() != (b as f32 / 255.0).to_bits() {
+            fails.push(format!("cpu gather_rows_u8 of {b} gave {v:e}, not {:e}", b as f32 / 255.0));
+        }
+    }
+    if let Some(g64) = gpu64() {
+        run(g64, &mut rng, &mut fails);
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
 /// `zeros` really zeroes a buffer the pool hands out again (one that held NaN), and `upload`
 /// overwrites one; the second round makes no new device allocation (the buffers were reused).
 #[test]

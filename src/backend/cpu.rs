@@ -46,6 +46,7 @@ impl<E: Float> Cpu<E> {
 impl<E: Float> Backend for Cpu<E> {
     type E = E;
     type Buf = Vec<E>;
+    type Bytes = Arc<Vec<u8>>;
 
     fn describe(&self) -> String {
         format!("CPU ({} threads, {})", rayon::current_num_threads(), E::NAME)
@@ -99,6 +100,15 @@ impl<E: Float> Backend for Cpu<E> {
         for (r, &i) in idx.iter().enumerate() {
             dst[r * row_len..][..row_len].copy_from_slice(&src[i as usize * row_len..][..row_len]);
         }
+    }
+    fn upload_bytes(&self, host: &Arc<Vec<u8>>) -> Arc<Vec<u8>> {
+        host.clone()
+    }
+    fn bytes_len(&self, buf: &Arc<Vec<u8>>) -> usize {
+        buf.len()
+    }
+    fn gather_rows_u8(&self, src: &Arc<Vec<u8>>, row_len: usize, idx: &[u32], dst: &mut Vec<E>) {
+        elementwise::cpu_gather_rows_u8(src, row_len, idx, dst)
     }
 
     fn linear_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: LinearDims) {
@@ -261,12 +271,20 @@ pub fn available_memory() -> Option<u64> {
     }
 }
 
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+pub fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut it = line.split_whitespace().skip(1);
+    let v: u64 = it.next()?.parse().ok()?;
+    match it.next() {
+        Some("kB") => Some(v * 1024),
+        None => Some(v),
+        _ => None,
+    }
+}
+
 fn measured_available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    });
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| parse_meminfo(&t));
     let read = |f: &str| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(f)).ok();
     let cgroup = match (read("memory.max"), read("memory.current")) {
         (Some(max), Some(cur)) => match (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {

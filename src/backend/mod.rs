@@ -22,6 +22,22 @@ use crate::tensor::Float;
 /// where the trait's loss methods take them.
 pub use crate::ops::loss::Recon;
 
+/// A size in memory as every message prints it: binary units, one decimal ("3.2 GiB").
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
 /// A device that stores tensors and computes every op of the engine: the step a batch takes
 /// between an op on the [`crate::tape::Tape`] (which checks shapes and builds the dims) and the
 /// CPU reference code in [`crate::ops`] or a CUDA kernel in `kernels/`. Implemented by
@@ -37,6 +53,10 @@ pub trait Backend: Clone + 'static {
     /// A buffer of `E` on this device (`Vec<E>` on the CPU, a pooled device allocation on
     /// CUDA). Dropping it frees it, or returns it to the backend's pool.
     type Buf: 'static;
+    /// A buffer of bytes on the device: a dataset's pixels stay `u8` there and become floats
+    /// only when a batch is gathered ([`Backend::gather_rows_u8`]), a quarter of the memory of
+    /// f32 pixels.
+    type Bytes: 'static;
 
     /// One line naming the device, for logs.
     fn describe(&self) -> String;
@@ -83,6 +103,15 @@ pub trait Backend: Clone + 'static {
     fn fill(&self, buf: &mut Self::Buf, value: Self::E);
     /// `dst[r, :] = src[idx[r], :]` for rows of `row_len` elements (batch gathering).
     fn gather_rows(&self, src: &Self::Buf, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
+    /// Puts bytes on the device. The CPU keeps a reference to the same allocation (no copy,
+    /// so a dataset is in host memory once); a GPU copies them.
+    fn upload_bytes(&self, host: &std::sync::Arc<Vec<u8>>) -> Self::Bytes;
+    /// The number of bytes in a byte buffer.
+    fn bytes_len(&self, buf: &Self::Bytes) -> usize;
+    /// `dst[r, e] = src[idx[r]·row_len + e] / 255`: gathers rows of `u8` pixels as floats in
+    /// [0, 1] (a training batch). The division is IEEE-exact on both sides, so the batch equals
+    /// pixels converted on the host.
+    fn gather_rows_u8(&self, src: &Self::Bytes, row_len: usize, idx: &[u32], dst: &mut Self::Buf);
 
     // ---- linear: y[n, out] = x[n, in] · W[out, in]ᵀ + b ----
     /// `y = x·Wᵀ + b`, overwriting y: x `[n, d_in]`, W `[d_out, d_in]`, b `[d_out]`, y

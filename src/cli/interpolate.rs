@@ -51,9 +51,9 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             za.iter().zip(zb).map(move |(p, q)| (1.0 - t) * p + t * q)
         })
         .collect();
-    let mut px = test.image(a.from).to_vec();
+    let mut px = test.image(a.from);
     px.extend(l.model.decode(&z));
-    px.extend_from_slice(test.image(a.to));
+    px.extend_from_slice(&test.image(a.to));
     let n = a.steps + 2;
     let path = out_path(&a.out, &l.dir, "interpolation.png");
     let grid = image_grid(&px, n, [c.channels, c.height, c.width], n, 2);

@@ -26,8 +26,8 @@ pub enum Method {
 }
 
 /// Encode the test set and plot the latent means, coloured by label with a legend naming
-/// each colour (digits for MNIST, class names for Fashion-MNIST or from a classes.txt in the
-/// data directory, one name per line; one colour when the data has no labels). Latents of
+/// each colour (digits for MNIST, class names for Fashion-MNIST, an image folder's class subfolders, or
+/// from a classes.txt in the data directory, one name per line; one colour when the data has no labels). Latents of
 /// more than 2 dimensions are projected with PCA or t-SNE (--method). The PNG is 1000×820.
 /// Also writes a CSV beside it: index,label,z1..zZ,x,y (x, y: the plotted coordinates).
 ///
@@ -131,7 +131,11 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             (y, ("t-SNE 1", "t-SNE 2"), how)
         }
     };
-    let (data_name, legend_title, names) = classes(a.ckpt.data.data.as_deref(), 10);
+    let (data_name, legend_title, mut names) = classes(a.ckpt.data.data.as_deref(), 10);
+    // An ImageFolder's labels are its subfolders: their names name the colours.
+    if !test.classes.is_empty() {
+        names.clone_from(&test.classes);
+    }
     let labels: Option<Vec<usize>> = test.labels.as_ref().map(|l| l.iter().map(|&v| v as usize).collect());
     let n_classes = labels.as_ref().map_or(1, |l| l.iter().max().map_or(1, |m| m + 1));
     let class_list: Vec<(String, Color)> = match &labels {

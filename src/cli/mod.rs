@@ -37,7 +37,7 @@ safetensors.torch.load_file + load_state_dict), optim-last.safetensors and run.j
 
 Examples:
   vae train                                   # MLP VAE, 10 epochs, bundled MNIST
-  vae train --arch conv-bn --data ~/celeba --image-size 64 --recon mse --out runs/celeba
+  vae train --arch conv-bn --data ~/celeba --image-size 64 --recon mse --kl-weight 0.00025 --out runs/celeba
   vae train --out runs/celeba --resume --epochs 30
   vae eval --checkpoint runs/mlp --iw 100     # −ELBO and importance-weighted −log p(x)
   vae sample --checkpoint runs/mlp            # writes runs/mlp/samples.png
@@ -178,12 +178,16 @@ fn open_cuda(ordinal: usize) -> Result<Opened, GpuError> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// A directory with the four IDX files (train-images-idx3-ubyte[.gz], train-labels-...,
-    /// t10k-images-..., t10k-labels-...; e.g. Fashion-MNIST) or a folder of images
-    /// (png/jpg, CelebA-style; the last 10% by name are the test set). Default: the bundled
+    /// t10k-images-..., t10k-labels-...; e.g. Fashion-MNIST) or a folder of images (png/jpg,
+    /// searched recursively): CelebA as torchvision leaves it (img_align_celeba/ and
+    /// list_eval_partition.txt), class subfolders (ImageFolder: the names become labels), or
+    /// any folder (the last 10% by name are the test set). Images are decoded once and cached
+    /// (~/.cache/vaecuda/data; VAECUDA_DATA_CACHE=off turns it off). Default: the bundled
     /// MNIST.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Side of the square that folder images are center-cropped and resized to (RGB).
+    /// Side of the square that folder images are center-cropped and resized to (RGB), 1 to
+    /// 4096.
     #[arg(long, default_value_t = 64, value_name = "PIXELS")]
     image_size: usize,
     /// Use only the first N training images.
@@ -195,7 +199,13 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
+    /// The data source, after refusing nonsense values of the data flags.
     fn source(&self) -> Result<Source> {
+        for (flag, v) in [("--limit-train", self.limit_train), ("--limit-test", self.limit_test)] {
+            if v == Some(0) {
+                bail!("{flag} 0 leaves no images: give at least 1, or leave the flag out to use them all");
+            }
+        }
         vaecuda::data::Source::detect(self.data.as_deref(), self.image_size)
     }
 }

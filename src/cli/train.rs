@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
-use vaecuda::backend::Backend;
+use vaecuda::backend::{human_bytes, Backend};
 use vaecuda::data::DeviceData;
 use vaecuda::eval::elbo;
 use vaecuda::rng::Rng;
@@ -277,22 +277,6 @@ fn check_step_fits<B: Backend>(t: &mut Trainer<B>, data: &DeviceData<B>, batch: 
         human_bytes(free)
     );
     Ok(())
-}
-
-/// Bytes as "3.2 GiB".
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 /// One epoch's training numbers, per image.

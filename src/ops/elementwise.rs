@@ -51,6 +51,21 @@ pub fn cpu_sum<E: Float>(x: &[E]) -> E {
     E::of(cpu_reduce(x.len(), |i| x[i].f64()))
 }
 
+/// The largest value of a `u8` pixel, which maps to 1.0.
+pub const PIXEL_MAX: u8 = 255;
+
+/// `dst[r, e] = src[idx[r]·row_len + e] / 255` (rows of `u8` pixels gathered as floats in
+/// [0, 1]); the reference of `gather_rows_u8` in kernels/elementwise.cu. The division is
+/// correctly rounded, so f32 pixels equal `b as f32 / 255.0` bit for bit.
+pub fn cpu_gather_rows_u8<E: Float>(src: &[u8], row_len: usize, idx: &[u32], dst: &mut [E]) {
+    assert!(dst.len() >= idx.len() * row_len, "gather_rows_u8: destination too small");
+    let max = E::of(PIXEL_MAX as f64);
+    dst[..idx.len() * row_len].par_chunks_mut(row_len.max(1)).zip(idx.par_iter()).for_each(|(d, &i)| {
+        let s = &src[i as usize * row_len..][..row_len];
+        d.iter_mut().zip(s).for_each(|(d, &b)| *d = E::of(b as f64) / max);
+    });
+}
+
 // ---- on the tape ----
 
 /// a ⊙ b (same shapes). Backward: `da += dy ⊙ b`, `db += dy ⊙ a`, so both inputs stay on the

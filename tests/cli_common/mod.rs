@@ -8,7 +8,15 @@ use std::process::{Command, Output};
 
 /// Runs `vae ARGS --device cpu`.
 pub fn vae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).args(["--device", "cpu"]).output().expect("run vae")
+    vae_command(args).output().expect("run vae")
+}
+
+/// The command `vae ARGS --device cpu`, with no decoded-image cache: the tests' folders are
+/// temporary (tests/data_folders.rs tests the cache).
+pub fn vae_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vae"));
+    c.args(args).args(["--device", "cpu"]).env("VAECUDA_DATA_CACHE", "off");
+    c
 }
 
 pub fn ok(args: &[&str]) -> String {
@@ -71,12 +79,7 @@ pub fn tiny_dataset(dir: &Path, n_train: usize, n_test: usize) {
 /// Runs `vae ARGS --device cpu` with extra environment variables; (success, stderr), and
 /// fails on a panic.
 pub fn vae_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_vae"))
-        .args(args)
-        .args(["--device", "cpu"])
-        .envs(env.iter().copied())
-        .output()
-        .expect("run vae");
+    let o = vae_command(args).envs(env.iter().copied()).output().expect("run vae");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
     (o.status.success(), err)

@@ -13,6 +13,7 @@ use std::mem::{offset_of, size_of};
 
 use cudarc::driver::DeviceRepr;
 
+use crate::ops::elementwise::PIXEL_MAX;
 use crate::ops::loss::{BCE_GRAD_EPS, BCE_LOG_CLAMP};
 
 /// Threads per block of the 1-D elementwise and reduction kernels (a power of two: the tree
@@ -40,6 +41,8 @@ fn defines() -> Vec<(&'static str, String)> {
         // Debug formatting keeps the decimal point or exponent: a valid double literal.
         ("BCE_LOG_CLAMP", format!("({BCE_LOG_CLAMP:?})")),
         ("BCE_GRAD_EPS", format!("({BCE_GRAD_EPS:?})")),
+        // The u8 pixel value that maps to 1.0 (`gather_rows_u8`).
+        ("PIXEL_MAX", PIXEL_MAX.to_string()),
     ]
 }
 

@@ -43,10 +43,6 @@ impl GpuError {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
 impl fmt::Display for GpuError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -58,9 +54,9 @@ impl fmt::Display for GpuError {
             GpuError::OutOfMemory { requested_bytes, free_bytes, total_bytes } => write!(
                 f,
                 "out of GPU memory: asked for {} with {} free of {}; try a smaller --batch-size",
-                mib(*requested_bytes),
-                mib(*free_bytes),
-                mib(*total_bytes)
+                crate::backend::human_bytes(*requested_bytes),
+                crate::backend::human_bytes(*free_bytes),
+                crate::backend::human_bytes(*total_bytes)
             ),
         }
     }

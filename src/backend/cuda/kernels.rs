@@ -25,6 +25,7 @@ macro_rules! rust_param {
     (InAcc) => { &CudaSlice<f64> };
     (OutAcc) => { &mut CudaSlice<f64> };
     (InIdx) => { &CudaSlice<u32> };
+    (InBytes) => { &CudaSlice<u8> };
     (Int) => { i32 };
     (Elem) => { E };
     (F64) => { f64 };
@@ -54,6 +55,9 @@ macro_rules! c_param {
     };
     (InIdx) => {
         "const unsigned*"
+    };
+    (InBytes) => {
+        "const unsigned char*"
     };
     (Int) => {
         "int"
@@ -93,6 +97,9 @@ macro_rules! push_param {
         $b.arg($p)
     };
     ($b:ident, $null:ident, InIdx, $p:ident) => {
+        $b.arg($p)
+    };
+    ($b:ident, $null:ident, InBytes, $p:ident) => {
         $b.arg($p)
     };
     ($b:ident, $null:ident, InOpt, $p:ident) => {
@@ -183,6 +190,7 @@ kernel_table! {
         Fill fill(y: Out, v: Elem, n: Int);
         BroadcastAcc broadcast_acc(dout: In, alpha: Elem, dx: Out, n: Int);
         GatherRows gather_rows(src: In, idx: InIdx, row_len: Int, dst: Out, n: Int);
+        GatherRowsU8 gather_rows_u8(src: InBytes, idx: InIdx, row_len: Int, dst: Out, n: Int);
         BiasAdd bias_add(y: Out, b: In, channels: Int, inner: Int, n: Int);
         BiasBwd bias_bwd(dy: In, db: Out, outer: Int, channels: Int, inner: Int);
         SumPartial sum_partial(x: In, n: Int, part: OutAcc);

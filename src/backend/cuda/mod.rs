@@ -36,7 +36,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfi
 pub use compile::{compile_all_for_arch, CompileReport, FileReport};
 pub use device::{open, probe, GpuInfo};
 pub use error::GpuError;
-pub use pool::CudaBuf;
+pub use pool::{CudaBuf, CudaBytes};
 
 use crate::tensor::Float;
 use kernels::{Launcher, KERNELS};

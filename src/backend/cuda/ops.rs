@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, DriverError};
 
 use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode};
 use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, reduce_blocks, split_k};
-use super::pool::CudaBuf;
+use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::{Cuda, CudaFloat};
 use crate::backend::{Backend, Recon};
 use crate::ops::adam::AdamStep;
@@ -82,6 +82,21 @@ impl<E: CudaFloat> Cuda<E> {
         self.check(r, &format!("launching {kernel}_{}", E::NAME))
     }
 
+    /// The row indices of a gather, copied into the device index buffer (grown as needed); the
+    /// guard holds it until the launch is queued.
+    fn gather_indices(&self, idx: &[u32]) -> std::sync::MutexGuard<'_, Option<CudaSlice<u32>>> {
+        let mut guard = self.inner.idx.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|s| s.len() < idx.len()) {
+            // SAFETY: written by the copy below before any read.
+            let s = unsafe { self.inner.stream.alloc::<u32>(idx.len().next_power_of_two()) };
+            *guard = Some(self.check(s, "allocating the gather index buffer"));
+        }
+        let ib = guard.as_mut().expect("allocated above");
+        // Stream-ordered: a previous gather still reading the old indices finishes first.
+        self.check(self.inner.stream.memcpy_htod(idx, ib), "copying gather indices to the GPU");
+        guard
+    }
+
     /// out[0] = scale · Σ part[..g] (stage 2 of every reduction).
     fn reduce_final(&self, part: &CudaBuf<f64>, g: usize, scale: f64, out: &mut CudaBuf<E>) {
         self.launched(self.k().reduce_final(cfg_blocks(1), part.s(), int(g), scale, out.sm()), "reduce_final");
@@ -111,6 +126,7 @@ impl<E: CudaFloat> Cuda<E> {
 impl<E: CudaFloat> Backend for Cuda<E> {
     type E = E;
     type Buf = CudaBuf<E>;
+    type Bytes = CudaBytes;
 
     fn describe(&self) -> String {
         let g = &self.inner.info;
@@ -180,17 +196,37 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let rows = src.len() / row_len;
         assert!(idx.iter().all(|&r| (r as usize) < rows), "gather_rows: index out of range");
         assert!(dst.len() >= n, "gather_rows: destination too small");
-        let mut guard = self.inner.idx.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|s| s.len() < idx.len()) {
-            // SAFETY: written by the copy below before any read.
-            let s = unsafe { self.inner.stream.alloc::<u32>(idx.len().next_power_of_two()) };
-            *guard = Some(self.check(s, "allocating the gather index buffer"));
-        }
-        let ib = guard.as_mut().expect("allocated above");
-        // Stream-ordered: a previous gather still reading the old indices finishes first.
-        self.check(self.inner.stream.memcpy_htod(idx, ib), "copying gather indices to the GPU");
-        let r = self.k().gather_rows(cfg_1d(n), src.s(), ib, int(row_len), dst.sm(), int(n));
+        let ib = self.gather_indices(idx);
+        let r =
+            self.k().gather_rows(cfg_1d(n), src.s(), ib.as_ref().expect("uploaded"), int(row_len), dst.sm(), int(n));
         self.launched(r, "gather_rows");
+    }
+    fn upload_bytes(&self, host: &std::sync::Arc<Vec<u8>>) -> CudaBytes {
+        let len = host.len();
+        let slice = (len > 0).then(|| {
+            // SAFETY: written by the copy below before any read.
+            let s = unsafe { self.inner.stream.alloc::<u8>(len) };
+            let mut s = s.unwrap_or_else(|e| alloc_error(&self.inner.stream, len as u64, e).raise());
+            self.check(self.inner.stream.memcpy_htod(&host[..], &mut s), "copying bytes to the GPU");
+            s
+        });
+        CudaBytes { slice, len }
+    }
+    fn bytes_len(&self, buf: &CudaBytes) -> usize {
+        buf.len()
+    }
+    fn gather_rows_u8(&self, src: &CudaBytes, row_len: usize, idx: &[u32], dst: &mut CudaBuf<E>) {
+        let n = idx.len() * row_len;
+        if n == 0 {
+            return;
+        }
+        let rows = src.len() / row_len;
+        assert!(idx.iter().all(|&r| (r as usize) < rows), "gather_rows_u8: index out of range");
+        assert!(dst.len() >= n, "gather_rows_u8: destination too small");
+        let s = src.slice.as_ref().expect("rows exist, so the buffer is not empty");
+        let ib = self.gather_indices(idx);
+        let r = self.k().gather_rows_u8(cfg_1d(n), s, ib.as_ref().expect("uploaded"), int(row_len), dst.sm(), int(n));
+        self.launched(r, "gather_rows_u8");
     }
 
     fn linear_forward(

@@ -44,17 +44,40 @@ impl<T: DeviceRepr> Pool<T> {
     /// The error of a failed allocation of `len` elements: out of memory, with how much was
     /// asked and how much is free, or the driver's error.
     fn alloc_failed(&self, len: usize, e: DriverError) -> GpuError {
-        let requested_bytes = (len * std::mem::size_of::<T>()) as u64;
-        if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            return GpuError::driver(format!("allocating {requested_bytes} bytes of device memory"), e);
-        }
-        let (free, total) = self.stream.context().mem_get_info().unwrap_or((0, 0));
-        GpuError::OutOfMemory { requested_bytes, free_bytes: free as u64, total_bytes: total as u64 }
+        alloc_error(&self.stream, (len * std::mem::size_of::<T>()) as u64, e)
     }
 
     /// Real device allocations (`cuMemAlloc` calls) made so far; reused buffers do not count.
     pub fn allocations(&self) -> usize {
         self.allocations.load(Ordering::Relaxed)
+    }
+}
+
+/// The error of a failed allocation of `requested_bytes`: out of memory, with how much was
+/// asked and how much is free, or the driver's error.
+pub(crate) fn alloc_error(stream: &CudaStream, requested_bytes: u64, e: DriverError) -> GpuError {
+    if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return GpuError::driver(format!("allocating {requested_bytes} bytes of device memory"), e);
+    }
+    let (free, total) = stream.context().mem_get_info().unwrap_or((0, 0));
+    GpuError::OutOfMemory { requested_bytes, free_bytes: free as u64, total_bytes: total as u64 }
+}
+
+/// Bytes on the device (a dataset's `u8` pixels), outside the pool: uploaded once, freed
+/// when dropped. Zero-length buffers own no memory.
+pub struct CudaBytes {
+    pub(crate) slice: Option<CudaSlice<u8>>,
+    pub(crate) len: usize,
+}
+
+impl CudaBytes {
+    /// The number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
