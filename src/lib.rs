@@ -43,6 +43,9 @@
 //! assert_eq!(store.grads[w].as_ref().unwrap().to_host(&be), [2.0, 5.0]); // ∂y/∂w = x
 //! ```
 
+// Every public item is documented, and stays so (CI runs clippy with -D warnings).
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod bench;
 pub mod charts;
