@@ -132,8 +132,12 @@ impl Settings {
         ensure!(self.epochs >= 1, "--epochs must be at least 1 (got 0)");
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1 (got 0)");
         ensure!(self.patience != Some(0), "--patience must be at least 1 epoch (got 0)");
-        ensure!(self.limit_train != Some(0), "--limit-train must be at least 1 (got 0)");
-        ensure!(self.limit_test != Some(0), "--limit-test must be at least 1 (got 0)");
+        for (flag, limit) in [("--limit-train", self.limit_train), ("--limit-test", self.limit_test)] {
+            ensure!(
+                limit != Some(0),
+                "{flag} 0 leaves no images: give at least 1, or leave the flag out to use them all"
+            );
+        }
         finite("--lr", self.lr, self.lr > 0.0, "a positive number")?;
         finite("--eps", self.eps, self.eps > 0.0, "a positive number")?;
         finite("--weight-decay", self.weight_decay, self.weight_decay >= 0.0, "0 or more")?;

@@ -197,7 +197,7 @@ fn every_flag_refuses_nonsense_with_a_reason() {
         (&["--betas", "0.9"], "--betas takes two numbers"),
         (&["--batch-size", "0"], "--batch-size must be at least 1"),
         (&["--patience", "0"], "--patience must be at least 1"),
-        (&["--limit-train", "0"], "--limit-train must be at least 1"),
+        (&["--limit-train", "0"], "--limit-train 0 leaves no images"),
         (&["--latent", "0"], "latent size must be at least 1"),
         (&["--latent", "100000000"], "must be at most"),
         (&["--hidden", "16000000"], "parameters, more than"),
