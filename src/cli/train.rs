@@ -26,6 +26,11 @@ use super::{DataArgs, Interrupted, ModelArgs};
 ///   vae train --arch conv --epochs 20 --out runs/conv
 ///   vae train --data ~/fashion-mnist --latent 2 --out runs/fashion-2d
 ///   vae train --out runs/conv --resume --epochs 30   # continue exactly where it stopped
+///   vae train --data celeba --arch conv-bn --image-size 64 --recon mse --kl-weight 0.00025
+///
+/// Ctrl-C stops after the current step and saves how far the epoch got; --resume goes on
+/// from there, to the same result as a run never stopped. A run killed any other way
+/// resumes from its last finished epoch. A second Ctrl-C quits at once.
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
