@@ -19,16 +19,26 @@ pub fn vae_command(args: &[&str]) -> Command {
     c
 }
 
+/// Runs `vae ARGS`, expecting success; its stdout.
 pub fn ok(args: &[&str]) -> String {
-    let o = vae(args);
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "vae {args:?} failed\nstdout:\n{out}\nstderr:\n{err}");
-    out.into_owned()
+    succeeded(&vae(args), args).0
 }
 
 /// Fails, with exactly one `error:` line on stderr and no panic.
 pub fn fails(args: &[&str]) -> String {
-    let o = vae(args);
+    one_error_line(&vae(args), args)
+}
+
+/// A run's (stdout, stderr), checked that it succeeded.
+pub fn succeeded(o: &Output, args: &[&str]) -> (String, String) {
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "vae {args:?} failed\nstdout:\n{out}\nstderr:\n{err}");
+    (out, err)
+}
+
+/// A failed run's one `error:` line, checked: non-zero exit, no panic, nothing else on
+/// stderr but the device, note and memory lines.
+pub fn one_error_line(o: &Output, args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "vae {args:?} should fail");
     assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
