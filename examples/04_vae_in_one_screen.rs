@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize, default: usize| std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let (n_train, n_test, batch, seed) = (arg(1, 60_000), arg(2, 10_000), 128, 0u64);
     let be = Cpu::<f32>::default();
-    let (train, test) = Source::detect(None, 64)?.load(Some(n_train), Some(n_test))?;
+    let (train, test) = Source::detect(None, 64, Default::default())?.load(Some(n_train), Some(n_test))?;
     let (train, test) = (DeviceData::upload(&be, &train), DeviceData::upload(&be, &test));
     println!("MNIST: {} training and {} test images of {:?}", train.len, test.len, train.shape);
 

@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     //    a file that does not fit the configuration is an error naming the tensor.
     assert!(load_model(&pytorch_file, &be, None).is_err(), "a file without metadata needs the architecture");
     let mut m = load_model(&pytorch_file, &be, Some(config.clone()))?;
-    let test = DeviceData::upload(&be, &Source::detect(None, 64)?.load_test(Some(n_test))?);
+    let test = DeviceData::upload(&be, &Source::detect(None, 64, Default::default())?.load_test(Some(n_test))?);
     let loss = elbo(&be, &m.vae, &mut m.store, &test, Recon::Bce, 128, EVAL_SEED);
     println!(
         "\nloaded into vaecuda and evaluated on {} test images: −ELBO {:.2} nats/image (recon {:.2}, KL {:.2})",

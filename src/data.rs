@@ -80,6 +80,35 @@ impl Dataset {
     pub fn gather(&self, idx: &[usize]) -> Vec<f32> {
         idx.iter().flat_map(|&i| self.image(i)).collect()
     }
+
+    /// The images at `idx`, in that order, as a new set (labels and classes kept).
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        Dataset {
+            pixels: Arc::new(idx.iter().flat_map(|&i| self.image_bytes(i).iter().copied()).collect()),
+            labels: self.labels.as_ref().map(|l| idx.iter().map(|&i| l[i]).collect()),
+            classes: self.classes.clone(),
+            len: idx.len(),
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+        }
+    }
+
+    /// Splits off `n` images chosen by `seed` (a seeded shuffle, as torch's `random_split`
+    /// draws a permutation): (the rest, the held-out `n`), each in its original order.
+    pub fn hold_out(&self, n: usize, seed: u64) -> Result<(Dataset, Dataset)> {
+        ensure!(
+            n < self.len,
+            "--holdout {n} leaves no training images: the training set has {} (give fewer)",
+            self.len
+        );
+        let mut order: Vec<usize> = (0..self.len).collect();
+        crate::rng::Rng::new(seed).shuffle(&mut order);
+        let (mut held, mut rest) = (order[..n].to_vec(), order[n..].to_vec());
+        held.sort_unstable();
+        rest.sort_unstable();
+        Ok((self.subset(&rest), self.subset(&held)))
+    }
 }
 
 /// An IDX array: its dimensions and unsigned-byte payload.
@@ -282,28 +311,56 @@ pub const MAX_IMAGE_SIZE: usize = 4096;
 pub enum Source {
     /// A directory of IDX files (`None`: the bundled MNIST).
     Idx(Option<PathBuf>),
-    /// A folder of images, resized to the given square size (see [`folder`] for the layouts).
-    Folder(PathBuf, usize),
+    /// A folder of images, resized to the given square size (see [`folder`] for the layouts),
+    /// and how its images are chosen and cropped (absent from older run.json files: the
+    /// defaults).
+    Folder(PathBuf, usize, #[serde(default)] FolderOptions),
+}
+
+/// How a folder's images are chosen and cut (`--crop`, `--celeba-train`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FolderOptions {
+    /// Center-crop to this square before resizing (torchvision's `CenterCrop`); `None`: the
+    /// largest centred square.
+    #[serde(default)]
+    pub crop: Option<usize>,
+    /// Train on every image in file-name order (the CelebA tutorial's 202,599), not only the
+    /// partition's training set; the test set stays the evaluation set.
+    #[serde(default)]
+    pub train_on_all: bool,
 }
 
 impl Source {
     /// Chooses by contents: IDX files win, otherwise a folder of images. Refuses an image size
     /// of 0 or above [`MAX_IMAGE_SIZE`].
-    pub fn detect(dir: Option<&Path>, image_size: usize) -> Result<Self> {
+    pub fn detect(dir: Option<&Path>, image_size: usize, options: FolderOptions) -> Result<Self> {
         ensure!(
             (1..=MAX_IMAGE_SIZE).contains(&image_size),
             "--image-size {image_size} is not a usable image size: give the side of the square images are \
              resized to, 1 to {MAX_IMAGE_SIZE} (e.g. 64)"
         );
+        if let Some(c) = options.crop {
+            ensure!(
+                (1..=MAX_IMAGE_SIZE).contains(&c),
+                "--crop {c} is not a usable crop: give the side of the centred square to cut, 1 to {MAX_IMAGE_SIZE} (e.g. 168)"
+            );
+        }
+        let folder_only = |what: &str| format!("{what} applies to folders of images, not to IDX files");
         match dir {
-            None => Ok(Source::Idx(None)),
+            None => {
+                ensure!(options.crop.is_none(), folder_only("--crop"));
+                ensure!(!options.train_on_all, folder_only("--celeba-train all"));
+                Ok(Source::Idx(None))
+            }
             Some(d) => {
                 ensure!(d.is_dir(), "data directory {} does not exist", d.display());
-                Ok(if is_idx_dir(d) {
-                    Source::Idx(Some(d.to_path_buf()))
+                if is_idx_dir(d) {
+                    ensure!(options.crop.is_none(), folder_only("--crop"));
+                    ensure!(!options.train_on_all, folder_only("--celeba-train all"));
+                    Ok(Source::Idx(Some(d.to_path_buf())))
                 } else {
-                    Source::Folder(d.to_path_buf(), image_size)
-                })
+                    Ok(Source::Folder(d.to_path_buf(), image_size, options))
+                }
             }
         }
     }
@@ -336,9 +393,19 @@ impl Source {
                 );
                 Ok((cut(train, limit_train), cut(test, limit_test)))
             }
-            Source::Folder(dir, size) => {
-                let index = folder::scan(dir)?;
-                let l = folder::load(&index, *size, limit_train, limit_test, &folder::Options::default())?;
+            Source::Folder(dir, size, options) => {
+                let mut index = folder::scan(dir)?;
+                if options.train_on_all {
+                    ensure!(
+                        matches!(index.layout, folder::Layout::CelebA { .. }),
+                        "--celeba-train all needs a CelebA folder, but {} is laid out as {}",
+                        dir.display(),
+                        index.describe()
+                    );
+                    index = index.train_on_all();
+                }
+                let opts = folder::Options { crop: options.crop, ..folder::Options::default() };
+                let l = folder::load(&index, *size, limit_train, limit_test, &opts)?;
                 Ok((l.train, l.test))
             }
         }
@@ -348,7 +415,7 @@ impl Source {
     /// resize size, IDX files' from the first test image.
     pub fn image_shape(&self) -> Result<[usize; 3]> {
         Ok(match self {
-            Source::Folder(_, s) => [3, *s, *s],
+            Source::Folder(_, s, _) => [3, *s, *s],
             src => {
                 let t = src.load_test(Some(1))?;
                 [t.channels, t.height, t.width]

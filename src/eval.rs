@@ -10,7 +10,7 @@ use crate::nn::Vae;
 use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
-use crate::train::BatchLoss;
+use crate::train::{BatchLoss, EpochSums, LossConfig};
 
 /// Seed of the reparameterization noise of test-set evaluations, both the per-epoch test loss
 /// of `vae train` and `vae eval`'s default, so the two print the same number for a checkpoint.
@@ -66,9 +66,11 @@ impl<B: Backend> Model<B> {
         tape.to_host(y).iter().map(|e| e.f64()).collect()
     }
 
-    /// Pixel values in (0, 1) decoded from latents z [n·z].
+    /// Pixel values decoded from latents z [n·z], through the model's output activation (in
+    /// (0, 1) for the default sigmoid).
     pub fn decode(&mut self, z: &[f64]) -> Vec<f32> {
-        self.decode_logits(z).iter().map(|&l| (1.0 / (1.0 + (-l).exp())) as f32).collect()
+        let act = self.vae.config.output;
+        self.decode_logits(z).iter().map(|&l| act.apply(l) as f32).collect()
     }
 
     /// Importance-weighted estimate of −log p(x) per image, in nats, with `k` samples:
@@ -132,7 +134,7 @@ impl<B: Backend> Model<B> {
 
 /// Mean negative ELBO per image over `data` (recon and KL summed over pixels and latents,
 /// averaged over images), with reparameterization noise from `seed`: the number the PyTorch
-/// example prints as "test set loss".
+/// example prints as "test set loss". `loss` is recon + KL.
 pub fn elbo<B: Backend>(
     be: &B,
     vae: &Vae,
@@ -142,21 +144,40 @@ pub fn elbo<B: Backend>(
     batch: usize,
     seed: u64,
 ) -> BatchLoss {
+    let objective = LossConfig { recon, ..LossConfig::default() };
+    let p = evaluate(be, vae, store, data, &objective, 1.0, batch, seed).per_image();
+    BatchLoss { loss: p.elbo(), recon: p.recon, kl: p.kl }
+}
+
+/// One pass over `data` in eval mode (batch norm on running statistics), in batches of
+/// `batch` in order, with reparameterization noise from `seed`: the sums of its losses under
+/// `objective` with the KL weighted by `kl_weight`, as training adds them up.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<B: Backend>(
+    be: &B,
+    vae: &Vae,
+    store: &mut ParamStore<B>,
+    data: &DeviceData<B>,
+    objective: &LossConfig,
+    kl_weight: f64,
+    batch: usize,
+    seed: u64,
+) -> EpochSums {
     let mut rng = Rng::new(seed);
-    let mut total = BatchLoss::default();
+    let mut sums = EpochSums::default();
     let z = vae.config.latent;
+    let image_len = vae.config.image_len();
     for idx in data.epoch_batches(batch, None) {
         let x = data.batch(be, &idx);
         let eps = normals(be, &mut rng, &[idx.len(), z]);
         let mut tape = Tape::no_grad(be, store);
         let (xv, ev) = (tape.input(x), tape.input(eps));
-        let l = vae.loss(&mut tape, xv, ev, recon, false, 1.0);
-        total.loss += tape.to_host(l.loss)[0].f64();
-        total.recon += tape.to_host(l.recon)[0].f64();
-        total.kl += tape.to_host(l.kl)[0].f64();
+        let l = vae.loss(&mut tape, xv, ev, objective, kl_weight);
+        let host = |v| tape.to_host(v)[0].f64();
+        let b = BatchLoss { loss: host(l.loss), recon: host(l.recon), kl: host(l.kl) };
+        sums.add(objective, idx.len(), image_len, z, b);
     }
-    let n = data.len.max(1) as f64;
-    BatchLoss { loss: total.loss / n, recon: total.recon / n, kl: total.kl / n }
+    sums
 }
 
 fn softplus(x: f64) -> f64 {

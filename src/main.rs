@@ -27,7 +27,19 @@ fn main() -> ExitCode {
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("error: internal error{at}: {}", msg.replace('\n', " "));
     }));
-    let args = match cli::Cli::try_parse() {
+    // `vae train --recipe NAME` is its flags in front of the user's (see cli::recipes).
+    let argv = match cli::recipes::expand(std::env::args_os().collect()) {
+        Ok(cli::recipes::Expanded::Args(argv)) => argv,
+        Ok(cli::recipes::Expanded::List) => {
+            print!("{}", cli::recipes::list());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = match cli::Cli::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -29,10 +29,10 @@ use crate::backend::{Backend, Recon};
 use crate::checkpoint::{self, load_training_state, save_model, save_training_state, TensorFile};
 use crate::data::Source;
 use crate::failpoint;
-use crate::nn::ModelConfig;
+use crate::nn::{ModelConfig, OutputActivation};
 use crate::optim::AdamConfig;
 use crate::rng::Rng;
-use crate::train::{LossConfig, Trainer};
+use crate::train::{EpochSums, LossConfig, TermReduction, Trainer};
 
 /// The reconstruction term a run trains with (the `--recon` flag).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +61,29 @@ impl ReconLoss {
     }
 }
 
-/// How a batch's loss is reduced before the gradient (the `--reduction` flag).
+/// Which loss picks the best checkpoint and drives `--patience` (the `--monitor` flag).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Monitor {
+    /// The objective on the evaluation set (the test set, or --holdout's images)
+    #[default]
+    Test,
+    /// The objective on the training set, as the epoch trained it (Lightning's monitor="loss")
+    Train,
+}
+
+impl Monitor {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::Test => "test",
+            Monitor::Train => "train",
+        }
+    }
+}
+
+/// How a batch's loss is reduced before the gradient (the `--reduction` flag): both terms at
+/// once; `--recon-reduction` and `--kl-reduction` set each alone.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reduction {
@@ -116,8 +138,28 @@ pub struct Settings {
     pub epochs: usize,
     /// Seed of the weights, the batch order and the noise.
     pub seed: u64,
-    /// Early stopping after this many epochs without a better test loss.
+    /// Early stopping after this many epochs without a better monitored objective.
     pub patience: Option<usize>,
+    /// How the reconstruction term is reduced over a batch (absent: as `reduction` says).
+    #[serde(default)]
+    pub recon_reduction: Option<TermReduction>,
+    /// How the KL term is reduced over a batch (absent: as `reduction` says).
+    #[serde(default)]
+    pub kl_reduction: Option<TermReduction>,
+    /// Which objective picks the best checkpoint and drives early stopping.
+    #[serde(default)]
+    pub monitor: Monitor,
+    /// Training images held out, chosen by the seed, as the evaluation set in place of the
+    /// test set (the MNIST tutorial's 48,000/12,000 split is `--holdout 12000`).
+    #[serde(default)]
+    pub holdout: Option<usize>,
+    /// Draw the first evaluation images and their reconstructions after every epoch
+    /// (`reconstructions-epoch-N.png`).
+    #[serde(default)]
+    pub epoch_reconstructions: bool,
+    /// The recipe (`--recipe`) the flags were expanded from, if any.
+    #[serde(default)]
+    pub recipe: Option<String>,
 }
 
 impl Settings {
@@ -143,6 +185,12 @@ impl Settings {
         finite("--weight-decay", self.weight_decay, self.weight_decay >= 0.0, "0 or more")?;
         finite("--kl-weight", self.kl_weight, self.kl_weight >= 0.0, "0 or more")?;
         finite("--kl-warmup", self.kl_warmup, self.kl_warmup >= 0.0, "0 or more epochs")?;
+        ensure!(self.holdout != Some(0), "--holdout 0 holds nothing out: give at least 1, or leave the flag out");
+        ensure!(
+            self.recon == ReconLoss::Mse || self.model.output == OutputActivation::Sigmoid,
+            "--recon bce reads probabilities, so it needs --output-activation sigmoid (got {}); use --recon mse",
+            self.model.output.name()
+        );
         for b in self.betas {
             finite("--betas", b, (0.0..1.0).contains(&b), "two numbers in [0, 1), like 0.9,0.999")?;
         }
@@ -150,7 +198,21 @@ impl Settings {
     }
     /// The loss configuration of a training step.
     pub fn loss(&self) -> LossConfig {
-        LossConfig { recon: self.recon.recon(), per_image_mean: self.reduction == Reduction::Mean }
+        let both = match self.reduction {
+            Reduction::Sum => TermReduction::Sum,
+            Reduction::Mean => TermReduction::BatchMean,
+        };
+        LossConfig {
+            recon: self.recon.recon(),
+            recon_reduction: self.recon_reduction.unwrap_or(both),
+            kl_reduction: self.kl_reduction.unwrap_or(both),
+        }
+    }
+    /// Whether the monitored objective is the plain −ELBO per image (sums, β = 1), so the
+    /// epoch line's test loss already shows it.
+    pub fn objective_is_elbo(&self) -> bool {
+        let l = self.loss();
+        l.recon_reduction == TermReduction::Sum && l.kl_reduction == TermReduction::Sum && self.kl_weight == 1.0
     }
     /// The optimizer configuration.
     pub fn adam(&self) -> AdamConfig {
@@ -185,12 +247,13 @@ impl Settings {
 pub struct Progress {
     /// Epochs completed.
     pub epoch: usize,
-    /// The best test loss so far, as f64 bits, so the comparison after a resume is exact.
+    /// The best monitored objective so far (`--monitor`: test by default), as f64 bits, so
+    /// the comparison after a resume is exact.
     pub best_test_bits: u64,
     /// The epoch that had it (0: none yet); best.safetensors holds that epoch's model.
     #[serde(default)]
     pub best_epoch: usize,
-    /// Epochs since the test loss last improved.
+    /// Epochs since the monitored objective last improved.
     pub bad_epochs: usize,
     /// The noise generator's state now.
     noise_rng: Vec<u64>,
@@ -216,6 +279,41 @@ pub struct PartialEpoch {
     pub images: usize,
     /// Seconds spent on them.
     pub seconds: f64,
+    /// Their summed objective ([`EpochSums::objective`], f64 bits).
+    #[serde(default)]
+    pub objective_bits: u64,
+    /// [`EpochSums::batch_terms`] (f64 bits).
+    #[serde(default)]
+    pub batch_terms_bits: [u64; 3],
+}
+
+impl PartialEpoch {
+    /// The first `batches_done` batches of an epoch, their sums and the seconds they took.
+    pub fn new(batches_done: usize, sums: &EpochSums, seconds: f64) -> Self {
+        PartialEpoch {
+            batches_done,
+            recon_bits: sums.recon.to_bits(),
+            kl_bits: sums.kl.to_bits(),
+            images: sums.images,
+            seconds,
+            objective_bits: sums.objective.to_bits(),
+            batch_terms_bits: sums.batch_terms.map(f64::to_bits),
+        }
+    }
+    /// The sums saved, exactly.
+    pub fn sums(&self) -> EpochSums {
+        EpochSums {
+            images: self.images,
+            recon: f64::from_bits(self.recon_bits),
+            kl: f64::from_bits(self.kl_bits),
+            objective: f64::from_bits(self.objective_bits),
+            batch_terms: self.batch_terms_bits.map(f64::from_bits),
+        }
+    }
+    /// Nothing done yet.
+    pub fn none() -> Self {
+        Self::new(0, &EpochSums::default(), 0.0)
+    }
 }
 
 impl Progress {
@@ -231,16 +329,16 @@ impl Progress {
             partial: None,
         }
     }
-    /// The best test loss so far (infinite before the first epoch).
+    /// The best monitored objective so far (infinite before the first epoch).
     pub fn best_test(&self) -> f64 {
         f64::from_bits(self.best_test_bits)
     }
-    /// Records a finished epoch and the random streams after it; says whether the test loss
-    /// improved (the best checkpoint is then replaced).
-    pub fn finish_epoch(&mut self, epoch: usize, test_loss: f64, noise: &Rng, data: &Rng) -> bool {
-        let improved = test_loss < self.best_test();
+    /// Records a finished epoch, its monitored objective and the random streams after it;
+    /// says whether the objective improved (the best checkpoint is then replaced).
+    pub fn finish_epoch(&mut self, epoch: usize, monitored: f64, noise: &Rng, data: &Rng) -> bool {
+        let improved = monitored < self.best_test();
         if improved {
-            self.best_test_bits = test_loss.to_bits();
+            self.best_test_bits = monitored.to_bits();
             self.best_epoch = epoch;
             self.bad_epochs = 0;
         } else {
@@ -271,8 +369,15 @@ impl Progress {
     }
 }
 
-/// The columns of metrics.csv, one row per epoch.
-pub const METRICS_HEADER: &str = "epoch,train_loss,recon,kl,test_loss,seconds,images_per_s";
+/// The columns of metrics.csv, one row per epoch: the training set's −ELBO and its two terms
+/// per image (nats), the evaluation set's −ELBO, time and speed; then the trained objective
+/// per image on the training and evaluation sets (what `--monitor` watches); then, under the
+/// names PyTorch Lightning's CSVLogger gives them (the Lightning tutorial's plotting code
+/// reads them), the training batches' objective and its two terms as the loss function
+/// returns them, averaged over the epoch (BCE_loss is the reconstruction term, BCE or MSE;
+/// KLD_loss is unweighted).
+pub const METRICS_HEADER: &str =
+    "epoch,train_loss,recon,kl,test_loss,seconds,images_per_s,objective,test_objective,loss,BCE_loss,KLD_loss";
 
 /// A run's directory and the files `vae train` keeps in it.
 pub struct RunDir {
@@ -396,7 +501,11 @@ impl RunDir {
     }
 
     fn save_model<B: Backend>(&self, path: &Path, t: &Trainer<B>, s: &Settings, epoch: usize) -> Result<()> {
-        let meta = [("vaecuda_recon", s.recon.name().to_string()), ("epoch", epoch.to_string())];
+        let meta = [
+            ("vaecuda_recon", s.recon.name().to_string()),
+            ("vaecuda_objective", s.loss().describe(s.kl_weight)),
+            ("epoch", epoch.to_string()),
+        ];
         save_model(path, &t.backend, &t.store, &s.model, &meta)
     }
 

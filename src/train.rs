@@ -1,39 +1,90 @@
 //! One training step and one evaluation batch, device-agnostic: what the CLI, the benches and
 //! the tests all drive. Epoch loops, progress bars and checkpoints live in the CLI.
 
-use crate::backend::{Backend, Recon};
+use crate::backend::Backend;
 use crate::nn::{ModelConfig, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
+use serde::{Deserialize, Serialize};
 
-/// Which objective a [`Trainer`] minimizes (the β of β-VAE is per step: [`Trainer::step`]'s
-/// `kl_weight`).
-#[derive(Clone, Debug)]
-pub struct LossConfig {
-    /// The reconstruction loss: BCE for a Bernoulli decoder (MNIST), MSE for colour images.
-    pub recon: Recon,
-    /// Divide reconstruction and KL by the batch size (`--reduction mean`); otherwise sums.
-    pub per_image_mean: bool,
+pub use crate::nn::vae::{LossConfig, TermReduction};
+
+/// Losses of one batch, as host numbers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchLoss {
+    /// The objective as [`LossConfig`] reduces it (recon + β·KL summed over the batch, by
+    /// default): the number training minimizes.
+    pub loss: f64,
+    /// The reconstruction term summed over the batch, in nats.
+    pub recon: f64,
+    /// The KL term summed over the batch, before weighting, in nats.
+    pub kl: f64,
 }
 
-impl Default for LossConfig {
-    /// The tutorials' objective: BCE summed over pixels and images, plus the summed KL.
-    fn default() -> Self {
-        LossConfig { recon: Recon::Bce, per_image_mean: false }
+/// Batches' losses added up over a pass (an epoch, or the test set), in f64, in batch
+/// order; [`EpochSums::per_image`] turns them into what is reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochSums {
+    /// Images seen.
+    pub images: usize,
+    /// Σ of the batches' summed reconstruction terms.
+    pub recon: f64,
+    /// Σ of the batches' summed KL terms.
+    pub kl: f64,
+    /// Σ of the batches' objectives, each weighted by [`LossConfig::images_weight`].
+    pub objective: f64,
+    /// Σ over batches of n·(the batch's objective), and of its two reduced terms (the KL
+    /// unweighted): what PyTorch Lightning logs as an epoch's `loss`, `BCE_loss`, `KLD_loss`.
+    pub batch_terms: [f64; 3],
+}
+
+/// What a pass reports, per image.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PerImage {
+    /// Reconstruction, nats per image.
+    pub recon: f64,
+    /// KL, nats per image.
+    pub kl: f64,
+    /// The trained objective per image (see [`LossConfig::images_weight`]).
+    pub objective: f64,
+    /// The tutorials' per-batch logging: the batch objective, its reconstruction term and
+    /// its KL term as the loss function returns them, averaged over the batches weighted by
+    /// their images.
+    pub batch_terms: [f64; 3],
+}
+
+impl PerImage {
+    /// The negative ELBO per image (reconstruction + unweighted KL), in nats.
+    pub fn elbo(&self) -> f64 {
+        self.recon + self.kl
     }
 }
 
-/// Losses of one batch, as host numbers (sums over the batch unless per-image mean was asked).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BatchLoss {
-    /// recon + β·KL, the number training minimizes, in nats.
-    pub loss: f64,
-    /// The reconstruction term, in nats.
-    pub recon: f64,
-    /// The KL term before weighting, in nats.
-    pub kl: f64,
+impl EpochSums {
+    /// Adds a batch of `n` images, `image_len` values and `latent` latents each, trained
+    /// with `objective`.
+    pub fn add(&mut self, objective: &LossConfig, n: usize, image_len: usize, latent: usize, l: BatchLoss) {
+        let nf = n as f64;
+        self.images += n;
+        self.recon += l.recon;
+        self.kl += l.kl;
+        self.objective += l.loss * objective.images_weight(n);
+        self.batch_terms[0] += nf * l.loss;
+        self.batch_terms[1] += nf * l.recon * objective.recon_reduction.factor(n, image_len);
+        self.batch_terms[2] += nf * l.kl * objective.kl_reduction.factor(n, latent);
+    }
+    /// Everything divided by the images seen.
+    pub fn per_image(&self) -> PerImage {
+        let n = self.images.max(1) as f64;
+        PerImage {
+            recon: self.recon / n,
+            kl: self.kl / n,
+            objective: self.objective / n,
+            batch_terms: self.batch_terms.map(|v| v / n),
+        }
+    }
 }
 
 /// The loss became NaN or infinite; the step was not applied.
@@ -92,14 +143,23 @@ impl<B: Backend> Trainer<B> {
 
     /// Forward, backward and one Adam update on a batch x [n, c, h, w].
     pub fn step(&mut self, x: Tensor<B>, kl_weight: f64) -> Result<BatchLoss, NonFiniteLoss> {
-        let n = x.shape[0];
-        let eps = self.draw_noise(n);
+        let eps = self.draw_noise(x.shape[0]);
+        self.step_with_noise(x, eps, kl_weight)
+    }
+
+    /// [`Trainer::step`] with the reparameterization noise eps [n, z] given (a test that
+    /// compares a step with another framework's feeds both the same noise).
+    pub fn step_with_noise(
+        &mut self,
+        x: Tensor<B>,
+        eps: Tensor<B>,
+        kl_weight: f64,
+    ) -> Result<BatchLoss, NonFiniteLoss> {
         self.store.zero_grads(&self.backend);
-        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
         let stats = {
             let mut tape = Tape::new(&self.backend, &mut self.store, true);
             let (xv, ev) = (tape.input(x), tape.input(eps));
-            let l = self.model.loss(&mut tape, xv, ev, recon, mean, kl_weight);
+            let l = self.model.loss(&mut tape, xv, ev, &self.loss, kl_weight);
             let stats = read_loss(&tape, l);
             if !stats.loss.is_finite() {
                 return Err(NonFiniteLoss { step: self.adam.step + 1, loss: stats.loss });
@@ -111,15 +171,14 @@ impl<B: Backend> Trainer<B> {
         Ok(stats)
     }
 
-    /// The loss of a batch in eval mode (batch norm on running statistics), recording nothing.
-    /// The KL term is weighted 1 whatever β training uses, so this is the plain −ELBO.
-    pub fn evaluate(&mut self, x: Tensor<B>) -> BatchLoss {
+    /// The loss of a batch in eval mode (batch norm on running statistics), recording
+    /// nothing, with the KL weighted by `kl_weight`.
+    pub fn evaluate(&mut self, x: Tensor<B>, kl_weight: f64) -> BatchLoss {
         let n = x.shape[0];
         let eps = self.draw_noise(n);
-        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
         let mut tape = Tape::no_grad(&self.backend, &mut self.store);
         let (xv, ev) = (tape.input(x), tape.input(eps));
-        let l = self.model.loss(&mut tape, xv, ev, recon, mean, 1.0);
+        let l = self.model.loss(&mut tape, xv, ev, &self.loss, kl_weight);
         read_loss(&tape, l)
     }
 }
@@ -157,10 +216,9 @@ impl<B: Backend> Trainer<B> {
     pub fn step_memory(&mut self, one_image: Tensor<B>) -> StepMemory {
         let z = self.model.config.latent;
         let eps = Tensor::from_host(&self.backend, &[1, z], &vec![B::E::of(0.0); z]);
-        let (recon, mean) = (self.loss.recon, self.loss.per_image_mean);
         let mut tape = Tape::no_grad(&self.backend, &mut self.store);
         let (xv, ev) = (tape.input(one_image), tape.input(eps));
-        self.model.loss(&mut tape, xv, ev, recon, mean, 1.0);
+        self.model.loss(&mut tape, xv, ev, &self.loss, 1.0);
         let bytes = (tape.value_elements() * std::mem::size_of::<B::E>()) as u64;
         StepMemory { bytes_per_image: bytes * StepMemory::FACTOR }
     }

@@ -52,13 +52,18 @@ fn train_writes_metrics_and_checkpoints_that_reload() {
     assert_eq!(log.lines().filter(|l| l.starts_with("epoch")).count(), 3, "{log}");
     let csv = std::fs::read_to_string(f.path("run/metrics.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
-    assert_eq!(rows[0], "epoch,train_loss,recon,kl,test_loss,seconds,images_per_s");
+    assert_eq!(rows[0], vaecuda::run::METRICS_HEADER);
+    assert!(rows[0].starts_with("epoch,train_loss,recon,kl,test_loss,seconds,images_per_s,objective,test_objective"));
     assert_eq!(rows.len(), 4);
     for (i, r) in rows[1..].iter().enumerate() {
         let v: Vec<f64> = r.split(',').map(|x| x.parse().unwrap()).collect();
-        assert_eq!(v.len(), 7);
+        assert_eq!(v.len(), 12);
         assert_eq!(v[0] as usize, i + 1);
         assert!(v[1].is_finite() && v[4].is_finite() && (v[1] - v[2] - v[3]).abs() < 1e-3, "{r}");
+        // The default objective (sums, β = 1) is the −ELBO, on both sets.
+        assert!((v[7] - v[1]).abs() < 1e-3 && (v[8] - v[4]).abs() < 1e-3, "{r}");
+        // Lightning's per-batch columns: the batch objective is its two terms added.
+        assert!((v[9] - v[10] - v[11]).abs() < 1e-2 * v[9].abs(), "{r}");
     }
     // The model file is the PyTorch state_dict of the MLP VAE.
     let t = TensorFile::read(Path::new(&f.path("run/best.safetensors"))).unwrap();
@@ -201,6 +206,17 @@ fn every_flag_refuses_nonsense_with_a_reason() {
         (&["--latent", "0"], "latent size must be at least 1"),
         (&["--latent", "100000000"], "must be at most"),
         (&["--hidden", "16000000"], "parameters, more than"),
+        (&["--holdout", "0"], "--holdout 0 holds nothing out"),
+        (&["--holdout", "300"], "--holdout 300 leaves no training images"),
+        (&["--output-activation", "relu"], "--recon bce reads probabilities, so it needs --output-activation sigmoid"),
+        (&["--crop", "168"], "--crop applies to folders of images"),
+        (&["--celeba-train", "all"], "--celeba-train all applies to folders of images"),
+        (&["--param-names", "dldemos"], "--param-names dldemos names conv-bn's layers"),
+        (
+            &["--arch", "conv-bn-mnist"],
+            "conv-bn-mnist is the MNIST tutorial's network, sized for 28×28 images (got 12×12)",
+        ),
+        (&["--recipe", "nope"], "unknown recipe \"nope\": the recipes are mlp, conv, lightning-mlp"),
     ];
     for (flags, want) in cases {
         let mut args = vec!["train", "--data", &f.data, "--out", &out];
@@ -370,4 +386,57 @@ fn charts_draw_text_without_system_fonts() {
     let ink =
         (0..1500).flat_map(|x| (0..30).map(move |y| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128).count();
     assert!(ink > 200, "the title drew {ink} dark pixels");
+}
+
+/// The epochs of a run's metrics.csv column `name`, and the epoch where it is lowest.
+fn column_and_argmin(dir: &str, name: &str) -> (Vec<f64>, usize) {
+    let m = vaecuda::run::Metrics::read(&Path::new(dir).join("metrics.csv")).unwrap();
+    let v = m.column(name).unwrap().to_vec();
+    let best = (0..v.len()).min_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap() + 1;
+    (v, best)
+}
+
+fn saved_epoch(path: &str) -> usize {
+    TensorFile::read(Path::new(path)).unwrap().metadata["epoch"].parse().unwrap()
+}
+
+/// With a KL weight other than 1 the trained objective is not the −ELBO, and best.safetensors
+/// and --patience must follow the objective. The settings are chosen so the two disagree (a
+/// squared error with a small KL weight lets the KL grow while the objective falls): the test
+/// checks that they do, so it fails if best is picked by the −ELBO again.
+#[test]
+fn best_checkpoint_and_early_stopping_follow_the_trained_objective() {
+    let f = Fixture::new();
+    let flags = [
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        &f.data,
+        "--recon",
+        "mse",
+        "--kl-weight",
+        "0.00025",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "16",
+        "--patience",
+        "2",
+    ];
+    let out = f.path("beta");
+    let log = ok(&[&flags[..], &["--out", &out]].concat());
+    let (objective, best) = column_and_argmin(&out, "test_objective");
+    let (_, elbo_best) = column_and_argmin(&out, "test_loss");
+    assert_eq!(objective.len(), 5, "--patience stopped on something other than the objective:\n{log}");
+    assert_ne!(best, elbo_best, "the −ELBO and the objective agree on the best epoch here; the test proves nothing");
+    assert_eq!(saved_epoch(&format!("{out}/best.safetensors")), best, "{objective:?}\n{log}");
+    assert!(log.contains(&format!("(epoch {best})")), "{log}");
+
+    // --monitor train: the training objective picks the checkpoint.
+    let out = f.path("beta-train");
+    let log = ok(&[&flags[..], &["--out", &out, "--monitor", "train"]].concat());
+    let (_, best) = column_and_argmin(&out, "objective");
+    assert_eq!(saved_epoch(&format!("{out}/best.safetensors")), best, "{log}");
+    assert!(log.contains("best train objective"), "{log}");
 }

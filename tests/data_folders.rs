@@ -15,7 +15,7 @@ use vaecuda::data::{decode_image, Source};
 
 /// Options with the cache in `cache` (or none), no progress bar, no log, memory unchecked.
 fn opts(cache: Option<&Path>) -> Options {
-    Options { cache_dir: cache.map(Path::to_path_buf), mem_available: None, progress: false, log: false }
+    Options { cache_dir: cache.map(Path::to_path_buf), mem_available: None, progress: false, log: false, crop: None }
 }
 
 /// `n` small JPEGs of varied sizes in `dir`, named `{prefix}{i:03}.jpg`.
@@ -29,7 +29,7 @@ fn jpegs(dir: &Path, prefix: &str, n: usize, seed: u64) {
 
 /// The bytes `load` must produce for one file: decoded, center-cropped, resized, CHW.
 fn expected(path: &Path, size: usize) -> Vec<u8> {
-    folder::prepare_image(decode_image(&std::fs::read(path).unwrap()).unwrap(), size)
+    folder::prepare_image(decode_image(&std::fs::read(path).unwrap()).unwrap(), size, None)
 }
 
 #[test]
@@ -221,10 +221,10 @@ fn a_dataset_bigger_than_memory_is_refused_before_loading() {
 #[test]
 fn nonsense_image_sizes_are_refused_by_the_library() {
     for bad in [0, vaecuda::data::MAX_IMAGE_SIZE + 1] {
-        let e = Source::detect(None, bad).unwrap_err().to_string();
+        let e = Source::detect(None, bad, Default::default()).unwrap_err().to_string();
         assert!(e.contains(&format!("--image-size {bad}")) && e.contains("1 to 4096"), "{e}");
     }
-    assert!(Source::detect(None, 1).is_ok());
+    assert!(Source::detect(None, 1, Default::default()).is_ok());
 }
 
 // ---- the `vae` command ----

@@ -295,6 +295,12 @@ fn run_settings() {
         epochs: 10,
         seed: 0,
         patience: Some(3),
+        recon_reduction: Some(vaecuda::nn::TermReduction::BatchMean),
+        kl_reduction: None,
+        monitor: vaecuda::run::Monitor::Train,
+        holdout: Some(500),
+        epoch_reconstructions: true,
+        recipe: Some("conv".into()),
     };
     let valid = serde_json::to_vec_pretty(&settings).unwrap();
     let mut rng = Rng::new(0x5E77);

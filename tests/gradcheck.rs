@@ -68,3 +68,34 @@ fn conv_bn_vae_gradients() {
     // Batch 3 so every batch-norm channel normalizes over more than one value.
     whole_model(ModelConfig::mnist(Arch::ConvBn), 3, 8);
 }
+
+#[test]
+fn mnist_tutorial_vae_gradients() {
+    // The log σ head (log σ² = 2·linear3) and the unpadded stride-2 convolutions.
+    whole_model(ModelConfig::mnist(Arch::ConvBnMnist), 3, 6);
+}
+
+/// The CelebA tutorial's objective: a ReLU output, the squared error averaged over every
+/// value and the KL averaged over the images, weighted 0.00025 (here 0.25, so the KL's share
+/// of the gradient is not lost under the finite differences' error).
+#[test]
+fn celeba_objective_gradients() {
+    use vaecuda::nn::{LossConfig, OutputActivation, ParamNames, TermReduction};
+    let config = ModelConfig {
+        channels: 3,
+        height: 8,
+        width: 8,
+        latent: 3,
+        hiddens: vec![2, 3],
+        output: OutputActivation::Relu,
+        names: ParamNames::Dldemos,
+        ..ModelConfig::mnist(Arch::ConvBn)
+    };
+    let objective = LossConfig {
+        recon: vaecuda::backend::Recon::Mse,
+        recon_reduction: TermReduction::Mean,
+        kl_reduction: TermReduction::BatchMean,
+    };
+    common::whole_objective_gradcheck(&Cpu::<f64>::default(), config, &objective, 0.25, 3, 8)
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -48,7 +48,7 @@ fn no_grad_records_nothing_and_leaves_no_gradients() {
 #[test]
 fn steps_reuse_gradient_buffers() {
     let be = Cpu::<f32>::default();
-    let loss = LossConfig { recon: Recon::Bce, per_image_mean: false };
+    let loss = LossConfig { recon: Recon::Bce, ..LossConfig::default() };
     let mut t = Trainer::new(be.clone(), ModelConfig::mnist(Arch::Mlp), loss, AdamConfig::default(), 0);
     let mut rng = Rng::new(1);
     let batch = |rng: &mut Rng| {

@@ -7,6 +7,7 @@ mod interpolate;
 mod latent;
 mod manifold;
 mod plot;
+pub mod recipes;
 mod reconstruct;
 mod sample;
 mod train;
@@ -21,7 +22,7 @@ use vaecuda::backend::{Backend, Recon};
 use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
 use vaecuda::eval::Model;
-use vaecuda::nn::{Arch, ModelConfig};
+use vaecuda::nn::{Arch, ModelConfig, OutputActivation, ParamNames};
 use vaecuda::run::ReconLoss;
 use vaecuda::Cpu;
 
@@ -196,9 +197,32 @@ pub struct DataArgs {
     /// Use only the first N test images.
     #[arg(long, value_name = "N")]
     limit_test: Option<usize>,
+    /// Cut the centred PIXELS×PIXELS square of each folder image before resizing, as
+    /// torchvision's CenterCrop (the CelebA tutorial: --crop 168) [default: the largest
+    /// centred square].
+    #[arg(long, value_name = "PIXELS")]
+    crop: Option<usize>,
+    /// Which CelebA images train: the partition file's training set, or all of them in
+    /// file-name order as the CelebA tutorial does (the test set is evaluated either way).
+    #[arg(long, value_enum, default_value_t = CelebaTrain::Partition)]
+    celeba_train: CelebaTrain,
+}
+
+/// `--celeba-train`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CelebaTrain {
+    /// The partition file's training set (162,770 images)
+    Partition,
+    /// Every image, in file-name order (202,599: the tutorial's dataset)
+    All,
 }
 
 impl DataArgs {
+    /// Whether --data names a directory (IDX files or images) rather than the bundled MNIST.
+    fn is_folder(&self) -> bool {
+        self.data.is_some()
+    }
+
     /// The data source, after refusing nonsense values of the data flags.
     fn source(&self) -> Result<Source> {
         for (flag, v) in [("--limit-train", self.limit_train), ("--limit-test", self.limit_test)] {
@@ -206,7 +230,9 @@ impl DataArgs {
                 bail!("{flag} 0 leaves no images: give at least 1, or leave the flag out to use them all");
             }
         }
-        vaecuda::data::Source::detect(self.data.as_deref(), self.image_size)
+        let options =
+            vaecuda::data::FolderOptions { crop: self.crop, train_on_all: self.celeba_train == CelebaTrain::All };
+        vaecuda::data::Source::detect(self.data.as_deref(), self.image_size, options)
     }
 }
 
@@ -224,8 +250,9 @@ impl std::error::Error for Interrupted {}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Architecture: mlp (pytorch/examples), conv (the tutorials' conv VAE) or conv-bn
-    /// (PyTorch-VAE's VanillaVAE with batch norm).
+    /// Architecture: mlp (pytorch/examples), conv (the tutorials' conv VAE), conv-bn
+    /// (PyTorch-VAE's VanillaVAE with batch norm) or conv-bn-mnist (the conv + batch-norm
+    /// MNIST tutorial's network).
     #[arg(long, value_enum, default_value_t = Arch::Mlp)]
     arch: Arch,
     /// Latent dimensions.
@@ -237,6 +264,14 @@ pub struct ModelArgs {
     /// Channel widths of the conv-bn blocks, comma-separated.
     #[arg(long, default_value = "32,64,128", value_delimiter = ',', value_name = "C,C,..")]
     hiddens: Vec<usize>,
+    /// What turns the decoder's last layer into pixels: sigmoid (for --recon bce), relu (the
+    /// CelebA tutorial's last layer) or none; relu and none need --recon mse.
+    #[arg(long, value_enum, default_value_t = OutputActivation::Sigmoid)]
+    output_activation: OutputActivation,
+    /// Whose parameter names a conv-bn model's tensors carry, so its checkpoints load strictly
+    /// into that project's model: vanilla-vae (PyTorch-VAE) or dldemos (the CelebA tutorial).
+    #[arg(long, value_enum, default_value_t = ParamNames::VanillaVae)]
+    param_names: ParamNames,
 }
 
 impl ModelArgs {
@@ -249,6 +284,8 @@ impl ModelArgs {
             latent: self.latent,
             hidden: self.hidden,
             hiddens: self.hiddens.clone(),
+            output: self.output_activation,
+            names: self.param_names,
         }
     }
 }

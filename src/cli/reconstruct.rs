@@ -1,12 +1,15 @@
 //! `vae reconstruct`: test images above their reconstructions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
 use vaecuda::backend::Backend;
 use vaecuda::charts::annotate_grid;
 use vaecuda::data::DeviceData;
 use vaecuda::image_out::{image_grid, save_png};
+use vaecuda::nn::Vae;
+use vaecuda::tape::{ParamStore, Tape};
+use vaecuda::Float;
 
 use super::{out_path, CheckpointArgs};
 
@@ -47,18 +50,40 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         test.len
     );
     let idx: Vec<usize> = (a.first..a.first + a.n).collect();
-    let originals = test.gather(&idx);
     let dev = DeviceData::upload(&l.model.backend, &test);
-    let idx32: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    let (mu, _) = l.model.encode(dev.batch(&l.model.backend, &idx32));
-    let mut px = originals;
-    px.extend(l.model.decode(&mu));
     let path = out_path(&a.out, &l.dir, "reconstructions.png");
-    let grid = image_grid(&px, 2 * a.n, [c.channels, c.height, c.width], a.n, 2);
     let caption =
         format!("test images {}–{}: input above, reconstruction (decoded μ) below", a.first, a.first + a.n - 1);
-    let row = |r: usize| (2 + r * (c.height + 2) + c.height / 2) as u32;
-    save_png(&annotate_grid(&grid, &[&caption], &[], &[("input", row(0)), ("output", row(1))])?, &path)?;
+    let m = &mut l.model;
+    draw(&m.backend, &m.vae, &mut m.store, &dev, &idx, &caption, &path)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Draws the images `idx` of `data` (top row, "input") above their reconstructions (decoded
+/// latent means through the model's output activation, bottom row, "output"), under
+/// `caption`, into the PNG `path`. In eval mode; records nothing. `vae train
+/// --epoch-reconstructions` draws one after every epoch.
+pub fn draw<B: Backend>(
+    be: &B,
+    vae: &Vae,
+    store: &mut ParamStore<B>,
+    data: &DeviceData<B>,
+    idx: &[usize],
+    caption: &str,
+    path: &Path,
+) -> Result<()> {
+    let c = &vae.config;
+    let idx32: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let x = data.batch(be, &idx32);
+    let mut px: Vec<f32> = x.to_host(be).iter().map(|v| v.f64() as f32).collect();
+    let mut tape = Tape::no_grad(be, store);
+    let xv = tape.input(x);
+    let (mu, _) = vae.encode(&mut tape, xv);
+    let y = vae.decode(&mut tape, mu);
+    px.extend(tape.to_host(y).iter().map(|v| v.f64() as f32));
+    let n = idx.len();
+    let grid = image_grid(&px, 2 * n, [c.channels, c.height, c.width], n, 2);
+    let row = |r: usize| (2 + r * (c.height + 2) + c.height / 2) as u32;
+    save_png(&annotate_grid(&grid, &[caption], &[], &[("input", row(0)), ("output", row(1))])?, path)
 }

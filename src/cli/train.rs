@@ -9,10 +9,11 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use vaecuda::backend::{human_bytes, Backend};
 use vaecuda::data::DeviceData;
-use vaecuda::eval::elbo;
+use vaecuda::eval::evaluate;
 use vaecuda::rng::Rng;
-use vaecuda::run::{Optimizer, PartialEpoch, Progress, ReconLoss, Reduction, RunDir, Settings};
+use vaecuda::run::{Monitor, Optimizer, PartialEpoch, Progress, ReconLoss, Reduction, RunDir, Settings};
 use vaecuda::train::Trainer;
+use vaecuda::train::{EpochSums, PerImage, TermReduction};
 
 use super::{DataArgs, Interrupted, ModelArgs};
 
@@ -20,20 +21,29 @@ use super::{DataArgs, Interrupted, ModelArgs};
 ///
 /// Losses are per image, in nats: reconstruction (summed over pixels) + KL (summed over
 /// latents), averaged over the images of the epoch; "test" is the same on the test set with
-/// a fixed noise seed. Examples:
+/// a fixed noise seed. When the trained objective is not that −ELBO (a KL weight other than
+/// 1, or mean reductions), the line also shows the objective per image on both sets: it is
+/// what picks best.safetensors and drives --patience (--monitor says on which set).
+/// Examples:
 ///
 ///   vae train                                  # MLP on the bundled MNIST, 10 epochs
 ///   vae train --arch conv --epochs 20 --out runs/conv
 ///   vae train --data ~/fashion-mnist --latent 2 --out runs/fashion-2d
 ///   vae train --out runs/conv --resume --epochs 30   # continue exactly where it stopped
-///   vae train --data celeba --arch conv-bn --image-size 64 --recon mse --kl-weight 0.00025
+///   vae train --recipe list                    # the tutorials' settings, one recipe each
+///   vae train --recipe celeba --data ~/celeba --out runs/celeba
+///   vae train --recipe lightning-mlp --epochs 20     # a recipe, one flag changed
 ///
 /// Ctrl-C stops after the current step and saves how far the epoch got; --resume goes on
 /// from there, to the same result as a run never stopped. A run killed any other way
 /// resumes from its last finished epoch. A second Ctrl-C quits at once.
 #[derive(clap::Args, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, args_override_self = true)]
 pub struct Args {
+    /// Start from a tutorial's settings (flags given besides it override them): mlp, conv,
+    /// lightning-mlp, mnist-conv-bn, celeba. `--recipe list` prints each with its flags.
+    #[arg(long, value_name = "NAME")]
+    recipe: Option<String>,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -42,10 +52,34 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = ReconLoss::Bce)]
     recon: ReconLoss,
     /// How a batch's loss is reduced before the gradient: sum over images (the PyTorch
-    /// example) or mean over images (scales the gradient by 1/batch). Reported numbers are
-    /// per image either way.
+    /// example) or mean over images (scales the gradient by 1/batch), both terms at once.
+    /// Reported numbers are per image either way.
     #[arg(long, value_enum, default_value_t = Reduction::Sum)]
     reduction: Reduction,
+    /// How the reconstruction term alone is reduced over a batch, as PyTorch's reduction=:
+    /// sum, batch-mean (summed over each image's pixels, averaged over images) or mean (over
+    /// every pixel value: F.mse_loss's default, as in the CelebA tutorial) [default: as
+    /// --reduction].
+    #[arg(long, value_enum, value_name = "HOW")]
+    recon_reduction: Option<TermReduction>,
+    /// How the KL term alone is reduced over a batch: sum, batch-mean (summed over latents,
+    /// averaged over images: the CelebA tutorial's torch.mean(... .sum(1), 0)) or mean (over
+    /// every latent value) [default: as --reduction]. With --kl-weight, this is what makes a
+    /// tutorial's β mean what it meant there.
+    #[arg(long, value_enum, value_name = "HOW")]
+    kl_reduction: Option<TermReduction>,
+    /// Which objective picks best.safetensors and drives --patience: on the test set (or the
+    /// --holdout images), or on the training set as the epoch trained it.
+    #[arg(long, value_enum, default_value_t = Monitor::Test)]
+    monitor: Monitor,
+    /// Hold out N training images, chosen by --seed, as the evaluation set in place of the
+    /// test set (the MNIST tutorial's 48,000/12,000 split: --holdout 12000).
+    #[arg(long, value_name = "N")]
+    holdout: Option<usize>,
+    /// Draw the first 8 evaluation images above their reconstructions after every epoch, in
+    /// reconstructions-epoch-N.png in the run directory.
+    #[arg(long)]
+    epoch_reconstructions: bool,
     /// Weight β of the KL term (β-VAE).
     #[arg(long, default_value_t = 1.0, value_name = "BETA", allow_negative_numbers = true)]
     kl_weight: f64,
@@ -59,15 +93,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
     /// Adam's β1,β2.
-    #[arg(
-        long,
-        default_value = "0.9,0.999",
-        value_delimiter = ',',
-        num_args = 1,
-        value_name = "B1,B2",
-        allow_hyphen_values = true
-    )]
-    betas: Vec<f64>,
+    #[arg(long, default_value = "0.9,0.999", value_name = "B1,B2", allow_hyphen_values = true)]
+    betas: String,
     /// Adam's ε.
     #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     eps: f64,
@@ -85,7 +112,7 @@ pub struct Args {
     /// Seed of the weights, batch order and noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop when the test loss has not improved for N epochs.
+    /// Stop when the monitored objective (--monitor) has not improved for N epochs.
     #[arg(long, value_name = "N")]
     patience: Option<usize>,
     /// Run directory [default: runs/ARCH-yyyymmdd-hhmmss, in UTC].
@@ -100,6 +127,10 @@ pub struct Args {
     /// Start a new run in --out even if it already holds one (its checkpoints are replaced).
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
+    /// Print the settings this command would train with, as run.json would hold them (a
+    /// recipe expanded, the flags checked), and exit without reading data or writing a file.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
@@ -116,7 +147,21 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         s.validate()?;
         (dir, s)
     } else {
-        ensure!(a.betas.len() == 2, "--betas takes two numbers, like 0.9,0.999");
+        // One value (not clap's list of two), so a --betas given besides a recipe replaces the
+        // recipe's rather than adding to it.
+        let betas: Vec<f64> = a
+            .betas
+            .split(',')
+            .map(|b| b.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("--betas takes two numbers, like 0.9,0.999 (got {:?})", a.betas))?;
+        ensure!(betas.len() == 2, "--betas takes two numbers, like 0.9,0.999 (got {:?})", a.betas);
+        if a.recipe.as_deref() == Some("celeba") {
+            ensure!(
+                a.data.is_folder(),
+                "the celeba recipe trains on CelebA: pass --data DIR, the folder torchvision's CelebA or the Kaggle archive leaves"
+            );
+        }
         let source = a.data.source()?;
         let model = a.model.config(source.image_shape()?);
         let s = Settings {
@@ -130,24 +175,36 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             kl_warmup: a.kl_warmup,
             optimizer: a.optimizer,
             lr: a.lr,
-            betas: [a.betas[0], a.betas[1]],
+            betas: [betas[0], betas[1]],
             eps: a.eps,
             weight_decay: a.weight_decay,
             batch_size: a.batch_size,
             epochs: a.epochs.unwrap_or(10),
             seed: a.seed,
             patience: a.patience,
+            recon_reduction: a.recon_reduction,
+            kl_reduction: a.kl_reduction,
+            monitor: a.monitor,
+            holdout: a.holdout,
+            epoch_reconstructions: a.epoch_reconstructions,
+            recipe: a.recipe.clone(),
         };
         s.validate()?;
         let dir =
             a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", s.model.arch.name(), utc_stamp())));
-        if a.resume {
+        if a.dry_run {
+            // Nothing is written, so --out may hold anything.
+        } else if a.resume {
             println!("{} holds no run yet: starting it", dir.display());
         } else {
             RunDir::ensure_free(&dir, a.overwrite)?;
         }
         (dir, s)
     };
+    if a.dry_run {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(());
+    }
     train(be, RunDir::create(&dir)?, settings, resuming)
 }
 
@@ -204,12 +261,24 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
     }
     install_stop_handler();
     println!(
-        "training {} ({} parameters) on {} images, testing on {}; run directory {}",
+        "training {} ({} parameters) on {} images, {} on {}; run directory {}",
         s.model.arch.name(),
         t.store.trainable_count(),
         train_dev.len,
-        test_dev.len,
+        if s.holdout.is_some() { "evaluating" } else { "testing" },
+        match s.holdout {
+            Some(h) => format!("{h} held-out training images"),
+            None => format!("{}", test_dev.len),
+        },
         run.path.display()
+    );
+    if let Some(r) = &s.recipe {
+        println!("recipe {r}: {}", super::recipes::find(r).map_or("", |r| r.tutorial));
+    }
+    println!(
+        "objective: {}; best checkpoint and early stopping on the {} objective",
+        s.loss().describe(s.kl_weight),
+        s.monitor.name()
     );
     for epoch in p.epoch + 1..=s.epochs {
         let data_at_start = data_rng.clone();
@@ -225,14 +294,33 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
                 )));
             }
         };
-        let test =
-            elbo(&be, &t.model, &mut t.store, &test_dev, s.recon.recon(), s.batch_size, vaecuda::eval::EVAL_SEED);
-        println!("{}", e.report(epoch, s.epochs, test.loss));
-        run.push_metrics(e.csv_row(epoch, test.loss))?;
-        p.finish_epoch(epoch, test.loss, &t.noise, &data_rng);
+        let test = evaluate(
+            &be,
+            &t.model,
+            &mut t.store,
+            &test_dev,
+            &s.loss(),
+            s.kl_weight,
+            s.batch_size,
+            vaecuda::eval::EVAL_SEED,
+        )
+        .per_image();
+        let monitored = match s.monitor {
+            Monitor::Test => test.objective,
+            Monitor::Train => e.sums.per_image().objective,
+        };
+        let improved = p.finish_epoch(epoch, monitored, &t.noise, &data_rng);
+        println!("{}", e.report(epoch, s.epochs, &test, &s, improved));
+        run.push_metrics(e.csv_row(epoch, &test))?;
+        if s.epoch_reconstructions {
+            let path = run.path.join(format!("reconstructions-epoch-{epoch}.png"));
+            let caption = format!("epoch {epoch}: evaluation images above, reconstructions (decoded μ) below");
+            let idx: Vec<usize> = (0..test_dev.len.min(8)).collect();
+            super::reconstruct::draw(&t.backend, &t.model, &mut t.store, &test_dev, &idx, &caption, &path)?;
+        }
         run.commit_epoch(&t, &s, &p)?;
         if let Some(pat) = s.patience.filter(|&pat| p.bad_epochs >= pat) {
-            println!("early stop: the test loss has not improved for {pat} epochs");
+            println!("early stop: the {} objective has not improved for {pat} epochs", s.monitor.name());
             break;
         }
         if STOP.load(Ordering::SeqCst) && epoch < s.epochs {
@@ -242,7 +330,17 @@ fn train<B: Backend>(be: B, mut run: RunDir, mut s: Settings, resuming: bool) ->
             )));
         }
     }
-    println!("best test loss {:.4}; checkpoints in {}", p.best_test(), run.path.display());
+    if s.objective_is_elbo() && s.monitor == Monitor::Test {
+        println!("best test loss {:.4} (epoch {}); checkpoints in {}", p.best_test(), p.best_epoch, run.path.display());
+    } else {
+        println!(
+            "best {} objective {:.6} (epoch {}); checkpoints in {}",
+            s.monitor.name(),
+            p.best_test(),
+            p.best_epoch,
+            run.path.display()
+        );
+    }
     Ok(())
 }
 
@@ -284,36 +382,61 @@ fn check_step_fits<B: Backend>(t: &mut Trainer<B>, data: &DeviceData<B>, batch: 
     Ok(())
 }
 
-/// One epoch's training numbers, per image.
+/// One epoch's training numbers.
 struct EpochLosses {
-    recon: f64,
-    kl: f64,
-    images: usize,
+    sums: EpochSums,
     seconds: f64,
 }
 
 impl EpochLosses {
     fn images_per_s(&self) -> f64 {
-        self.images as f64 / self.seconds.max(1e-9)
+        self.sums.images as f64 / self.seconds.max(1e-9)
     }
-    /// The line printed after the epoch.
-    fn report(&self, epoch: usize, epochs: usize, test_loss: f64) -> String {
-        let (recon, kl, seconds, ips) = (self.recon, self.kl, self.seconds, self.images_per_s());
-        format!(
-            "epoch {epoch:>3}/{epochs}  train {:.4} (recon {recon:.4}, KL {kl:.4})  test {test_loss:.4}  {seconds:.1} s  {ips:.0} img/s",
-            recon + kl
-        )
+    /// The line printed after the epoch: the −ELBO per image of both sets, and the trained
+    /// objective (with a `*` where it improved) when it is not that −ELBO.
+    fn report(&self, epoch: usize, epochs: usize, test: &PerImage, s: &Settings, improved: bool) -> String {
+        let train = self.sums.per_image();
+        let (recon, kl, seconds, ips) = (train.recon, train.kl, self.seconds, self.images_per_s());
+        let mut line = format!(
+            "epoch {epoch:>3}/{epochs}  train {:.4} (recon {recon:.4}, KL {kl:.4})  test {:.4}  {seconds:.1} s  {ips:.0} img/s",
+            train.elbo(),
+            test.elbo()
+        );
+        if !s.objective_is_elbo() || s.monitor != Monitor::Test {
+            let mark = if improved { " *" } else { "" };
+            line += &format!(
+                "  objective train {:.6} test {:.6} ({} monitored{mark})",
+                train.objective,
+                test.objective,
+                s.monitor.name()
+            );
+        }
+        line
     }
     /// The epoch's metrics.csv row, in the header's column order.
-    fn csv_row(&self, epoch: usize, test_loss: f64) -> String {
-        let (recon, kl, seconds, ips) = (self.recon, self.kl, self.seconds, self.images_per_s());
-        format!("{epoch},{:.6},{recon:.6},{kl:.6},{test_loss:.6},{seconds:.3},{ips:.1}", recon + kl)
+    fn csv_row(&self, epoch: usize, test: &PerImage) -> String {
+        let train = self.sums.per_image();
+        let (seconds, ips) = (self.seconds, self.images_per_s());
+        let [loss, recon_term, kl_term] = train.batch_terms;
+        format!(
+            "{epoch},{:.6},{:.6},{:.6},{:.6},{seconds:.3},{ips:.1},{:.6},{:.6},{loss:.6},{recon_term:.6},{kl_term:.6}",
+            train.elbo(),
+            train.recon,
+            train.kl,
+            test.elbo(),
+            train.objective,
+            test.objective
+        )
     }
 }
 
 /// The run's train and test sets on the device, checked against the model's image shape.
+/// With `--holdout N`, the second is N training images (chosen by the seed) instead.
 fn upload_data<B: Backend>(be: &B, s: &Settings) -> Result<(DeviceData<B>, DeviceData<B>)> {
-    let (train_set, test_set) = s.source.load(s.limit_train, s.limit_test)?;
+    let (mut train_set, mut test_set) = s.source.load(s.limit_train, s.limit_test)?;
+    if let Some(n) = s.holdout {
+        (train_set, test_set) = train_set.hold_out(n, s.seed ^ HOLDOUT_SEED)?;
+    }
     ensure!(train_set.len > 0 && test_set.len > 0, "the training and test sets must not be empty");
     ensure!(
         [train_set.channels, train_set.height, train_set.width] == [s.model.channels, s.model.height, s.model.width],
@@ -321,6 +444,9 @@ fn upload_data<B: Backend>(be: &B, s: &Settings) -> Result<(DeviceData<B>, Devic
     );
     Ok((DeviceData::upload(be, &train_set), DeviceData::upload(be, &test_set)))
 }
+
+/// Mixed into `--seed` for the choice of held-out images, so it is not the data order's.
+const HOLDOUT_SEED: u64 = 0x401D_0075;
 
 /// How an epoch's pass over the training set ended.
 enum EpochEnd {
@@ -344,28 +470,17 @@ fn train_epoch<B: Backend>(
     let warmup_steps = s.kl_warmup * steps_per_epoch as f64;
     let bar = super::progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}/{}", s.epochs), "batches");
     let start = Instant::now();
-    let done = resume.unwrap_or(PartialEpoch {
-        batches_done: 0,
-        recon_bits: 0f64.to_bits(),
-        kl_bits: 0f64.to_bits(),
-        images: 0,
-        seconds: 0.0,
-    });
-    let (mut recon_sum, mut kl_sum) = (f64::from_bits(done.recon_bits), f64::from_bits(done.kl_bits));
-    let mut seen = done.images;
+    let done = resume.unwrap_or_else(PartialEpoch::none);
+    let mut sums = done.sums();
     let seconds = |start: Instant| done.seconds + start.elapsed().as_secs_f64();
     bar.inc(done.batches_done as u64);
+    let objective = s.loss();
+    let (image_len, latent) = (s.model.image_len(), s.model.latent);
     let batches = data.epoch_batches(s.batch_size, Some(data_rng));
     for (b, idx) in batches.into_iter().enumerate().skip(done.batches_done) {
         if STOP.load(Ordering::SeqCst) {
             bar.abandon();
-            return Ok(EpochEnd::Stopped(PartialEpoch {
-                batches_done: b,
-                recon_bits: recon_sum.to_bits(),
-                kl_bits: kl_sum.to_bits(),
-                images: seen,
-                seconds: seconds(start),
-            }));
+            return Ok(EpochEnd::Stopped(PartialEpoch::new(b, &sums, seconds(start))));
         }
         let beta = if warmup_steps > 0.0 {
             s.kl_weight * ((t.adam.step + 1) as f64 / warmup_steps).min(1.0)
@@ -381,24 +496,21 @@ fn train_epoch<B: Backend>(
                 bail!("training stopped: {e} (epoch {epoch}, batch {}); {}", b + 1, run.what_is_kept());
             }
         };
-        let scale = if s.reduction == Reduction::Mean { n as f64 } else { 1.0 };
-        recon_sum += l.recon * scale;
-        kl_sum += l.kl * scale;
-        seen += n;
-        let secs = seconds(start).max(1e-9);
+        sums.add(&objective, n, image_len, latent, l);
+        let (p, secs) = (sums.per_image(), seconds(start).max(1e-9));
         bar.set_message(format!(
             "loss {:.2}  recon {:.2}  KL {:.2}  {:.0} img/s",
-            (recon_sum + kl_sum) / seen as f64,
-            recon_sum / seen as f64,
-            kl_sum / seen as f64,
-            seen as f64 / secs
+            p.elbo(),
+            p.recon,
+            p.kl,
+            sums.images as f64 / secs
         ));
         bar.inc(1);
     }
     t.backend.synchronize();
     let seconds = seconds(start);
     bar.finish_and_clear();
-    Ok(EpochEnd::Done(EpochLosses { recon: recon_sum / seen as f64, kl: kl_sum / seen as f64, images: seen, seconds }))
+    Ok(EpochEnd::Done(EpochLosses { sums, seconds }))
 }
 
 /// The current UTC time as yyyymmdd-hhmmss (no date crate needed).

@@ -95,9 +95,21 @@ pub struct FolderIndex {
     /// Images the partition file does not assign to train or test (CelebA's validation set
     /// and files it does not list).
     pub unused: usize,
+    /// Every image of the folder, sorted by path: what [`FolderIndex::train_on_all`] trains
+    /// on.
+    pub all: Vec<Entry>,
 }
 
 impl FolderIndex {
+    /// Trains on every image of the folder in file-name order, as the CelebA tutorial does
+    /// (its dataset is `sorted(os.listdir(root))`: all 202,599 images), keeping the test set
+    /// for evaluation; the two then overlap.
+    pub fn train_on_all(mut self) -> Self {
+        self.train = self.all.clone();
+        self.unused = 0;
+        self
+    }
+
     /// One line describing the layout and split, for logs.
     pub fn describe(&self) -> String {
         let what = match &self.layout {
@@ -251,6 +263,8 @@ pub fn scan(root: &Path) -> Result<FolderIndex> {
         }
     };
 
+    let mut all = entries.clone();
+    all.sort_by(|a, b| a.rel.cmp(&b.rel));
     let (mut train, mut test, mut unused) = (vec![], vec![], 0);
     if let Some(p) = &partition {
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -284,7 +298,7 @@ pub fn scan(root: &Path) -> Result<FolderIndex> {
         train.len(),
         test.len()
     );
-    Ok(FolderIndex { root: root.to_path_buf(), images_dir, layout, classes, train, test, unused })
+    Ok(FolderIndex { root: root.to_path_buf(), images_dir, layout, classes, train, test, unused, all })
 }
 
 // ---- memory ----
@@ -313,12 +327,18 @@ pub fn ensure_fits(images: usize, image_bytes: usize, available: Option<u64>, si
 
 // ---- decoding ----
 
-/// Center-crops to a square, resizes to `size`×`size` and writes RGB bytes, CHW, into `out`
-/// (`3·size·size` long).
-pub fn prepare_image_into(img: image::DynamicImage, size: usize, out: &mut [u8]) {
+/// Center-crops to a square (the largest, or `crop`×`crop` as torchvision's `CenterCrop`:
+/// padded with black where the image is smaller), resizes to `size`×`size` and writes RGB
+/// bytes, CHW, into `out` (`3·size·size` long).
+pub fn prepare_image_into(img: image::DynamicImage, size: usize, crop: Option<usize>, out: &mut [u8]) {
     let (w, h) = (img.width(), img.height());
-    let s = w.min(h);
-    let img = img.crop_imm((w - s) / 2, (h - s) / 2, s, s);
+    let img = match crop {
+        None => {
+            let s = w.min(h);
+            img.crop_imm((w - s) / 2, (h - s) / 2, s, s)
+        }
+        Some(c) => center_crop(&img, c as u32),
+    };
     let img = img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle).to_rgb8();
     let plane = size * size;
     for (x, y, p) in img.enumerate_pixels() {
@@ -328,10 +348,35 @@ pub fn prepare_image_into(img: image::DynamicImage, size: usize, out: &mut [u8])
     }
 }
 
+/// torchvision's `CenterCrop(c)`: the c×c square at the centre, its top-left corner at
+/// `round((side − c) / 2)` each way; where the image is smaller, it is first padded with
+/// zeros, as torchvision pads.
+fn center_crop(img: &image::DynamicImage, c: u32) -> image::DynamicImage {
+    let (w, h) = (img.width(), img.height());
+    // torchvision: int(round((side - c) / 2.0)), Python rounding half to even.
+    let corner = |side: u32| -> i64 {
+        let d = side as f64 - c as f64;
+        (d / 2.0).round_ties_even() as i64
+    };
+    let (x0, y0) = (corner(w), corner(h));
+    if x0 >= 0 && y0 >= 0 {
+        return img.crop_imm(x0 as u32, y0 as u32, c, c);
+    }
+    let src = img.to_rgb8();
+    let mut out = image::RgbImage::new(c, c);
+    for (x, y, p) in out.enumerate_pixels_mut() {
+        let (sx, sy) = (x as i64 + x0, y as i64 + y0);
+        if (0..w as i64).contains(&sx) && (0..h as i64).contains(&sy) {
+            *p = *src.get_pixel(sx as u32, sy as u32);
+        }
+    }
+    image::DynamicImage::ImageRgb8(out)
+}
+
 /// [`prepare_image_into`] a new buffer.
-pub fn prepare_image(img: image::DynamicImage, size: usize) -> Vec<u8> {
+pub fn prepare_image(img: image::DynamicImage, size: usize, crop: Option<usize>) -> Vec<u8> {
     let mut out = vec![0; 3 * size * size];
-    prepare_image_into(img, size, &mut out);
+    prepare_image_into(img, size, crop, &mut out);
     out
 }
 
@@ -350,13 +395,18 @@ fn progress_bar(len: usize, what: &str, show: bool) -> indicatif::ProgressBar {
 }
 
 /// Decodes `entries` in parallel into one buffer of `3·size·size` bytes per image, in order.
-pub fn decode_all(entries: &[Entry], size: usize, bar: &indicatif::ProgressBar) -> Result<Vec<u8>> {
+pub fn decode_all(
+    entries: &[Entry],
+    size: usize,
+    crop: Option<usize>,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<u8>> {
     let l = 3 * size * size;
     let mut out = vec![0u8; entries.len() * l];
     out.par_chunks_mut(l.max(1)).zip(entries.par_iter()).try_for_each(|(chunk, e)| -> Result<()> {
         let bytes = std::fs::read(&e.path).with_context(|| format!("cannot read image {}", e.path.display()))?;
         let img = decode_image(&bytes).with_context(|| format!("cannot decode image {}", e.path.display()))?;
-        prepare_image_into(img, size, chunk);
+        prepare_image_into(img, size, crop, chunk);
         bar.inc(1);
         Ok(())
     })?;
@@ -380,12 +430,17 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     }
 }
 
-/// The cache key of one set: the format, the image size and every file's path, label, size
-/// and modification time.
-pub fn cache_key(entries: &[Entry], size: usize) -> [u8; 32] {
+/// The cache key of one set: the format, the image size, the crop and every file's path,
+/// label, size and modification time. Without a crop the key is what it was before crops
+/// existed, so those caches stay valid.
+pub fn cache_key(entries: &[Entry], size: usize, crop: Option<usize>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(CACHE_MAGIC);
     h.update((size as u64).to_le_bytes());
+    if let Some(c) = crop {
+        h.update(b"crop");
+        h.update((c as u64).to_le_bytes());
+    }
     h.update((entries.len() as u64).to_le_bytes());
     for e in entries {
         let p = e.path.to_string_lossy();
@@ -498,6 +553,9 @@ pub struct Options {
     pub progress: bool,
     /// Print what was loaded, from where and how fast, on stderr.
     pub log: bool,
+    /// Center-crop every image to this square before resizing (`--crop`); `None`: the
+    /// largest centred square.
+    pub crop: Option<usize>,
 }
 
 impl Default for Options {
@@ -509,6 +567,7 @@ impl Default for Options {
             mem_available: mem_available(),
             progress: std::io::stderr().is_terminal(),
             log: true,
+            crop: None,
         }
     }
 }
@@ -564,7 +623,7 @@ fn load_set(entries: &[Entry], size: usize, what: &str, opts: &Options) -> Resul
         return Ok((vec![], CacheUse::Empty));
     }
     let image_len = 3 * size * size;
-    let key = cache_key(entries, size);
+    let key = cache_key(entries, size, opts.crop);
     let path = opts.cache_dir.as_deref().map(|d| cache_path(d, &key));
     let mut damaged = None;
     if let Some(p) = &path {
@@ -594,7 +653,7 @@ fn load_set(entries: &[Entry], size: usize, what: &str, opts: &Options) -> Resul
     }
     let bar = progress_bar(entries.len(), what, opts.progress);
     let start = Instant::now();
-    let px = decode_all(entries, size, &bar);
+    let px = decode_all(entries, size, opts.crop, &bar);
     bar.finish_and_clear();
     let px = px?;
     let secs = start.elapsed().as_secs_f64();

@@ -4,4 +4,4 @@ pub mod layers;
 pub mod vae;
 
 pub use layers::{BatchNorm, Conv2d, ConvTranspose2d, Linear};
-pub use vae::{Arch, ModelConfig, Vae, VaeLoss};
+pub use vae::{Arch, LossConfig, ModelConfig, OutputActivation, ParamNames, TermReduction, Vae, VaeLoss};

@@ -5,7 +5,14 @@
 //! - `conv` (the tutorials' conv VAE): `encoder.conv1..3, encoder.fc1, encoder.fc21,
 //!   encoder.fc22, decoder.fc1, decoder.fc2, decoder.conv1..3`.
 //! - `conv-bn` (PyTorch-VAE's VanillaVAE layout): `encoder.{i}.0` conv + `encoder.{i}.1` batch
-//!   norm, `fc_mu`, `fc_var`, `decoder_input`, `decoder.{i}.{0,1}`, `final_layer.{0,1,3}`.
+//!   norm, `fc_mu`, `fc_var`, `decoder_input`, `decoder.{i}.{0,1}`, `final_layer.{0,1,3}`; or,
+//!   with [`ParamNames::Dldemos`], the CelebA tutorial's names for the same layers:
+//!   `mean_linear`, `var_linear`, `decoder_projection`, and its last block as
+//!   `decoder.{L−1}.{0,1,3}` (L = the number of widths).
+//! - `conv-bn-mnist` (the conv + batch-norm MNIST tutorial, `VAE_mnist.ipynb`):
+//!   `encoder.conv1..3`, `encoder.batch2`, `encoder.linear1..3`, `decoder.decoder_lin.{0,2}`,
+//!   `decoder.decoder_conv.{0,1,3,4,6}`. Its second head is log σ (the tutorial computes
+//!   `sigma = exp(linear3(x))`), so log σ² = 2·linear3(x) here.
 //!
 //! # The math, as the code computes it
 //!
@@ -33,9 +40,19 @@
 //!   `max(l, 0) − l·x + log(1 + e^{−|l|})`, gradient `sigmoid(l) − x`.
 //! - **MSE**: `Σ (x − x̂)²`. For a Gaussian decoder with fixed variance s²,
 //!   `−log p(x|z) = Σ (x − x̂)² / 2s² + const`, so a summed MSE is that likelihood with the
-//!   scale of the KL term changed by a factor 2s². That is why the CelebA recipe, training
-//!   on MSE, weights the KL by 0.00025 (`--kl-weight`): it stands for a small decoder
-//!   variance, i.e. sharp reconstructions, rather than for a different model.
+//!   scale of the KL term changed by a factor 2s².
+//!
+//! **How a batch's terms are reduced** ([`LossConfig`], `--recon-reduction`,
+//! `--kl-reduction`) decides what a KL weight means. The objective of a batch of n images is
+//! `a(n)·R + β·c(n)·K`, R and K the terms summed over the batch, with `a(n)` = 1 (`sum`), 1/n
+//! (`batch-mean`) or 1/(n·D) (`mean`, PyTorch's default `reduction='mean'`: over every one of
+//! the D = c·h·w values of each image), and `c(n)` the same with the latent size z for D. The
+//! CelebA tutorial minimizes `F.mse_loss(x̂, x)` (a mean over every element) plus 0.00025 × the
+//! KL averaged over the images, i.e. `--recon-reduction mean --kl-reduction batch-mean
+//! --kl-weight 0.00025`: per image that is `R/D + 0.00025·K`, so against the summed squared
+//! error the KL weighs 0.00025·D (3.07 at 3×64×64, 0.196 on MNIST), not 0.00025. Written
+//! as a Gaussian decoder, it is a decoder variance s² = D·0.00025/2 (s ≈ 1.24 at 64×64): a
+//! blurry decoder, which is what the tutorial's faces look like.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +76,8 @@ pub enum Arch {
     Conv,
     /// PyTorch-VAE's VanillaVAE: stride-2 conv + batch norm blocks of --hiddens widths
     ConvBn,
+    /// The conv + batch-norm MNIST tutorial's network: convs of 8, 16, 32 channels, 28x28 only
+    ConvBnMnist,
 }
 
 impl Arch {
@@ -68,6 +87,7 @@ impl Arch {
             Arch::Mlp => "mlp",
             Arch::Conv => "conv",
             Arch::ConvBn => "conv-bn",
+            Arch::ConvBnMnist => "conv-bn-mnist",
         }
     }
 }
@@ -89,12 +109,74 @@ pub struct ModelConfig {
     pub hidden: usize,
     /// Channel widths of the `conv-bn` blocks.
     pub hiddens: Vec<usize>,
+    /// What turns the decoder's last layer into pixels (absent from older checkpoints:
+    /// sigmoid).
+    #[serde(default)]
+    pub output: OutputActivation,
+    /// Which tutorial's parameter names the `conv-bn` layers carry (absent: PyTorch-VAE's).
+    #[serde(default)]
+    pub names: ParamNames,
+}
+
+/// The decoder's last step, from its last layer's values to pixels (`--output-activation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputActivation {
+    /// Pixels in (0, 1): what a Bernoulli decoder (BCE) needs; the tutorials' default
+    #[default]
+    Sigmoid,
+    /// Pixels in [0, ∞): the CelebA tutorial's last ReLU (MSE only)
+    Relu,
+    /// The last layer's values as they are (MSE only)
+    None,
+}
+
+impl OutputActivation {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputActivation::Sigmoid => "sigmoid",
+            OutputActivation::Relu => "relu",
+            OutputActivation::None => "none",
+        }
+    }
+    /// The activation of one value, on the host (pictures decode through it).
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            OutputActivation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            OutputActivation::Relu => v.max(0.0),
+            OutputActivation::None => v,
+        }
+    }
+}
+
+/// Whose `state_dict` names a `conv-bn` model's tensors carry (`--param-names`), so a
+/// checkpoint loads strictly into that tutorial's own model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ParamNames {
+    /// PyTorch-VAE's VanillaVAE: fc_mu, fc_var, decoder_input, final_layer.{0,1,3}
+    #[default]
+    VanillaVae,
+    /// The CelebA tutorial (SingleZombie/DL-Demos): mean_linear, var_linear,
+    /// decoder_projection, decoder.{L-1}.{0,1,3}
+    Dldemos,
 }
 
 impl ModelConfig {
     /// The tutorials' defaults for a 28×28 greyscale dataset.
     pub fn mnist(arch: Arch) -> Self {
-        ModelConfig { arch, channels: 1, height: 28, width: 28, latent: 20, hidden: 400, hiddens: vec![32, 64, 128] }
+        ModelConfig {
+            arch,
+            channels: 1,
+            height: 28,
+            width: 28,
+            latent: 20,
+            hidden: 400,
+            hiddens: vec![32, 64, 128],
+            output: OutputActivation::Sigmoid,
+            names: ParamNames::VanillaVae,
+        }
     }
     /// Values per image, `channels·height·width` (784 for MNIST).
     pub fn image_len(&self) -> usize {
@@ -145,7 +227,19 @@ pub fn validate(c: &ModelConfig) -> anyhow::Result<()> {
             ensure!(c.hiddens.iter().all(|&h| h > 0), "--hiddens widths must be at least 1");
             ensure!(c.height == c.width, "conv-bn expects square images, got {}×{}", c.height, c.width);
         }
+        Arch::ConvBnMnist => ensure!(
+            c.height == 28 && c.width == 28,
+            "conv-bn-mnist is the MNIST tutorial's network, sized for 28×28 images (got {}×{})",
+            c.height,
+            c.width
+        ),
     }
+    ensure!(
+        c.names == ParamNames::VanillaVae || c.arch == Arch::ConvBn,
+        "--param-names {} names conv-bn's layers; {} has names of its own",
+        if c.names == ParamNames::Dldemos { "dldemos" } else { "vanilla-vae" },
+        c.arch.name()
+    );
     // Last: the count assumes the checks above passed.
     let params = parameter_count(c);
     ensure!(
@@ -211,9 +305,30 @@ pub fn parameter_count(config: &ModelConfig) -> u64 {
             parts.extend([conv(hs[0], hs[0]), batch_norm(hs[0]), conv(hs[0], c)]);
             parts
         }
+        Arch::ConvBnMnist => vec![
+            conv(c, 8),
+            conv(8, 16),
+            batch_norm(16),
+            conv(16, 32),
+            linear(MNIST_TUTORIAL_FLAT, 128),
+            linear(128, z),
+            linear(128, z),
+            linear(z, 128),
+            linear(128, MNIST_TUTORIAL_FLAT),
+            conv(32, 16),
+            batch_norm(16),
+            conv(16, 8),
+            batch_norm(8),
+            conv(8, c),
+        ],
     };
     parts.into_iter().fold(0u64, u64::saturating_add)
 }
+
+/// The MNIST tutorial's feature map between encoder and decoder: 32 channels of 3×3
+/// (28 → 14 → 7 → 3 through its three stride-2 convolutions, the last unpadded).
+const MNIST_TUTORIAL_FEATURE: [usize; 3] = [32, 3, 3];
+const MNIST_TUTORIAL_FLAT: usize = 32 * 3 * 3;
 
 /// Output size of a 3×3, stride-2, pad-1 convolution.
 fn down(s: usize) -> usize {
@@ -256,6 +371,23 @@ enum Net {
         final_conv: Conv2d,
         feature: [usize; 3],
     },
+    ConvBnMnist {
+        conv1: Conv2d,
+        conv2: Conv2d,
+        batch2: BatchNorm,
+        conv3: Conv2d,
+        linear1: Linear,
+        linear2: Linear,
+        /// The log σ head.
+        linear3: Linear,
+        lin0: Linear,
+        lin2: Linear,
+        deconv0: ConvTranspose2d,
+        bn1: BatchNorm,
+        deconv3: ConvTranspose2d,
+        bn4: BatchNorm,
+        deconv6: ConvTranspose2d,
+    },
 }
 
 /// A VAE: parameter ids into a [`ParamStore`] plus its configuration.
@@ -266,15 +398,15 @@ pub struct Vae {
     net: Net,
 }
 
-/// The three scalars of one ELBO evaluation.
+/// The three scalars of one objective evaluation.
 #[derive(Clone, Copy, Debug)]
 pub struct VaeLoss {
-    /// recon + β·KL: what training minimizes.
+    /// The objective, `a(n)·recon + β·c(n)·KL` as [`LossConfig`] reduces each term: what
+    /// training minimizes.
     pub loss: Var,
-    /// The reconstruction term `−log p(x|z)` (`[1]`), summed over pixels and the batch, or
-    /// divided by the batch size when asked.
+    /// The reconstruction term `−log p(x|z)` (`[1]`), summed over pixels and the batch.
     pub recon: Var,
-    /// The KL term (`[1]`) before the β weighting, reduced as `recon` is.
+    /// The KL term (`[1]`), summed over latents and the batch, before any weighting.
     pub kl: Var,
 }
 
@@ -335,9 +467,15 @@ impl Vae {
                 let s = *sizes.last().unwrap();
                 let last = *config.hiddens.last().unwrap();
                 let flat = last * s * s;
-                let fc_mu = Linear::new(store, backend, "fc_mu", flat, z, r);
-                let fc_var = Linear::new(store, backend, "fc_var", flat, z, r);
-                let decoder_input = Linear::new(store, backend, "decoder_input", z, flat, r);
+                let dldemos = config.names == ParamNames::Dldemos;
+                let (mu_name, var_name, input_name) = if dldemos {
+                    ("mean_linear", "var_linear", "decoder_projection")
+                } else {
+                    ("fc_mu", "fc_var", "decoder_input")
+                };
+                let fc_mu = Linear::new(store, backend, mu_name, flat, z, r);
+                let fc_var = Linear::new(store, backend, var_name, flat, z, r);
+                let decoder_input = Linear::new(store, backend, input_name, z, flat, r);
                 let mut dec = vec![];
                 let rev: Vec<usize> = config.hiddens.iter().rev().copied().collect();
                 let k = sizes.len() - 1;
@@ -360,9 +498,12 @@ impl Vae {
                 }
                 let h0 = rev[rev.len() - 1];
                 let op = output_padding(sizes[1], sizes[0]);
-                let final_deconv = ConvTranspose2d::new(store, backend, "final_layer.0", h0, h0, 3, 2, 1, op, r);
-                let final_bn = BatchNorm::new(store, backend, "final_layer.1", h0);
-                let final_conv = Conv2d::new(store, backend, "final_layer.3", h0, c, 3, 1, 1, r);
+                let last_block =
+                    if dldemos { format!("decoder.{}", config.hiddens.len() - 1) } else { "final_layer".to_string() };
+                let final_deconv =
+                    ConvTranspose2d::new(store, backend, &format!("{last_block}.0"), h0, h0, 3, 2, 1, op, r);
+                let final_bn = BatchNorm::new(store, backend, &format!("{last_block}.1"), h0);
+                let final_conv = Conv2d::new(store, backend, &format!("{last_block}.3"), h0, c, 3, 1, 1, r);
                 Net::ConvBn {
                     enc,
                     fc_mu,
@@ -373,6 +514,40 @@ impl Vae {
                     final_bn,
                     final_conv,
                     feature: [last, s, s],
+                }
+            }
+            Arch::ConvBnMnist => {
+                // The notebook's modules, in its order: encoder then decoder.
+                let conv1 = Conv2d::new(store, backend, "encoder.conv1", c, 8, 3, 2, 1, r);
+                let conv2 = Conv2d::new(store, backend, "encoder.conv2", 8, 16, 3, 2, 1, r);
+                let batch2 = BatchNorm::new(store, backend, "encoder.batch2", 16);
+                let conv3 = Conv2d::new(store, backend, "encoder.conv3", 16, 32, 3, 2, 0, r);
+                let linear1 = Linear::new(store, backend, "encoder.linear1", MNIST_TUTORIAL_FLAT, 128, r);
+                let linear2 = Linear::new(store, backend, "encoder.linear2", 128, z, r);
+                let linear3 = Linear::new(store, backend, "encoder.linear3", 128, z, r);
+                let lin0 = Linear::new(store, backend, "decoder.decoder_lin.0", z, 128, r);
+                let lin2 = Linear::new(store, backend, "decoder.decoder_lin.2", 128, MNIST_TUTORIAL_FLAT, r);
+                // 3 → 7 (no padding), 7 → 14 → 28 (padding 1, output_padding 1).
+                let deconv0 = ConvTranspose2d::new(store, backend, "decoder.decoder_conv.0", 32, 16, 3, 2, 0, 0, r);
+                let bn1 = BatchNorm::new(store, backend, "decoder.decoder_conv.1", 16);
+                let deconv3 = ConvTranspose2d::new(store, backend, "decoder.decoder_conv.3", 16, 8, 3, 2, 1, 1, r);
+                let bn4 = BatchNorm::new(store, backend, "decoder.decoder_conv.4", 8);
+                let deconv6 = ConvTranspose2d::new(store, backend, "decoder.decoder_conv.6", 8, c, 3, 2, 1, 1, r);
+                Net::ConvBnMnist {
+                    conv1,
+                    conv2,
+                    batch2,
+                    conv3,
+                    linear1,
+                    linear2,
+                    linear3,
+                    lin0,
+                    lin2,
+                    deconv0,
+                    bn1,
+                    deconv3,
+                    bn4,
+                    deconv6,
                 }
             }
         };
@@ -408,6 +583,20 @@ impl Vae {
                 }
                 let h = ops::flatten(tape, h);
                 (fc_mu.forward(tape, h), fc_var.forward(tape, h))
+            }
+            Net::ConvBnMnist { conv1, conv2, batch2, conv3, linear1, linear2, linear3, .. } => {
+                let h = conv1.forward(tape, x);
+                let h = ops::relu(tape, h);
+                let h = conv2.forward(tape, h);
+                let h = batch2.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let h = conv3.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let h = ops::flatten(tape, h);
+                let h = linear1.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let log_sigma = linear3.forward(tape, h);
+                (linear2.forward(tape, h), ops::scale(tape, log_sigma, 2.0))
             }
         }
     }
@@ -450,42 +639,152 @@ impl Vae {
                 let h = ops::relu(tape, h);
                 final_conv.forward(tape, h)
             }
+            Net::ConvBnMnist { lin0, lin2, deconv0, bn1, deconv3, bn4, deconv6, .. } => {
+                let h = lin0.forward(tape, z);
+                let h = ops::relu(tape, h);
+                let h = lin2.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let [c, hh, ww] = MNIST_TUTORIAL_FEATURE;
+                let h = ops::reshape(tape, h, &[n, c, hh, ww]);
+                let h = deconv0.forward(tape, h);
+                let h = bn1.forward(tape, h);
+                let h = ops::relu(tape, h);
+                let h = deconv3.forward(tape, h);
+                let h = bn4.forward(tape, h);
+                let h = ops::relu(tape, h);
+                deconv6.forward(tape, h)
+            }
         }
     }
 
-    /// z → pixel probabilities in (0, 1).
+    /// z → pixels: the decoder's last layer through the model's output activation (a
+    /// sigmoid's (0, 1) unless the configuration says otherwise).
     pub fn decode<B: Backend>(&self, tape: &mut Tape<B>, z: Var) -> Var {
         let logits = self.decode_logits(tape, z);
-        ops::sigmoid(tape, logits)
+        self.activate(tape, logits)
     }
 
-    /// The negative ELBO of a batch x with noise eps [n, z]: reconstruction + β·KL.
-    /// `per_image_mean` divides both terms by the batch size (otherwise sums, as the tutorials).
+    fn activate<B: Backend>(&self, tape: &mut Tape<B>, logits: Var) -> Var {
+        match self.config.output {
+            OutputActivation::Sigmoid => ops::sigmoid(tape, logits),
+            OutputActivation::Relu => ops::relu(tape, logits),
+            OutputActivation::None => logits,
+        }
+    }
+
+    /// The objective of a batch x with noise eps [n, z]: `a(n)·R + β·c(n)·K` as
+    /// [`LossConfig`] reduces each term (sums, as the tutorials, by default; then it is the
+    /// batch's negative ELBO at β = 1).
     pub fn loss<B: Backend>(
         &self,
         tape: &mut Tape<B>,
         x: Var,
         eps: Var,
-        recon: Recon,
-        per_image_mean: bool,
+        objective: &LossConfig,
         kl_weight: f64,
     ) -> VaeLoss {
-        let n = tape.shape(x)[0] as f64;
+        let shape = tape.shape(x).to_vec();
+        let (n, image_len) = (shape[0], shape[1..].iter().product::<usize>());
         let (mu, logvar) = self.encode(tape, x);
         let (z, kl) = ops::reparam_kl(tape, mu, logvar, eps);
         let logits = self.decode_logits(tape, z);
-        let rec = match recon {
+        let rec = match objective.recon {
+            // The stable form straight from the logits (sigmoid models only; validated).
             Recon::BceWithLogits => ops::bce_with_logits(tape, logits, x, Reduction::Sum),
             kind => {
-                let p = ops::sigmoid(tape, logits);
+                let p = self.activate(tape, logits);
                 ops::recon_loss(tape, kind, p, x, Reduction::Sum)
             }
         };
-        let (rec, kl) =
-            if per_image_mean { (ops::scale(tape, rec, 1.0 / n), ops::scale(tape, kl, 1.0 / n)) } else { (rec, kl) };
-        let weighted_kl = if kl_weight == 1.0 { kl } else { ops::scale(tape, kl, kl_weight) };
-        let loss = ops::add(tape, rec, weighted_kl);
+        // Scales of exactly 1 are left off the tape, so the default objective records the
+        // same ops (and gives the same bits) as before reductions were configurable.
+        let scaled = |tape: &mut Tape<B>, v: Var, f: f64| if f == 1.0 { v } else { ops::scale(tape, v, f) };
+        let rec_term = scaled(tape, rec, objective.recon_reduction.factor(n, image_len));
+        let kl_term = scaled(tape, kl, kl_weight * objective.kl_reduction.factor(n, self.config.latent));
+        let loss = ops::add(tape, rec_term, kl_term);
         VaeLoss { loss, recon: rec, kl }
+    }
+}
+
+/// How one term of the objective is reduced over a batch: PyTorch's `reduction=`, which
+/// decides what a KL weight copied from a tutorial means (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TermReduction {
+    /// Summed over the batch's images and each image's values (reduction='sum')
+    Sum,
+    /// Summed over each image's values, averaged over the batch's images
+    BatchMean,
+    /// Averaged over every value of the batch (reduction='mean', F.mse_loss's default)
+    Mean,
+}
+
+impl TermReduction {
+    /// What a term summed over a batch of `n` images, `per_image` values each (pixels for
+    /// the reconstruction, latents for the KL), is multiplied by.
+    pub fn factor(self, n: usize, per_image: usize) -> f64 {
+        match self {
+            TermReduction::Sum => 1.0,
+            TermReduction::BatchMean => 1.0 / n as f64,
+            TermReduction::Mean => 1.0 / (n * per_image) as f64,
+        }
+    }
+    /// How it reads in the objective's description.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TermReduction::Sum => "summed",
+            TermReduction::BatchMean => "mean over images",
+            TermReduction::Mean => "mean over values",
+        }
+    }
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TermReduction::Sum => "sum",
+            TermReduction::BatchMean => "batch-mean",
+            TermReduction::Mean => "mean",
+        }
+    }
+}
+
+/// Which objective a training step minimizes (the β of β-VAE is per step:
+/// [`crate::train::Trainer::step`]'s `kl_weight`).
+#[derive(Clone, Debug)]
+pub struct LossConfig {
+    /// The reconstruction loss: BCE for a Bernoulli decoder (MNIST), MSE for colour images.
+    pub recon: Recon,
+    /// How the reconstruction term is reduced over a batch.
+    pub recon_reduction: TermReduction,
+    /// How the KL term is reduced over a batch.
+    pub kl_reduction: TermReduction,
+}
+
+impl Default for LossConfig {
+    /// The tutorials' objective: BCE summed over pixels and images, plus the summed KL.
+    fn default() -> Self {
+        LossConfig { recon: Recon::Bce, recon_reduction: TermReduction::Sum, kl_reduction: TermReduction::Sum }
+    }
+}
+
+impl LossConfig {
+    /// The weight of a batch of `n` images' objective in the epoch's objective per image
+    /// ([`crate::train::ObjectiveSums`]): a summed reconstruction makes the batch's objective
+    /// n times an image's, so it counts once; a mean one is already per image (or per value)
+    /// and counts n times. At β = 1 with sums this makes the epoch's objective exactly the
+    /// mean −ELBO per image.
+    pub fn images_weight(&self, n: usize) -> f64 {
+        match self.recon_reduction {
+            TermReduction::Sum => 1.0,
+            TermReduction::BatchMean | TermReduction::Mean => n as f64,
+        }
+    }
+    /// The objective in words, e.g. `mse (mean over values) + 0.00025 × KL (mean over images)`.
+    pub fn describe(&self, kl_weight: f64) -> String {
+        let recon = match self.recon {
+            Recon::Bce | Recon::BceWithLogits => "bce",
+            Recon::Mse => "mse",
+        };
+        format!("{recon} ({}) + {kl_weight} × KL ({})", self.recon_reduction.describe(), self.kl_reduction.describe())
     }
 }
 

@@ -5,7 +5,7 @@
 
 use vaecuda::backend::{Backend, Recon};
 use vaecuda::gradcheck::{check_store, GradCheck, Input};
-use vaecuda::nn::{ModelConfig, Vae};
+use vaecuda::nn::{LossConfig, ModelConfig, Vae};
 use vaecuda::ops::{self, Reduction};
 use vaecuda::rng::Rng;
 use vaecuda::tape::{ParamStore, Tape, Var};
@@ -299,6 +299,19 @@ pub fn whole_model_gradcheck<B: Backend<E = f64>>(
     n: usize,
     entries: usize,
 ) -> Result<f64, vaecuda::gradcheck::Mismatch> {
+    whole_objective_gradcheck(be, config, &LossConfig::default(), 1.0, n, entries)
+}
+
+/// [`whole_model_gradcheck`] of any objective: its reconstruction term and reductions, and the
+/// KL weighted by `kl_weight`.
+pub fn whole_objective_gradcheck<B: Backend<E = f64>>(
+    be: &B,
+    config: ModelConfig,
+    objective: &LossConfig,
+    kl_weight: f64,
+    n: usize,
+    entries: usize,
+) -> Result<f64, vaecuda::gradcheck::Mismatch> {
     let mut store = ParamStore::default();
     let model = Vae::new(config.clone(), &mut store, be, 11);
     let mut rng = Rng::new(12);
@@ -309,7 +322,7 @@ pub fn whole_model_gradcheck<B: Backend<E = f64>>(
     check_store(be, &mut store, true, cfg, |tape| {
         let xv = tape.input(Tensor::from_host(&tape.backend, &img, &x));
         let ev = tape.input(Tensor::from_host(&tape.backend, &[n, config.latent], &eps));
-        model.loss(tape, xv, ev, Recon::Bce, false, 1.0).loss
+        model.loss(tape, xv, ev, objective, kl_weight).loss
     })
 }
 
