@@ -60,6 +60,13 @@ fn celeba_layout_is_split_by_its_partition_file() {
     let px = l.train.image_bytes(0);
     assert!(px.iter().max().unwrap() - px.iter().min().unwrap() > 100);
 
+    // The CelebA tutorial's dataset: every image in file-name order (the validation and test
+    // partitions too); the test set stays the evaluation set.
+    let all = index.clone().train_on_all();
+    assert_eq!((all.train.len(), all.test.len(), all.unused), (40, 4, 0));
+    let names: Vec<&str> = all.train.iter().map(|e| e.rel.as_str()).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]) && names[33] == "000034.jpg", "{names:?}");
+
     // The images folder itself finds the partition file beside it.
     let inner = folder::scan(&images).unwrap();
     assert_eq!((inner.train.len(), inner.test.len()), (32, 4));
@@ -80,6 +87,34 @@ fn celeba_layout_is_split_by_its_partition_file() {
     std::fs::write(kaggle.join("list_eval_partition.csv"), "000001.jpg,7\n").unwrap();
     let e = format!("{:#}", folder::scan(&kaggle).unwrap_err());
     assert!(e.contains("list_eval_partition.csv") && e.contains("not 0, 1 or 2"), "{e}");
+}
+
+/// `--crop` is torchvision's CenterCrop: the corner at round((side − c)/2) with Python's
+/// rounding (half to even), and black padding where the image is smaller than the crop.
+#[test]
+fn crops_are_torchvisions_center_crop() {
+    // Pixel (x, y) holds (x, y, 7), so a crop shows which corner it started at.
+    let img = image::RgbImage::from_fn(11, 8, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    let img = image::DynamicImage::ImageRgb8(img);
+    // 11 − 4 = 7 → corner x round(3.5) = 4; 8 − 4 = 4 → y 2. Resized 4 → 4: pixels as they are.
+    let px = folder::prepare_image(img.clone(), 4, Some(4));
+    let (plane, at) = (16, |c: usize, x: usize, y: usize| c * 16 + y * 4 + x);
+    assert_eq!((px[at(0, 0, 0)], px[at(1, 0, 0)]), (4, 2), "{:?}", &px[..plane]);
+    assert_eq!((px[at(0, 3, 3)], px[at(1, 3, 3)], px[at(2, 3, 3)]), (7, 5, 7));
+    // A crop larger than the image: 12 − 11 = 1 → corner x round(−0.5) = 0 (half to even), y
+    // round(−2) = −2: two black rows on top, the image below.
+    let px = folder::prepare_image(img.clone(), 12, Some(12));
+    let at = |c: usize, x: usize, y: usize| c * 144 + y * 12 + x;
+    assert_eq!([px[at(0, 5, 0)], px[at(1, 5, 1)], px[at(2, 5, 1)]], [0, 0, 0]);
+    assert_eq!([px[at(0, 5, 2)], px[at(1, 5, 2)], px[at(2, 5, 2)]], [5, 0, 7]);
+    assert_eq!([px[at(0, 11, 5)], px[at(2, 11, 5)]], [0, 0], "column 11 is past the image: black");
+    // Without a crop: the largest centred square (8×8 at x = 1).
+    let px = folder::prepare_image(img, 8, None);
+    assert_eq!(px[0], 1);
+    // The crop is part of the cache key; no crop keeps the key caches already have.
+    let e = folder::Entry { path: "a.jpg".into(), rel: "a.jpg".into(), label: None, bytes: 1, modified_ns: 2 };
+    let keys = [None, Some(168), Some(160)].map(|c| folder::cache_key(std::slice::from_ref(&e), 64, c));
+    assert!(keys[0] != keys[1] && keys[1] != keys[2]);
 }
 
 #[test]
@@ -259,24 +294,35 @@ fn vae_trains_and_evaluates_on_celeba_and_image_folder_layouts() {
     let cache = tmp.path().join("cache");
     let celeba = tmp.path().join("celeba");
     faces::write_celeba(&celeba, 40);
-    // The recipe's flags (conv-bn, MSE, KL weight 0.00025), at 16×16 and a small width.
+    // The CelebA recipe (all 40 images in name order, the centred 24×24 cut, a ReLU output,
+    // the tutorial's objective and names), at 16×16 and small widths.
     let run = tmp.path().join("run-celeba");
-    let recipe = ["--arch", "conv-bn", "--recon", "mse", "--kl-weight", "0.00025", "--image-size", "16"];
-    let mut args = vec!["train", "--data", s(&celeba), "--hiddens", "8,16", "--latent", "4", "--epochs", "1"];
-    args.extend(recipe);
-    args.extend(["--batch-size", "8", "--out", s(&run)]);
+    let mut args = vec!["train", "--recipe", "celeba", "--data", s(&celeba), "--image-size", "16", "--crop", "24"];
+    args.extend(["--hiddens", "8,16", "--latent", "4", "--epochs", "1", "--batch-size", "8", "--out", s(&run)]);
     let (out, err) = ok(&cache, &args);
-    assert!(out.contains("on 32 images, testing on 4"), "{out}");
-    assert!(err.contains("decoded 32 images") && err.contains("cached in"), "{err}");
+    assert!(out.contains("on 40 images, testing on 4"), "{out}");
+    assert!(out.contains("objective: mse (mean over values) + 0.00025 × KL (mean over images)"), "{out}");
+    assert!(err.contains("decoded 40 images") && err.contains("cached in"), "{err}");
+    let best = vaecuda::checkpoint::TensorFile::read(&run.join("best.safetensors")).unwrap();
+    for name in ["mean_linear.weight", "var_linear.bias", "decoder_projection.weight", "decoder.1.3.weight"] {
+        assert!(best.tensors.contains_key(name), "{name} missing from the CelebA tutorial's names");
+    }
     // Evaluation reads the test set from the cache, and gets the test loss training printed.
-    let (eval, err) = ok(&cache, &["eval", "-c", s(&run), "--data", s(&celeba), "--image-size", "16"]);
+    let eval_args = ["eval", "-c", s(&run), "--data", s(&celeba), "--image-size", "16", "--crop", "24"];
+    let (eval, err) = ok(&cache, &eval_args);
     assert!(err.contains("4 images from the cache"), "{err}");
     assert!(eval.contains(&format!("negative ELBO: {} nats/image", test_loss(&out))), "{out}\n{eval}");
     let again = tmp.path().join("run-celeba-2");
     args.pop();
     args.push(s(&again));
     let (_, err) = ok(&cache, &args);
-    assert!(err.contains("32 images from the cache") && !err.contains("decoded"), "{err}");
+    assert!(err.contains("40 images from the cache") && !err.contains("decoded"), "{err}");
+    // Another crop is another cache file.
+    let third = tmp.path().join("run-celeba-3");
+    args.pop();
+    args.extend([s(&third), "--crop", "20"]);
+    let (_, err) = ok(&cache, &args);
+    assert!(err.contains("decoded 40 images"), "{err}");
 
     // ImageFolder: trains, evaluates, and `latent` colours by the class names.
     let pets = tmp.path().join("pets");

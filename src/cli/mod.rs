@@ -262,7 +262,9 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 400, value_name = "H")]
     hidden: usize,
     /// Channel widths of the conv-bn blocks, comma-separated.
-    #[arg(long, default_value = "32,64,128", value_delimiter = ',', value_name = "C,C,..")]
+    // Set, not clap's default Append for lists: a --hiddens given besides a recipe replaces
+    // the recipe's widths rather than adding to them.
+    #[arg(long, default_value = "32,64,128", value_delimiter = ',', value_name = "C,C,..", action = clap::ArgAction::Set)]
     hiddens: Vec<usize>,
     /// What turns the decoder's last layer into pixels: sigmoid (for --recon bce), relu (the
     /// CelebA tutorial's last layer) or none; relu and none need --recon mse.

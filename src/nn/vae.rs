@@ -371,23 +371,28 @@ enum Net {
         final_conv: Conv2d,
         feature: [usize; 3],
     },
-    ConvBnMnist {
-        conv1: Conv2d,
-        conv2: Conv2d,
-        batch2: BatchNorm,
-        conv3: Conv2d,
-        linear1: Linear,
-        linear2: Linear,
-        /// The log σ head.
-        linear3: Linear,
-        lin0: Linear,
-        lin2: Linear,
-        deconv0: ConvTranspose2d,
-        bn1: BatchNorm,
-        deconv3: ConvTranspose2d,
-        bn4: BatchNorm,
-        deconv6: ConvTranspose2d,
-    },
+    /// Boxed: its fourteen layers would make every `Net` as large.
+    ConvBnMnist(Box<MnistTutorialNet>),
+}
+
+/// The conv + batch-norm MNIST tutorial's layers, named after its modules.
+#[derive(Clone, Debug)]
+struct MnistTutorialNet {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    batch2: BatchNorm,
+    conv3: Conv2d,
+    linear1: Linear,
+    linear2: Linear,
+    /// The log σ head.
+    linear3: Linear,
+    lin0: Linear,
+    lin2: Linear,
+    deconv0: ConvTranspose2d,
+    bn1: BatchNorm,
+    deconv3: ConvTranspose2d,
+    bn4: BatchNorm,
+    deconv6: ConvTranspose2d,
 }
 
 /// A VAE: parameter ids into a [`ParamStore`] plus its configuration.
@@ -533,7 +538,7 @@ impl Vae {
                 let deconv3 = ConvTranspose2d::new(store, backend, "decoder.decoder_conv.3", 16, 8, 3, 2, 1, 1, r);
                 let bn4 = BatchNorm::new(store, backend, "decoder.decoder_conv.4", 8);
                 let deconv6 = ConvTranspose2d::new(store, backend, "decoder.decoder_conv.6", 8, c, 3, 2, 1, 1, r);
-                Net::ConvBnMnist {
+                Net::ConvBnMnist(Box::new(MnistTutorialNet {
                     conv1,
                     conv2,
                     batch2,
@@ -548,7 +553,7 @@ impl Vae {
                     deconv3,
                     bn4,
                     deconv6,
-                }
+                }))
             }
         };
         Vae { config, net }
@@ -584,7 +589,8 @@ impl Vae {
                 let h = ops::flatten(tape, h);
                 (fc_mu.forward(tape, h), fc_var.forward(tape, h))
             }
-            Net::ConvBnMnist { conv1, conv2, batch2, conv3, linear1, linear2, linear3, .. } => {
+            Net::ConvBnMnist(m) => {
+                let MnistTutorialNet { conv1, conv2, batch2, conv3, linear1, linear2, linear3, .. } = &**m;
                 let h = conv1.forward(tape, x);
                 let h = ops::relu(tape, h);
                 let h = conv2.forward(tape, h);
@@ -639,7 +645,8 @@ impl Vae {
                 let h = ops::relu(tape, h);
                 final_conv.forward(tape, h)
             }
-            Net::ConvBnMnist { lin0, lin2, deconv0, bn1, deconv3, bn4, deconv6, .. } => {
+            Net::ConvBnMnist(m) => {
+                let MnistTutorialNet { lin0, lin2, deconv0, bn1, deconv3, bn4, deconv6, .. } = &**m;
                 let h = lin0.forward(tape, z);
                 let h = ops::relu(tape, h);
                 let h = lin2.forward(tape, h);
