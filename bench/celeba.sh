@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CelebA benchmark on a generated CelebA-like folder (issue 14): writes N 178×218 JPEGs
 # (default 20,000; `cargo bench --bench celeba_like`), then times with peak RSS:
-#   cold  - `vae train` with the recipe (conv-bn, 64×64, MSE, KL weight 0.00025) for one epoch
+#   cold  - `vae train` (conv-bn, 64×64, MSE, KL weight 0.00025: the data pipeline's load, not the
+#           CelebA tutorial's recipe, which bench/recipes.sh runs) for one epoch
 #           on an empty cache: decodes every image (the decode rate) and writes the cache;
 #   warm  - the same run again: reads the cache (the cache load time);
 #   small - the same on 256 + 128..255 images: the model and its activations without the data;

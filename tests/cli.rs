@@ -107,6 +107,10 @@ fn train_writes_metrics_and_checkpoints_that_reload() {
     assert_eq!(png_size(&f.path("run/interpolation.png")), (480, 26 + 14 + 2 + 26));
     ok(&[&["manifold", "-c", &run, "--n", "5"][..], &d].concat());
     assert_eq!(png_size(&f.path("run/manifold.png")), (480, 26 + 60 + 46));
+    let ranged = f.path("run/ranged.png");
+    ok(&[&["manifold", "-c", &run, "--n", "5", "--range", "2", "--out", &ranged][..], &d].concat());
+    assert_ne!(std::fs::read(&ranged).unwrap(), std::fs::read(f.path("run/manifold.png")).unwrap());
+    assert!(fails(&[&["manifold", "-c", &run, "--range", "0"][..], &d].concat()).contains("--range must be a positive"));
     ok(&[&["latent", "-c", &run][..], &d].concat());
     assert_eq!(png_size(&f.path("run/latent.png")), (1000, 820));
     let lat = std::fs::read_to_string(f.path("run/latent.csv")).unwrap();
@@ -332,6 +336,9 @@ fn plot_compares_runs_and_latent_maps_a_larger_latent_with_tsne() {
     let cmp = f.path("cmp.png");
     ok(&["plot", &f.path("a"), &z4, "--log", "--out", &cmp]);
     assert_eq!(png_size(&cmp), (1500, 500));
+    // The MNIST tutorial's latent grid: z1, z2 over [−2, 2], the other latents at 0.
+    ok(&[&["manifold", "-c", &z4, "--n", "4", "--range", "2"][..], &d].concat());
+    assert_eq!(png_size(&f.path("z4/manifold.png")), (480, 26 + 4 * 12 + 46));
 
     // t-SNE of the 4-D latent: the stated size, and a CSV with labels and finite 2-D coordinates.
     let tsne = ["latent", "-c", &z4, "--method", "tsne", "--iterations", "300", "--perplexity", "10", "--seed", "3"];

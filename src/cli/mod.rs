@@ -38,7 +38,8 @@ safetensors.torch.load_file + load_state_dict), optim-last.safetensors and run.j
 
 Examples:
   vae train                                   # MLP VAE, 10 epochs, bundled MNIST
-  vae train --arch conv-bn --data ~/celeba --image-size 64 --recon mse --kl-weight 0.00025 --out runs/celeba
+  vae train --recipe list                     # the tutorials' settings, one recipe each
+  vae train --recipe celeba --data ~/celeba --out runs/celeba
   vae train --out runs/celeba --resume --epochs 30
   vae eval --checkpoint runs/mlp --iw 100     # −ELBO and importance-weighted −log p(x)
   vae sample --checkpoint runs/mlp            # writes runs/mlp/samples.png

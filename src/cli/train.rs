@@ -80,7 +80,9 @@ pub struct Args {
     /// reconstructions-epoch-N.png in the run directory.
     #[arg(long)]
     epoch_reconstructions: bool,
-    /// Weight β of the KL term (β-VAE).
+    /// Weight β of the KL term (β-VAE). A weight copied from a tutorial means what it meant
+    /// there only with the tutorial's reductions (--recon-reduction, --kl-reduction; the
+    /// recipes set them).
     #[arg(long, default_value_t = 1.0, value_name = "BETA", allow_negative_numbers = true)]
     kl_weight: f64,
     /// Ramp the KL weight linearly from 0 to --kl-weight over this many epochs (per step).
