@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Recon};
+use crate::backend::{Backend, Precision, Recon};
 use crate::checkpoint::{self, load_training_state, save_model, save_training_state, TensorFile};
 use crate::data::Source;
 use crate::failpoint;
@@ -160,6 +160,9 @@ pub struct Settings {
     /// The recipe (`--recipe`) the flags were expanded from, if any.
     #[serde(default)]
     pub recipe: Option<String>,
+    /// The precision of the matrix products the run trains at (`--precision`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Settings {

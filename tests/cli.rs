@@ -241,6 +241,14 @@ fn every_flag_refuses_nonsense_with_a_reason() {
     assert!(msg.contains("--iw must be at least 1"), "{msg}");
     let msg = fails(&["eval", "-c", &run, "--data", &f.data, "--batch-size", "0"]);
     assert!(msg.contains("--batch-size must be at least 1"), "{msg}");
+    // A run at another --precision resumes only at it (bf16 here: the products' operands are
+    // rounded as tensor cores round them, emulated on the CPU; run.json records it).
+    let bf16 = f.path("bf16");
+    ok(&["--precision", "bf16", "train", "--data", &f.data, "--hidden", "32", "--epochs", "1", "--out", &bf16]);
+    assert!(std::fs::read_to_string(Path::new(&bf16).join("run.json")).unwrap().contains("\"precision\": \"bf16\""));
+    let msg = fails(&["train", "--out", &bf16, "--resume", "--epochs", "2"]);
+    assert!(msg.contains("trained at --precision bf16; resume it with --precision bf16"), "{msg}");
+    ok(&["train", "--out", &bf16, "--resume", "--epochs", "2", "--precision", "bf16"]);
     // --resume validates too: --epochs 0 there, and a damaged run.json.
     assert!(fails(&["train", "--out", &run, "--resume", "--epochs", "0"]).contains("--epochs must be at least 1"));
     let json = std::fs::read_to_string(Path::new(&run).join("run.json")).unwrap();

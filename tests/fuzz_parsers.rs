@@ -301,6 +301,7 @@ fn run_settings() {
         holdout: Some(500),
         epoch_reconstructions: true,
         recipe: Some("conv".into()),
+        precision: vaecuda::backend::Precision::Tf32,
     };
     let valid = serde_json::to_vec_pretty(&settings).unwrap();
     let mut rng = Rng::new(0x5E77);

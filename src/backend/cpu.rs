@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
 use crate::ops::conv2d::Conv2dDims;
@@ -28,6 +29,10 @@ pub struct Cpu<E: Float> {
     /// Testing: `empty` returns NaN everywhere, so an op that leaves part of an `empty`
     /// output unwritten shows up as NaN.
     poison_empty: bool,
+    /// What the operands of linear layers and convolutions are rounded to before they are
+    /// multiplied ([`Precision`]): f32, or as tensor cores round them, to measure a
+    /// precision's quality without a GPU.
+    precision: Precision,
 }
 
 /// Buffers of one length the pool keeps at most (a step needs a few dozen of each size).
@@ -37,6 +42,32 @@ impl<E: Float> Cpu<E> {
     /// A backend whose `empty` buffers are all NaN (see `poison_empty`); for tests.
     pub fn with_poisoned_empty() -> Self {
         Cpu { poison_empty: true, ..Default::default() }
+    }
+    /// A backend whose matrix products see their operands rounded to `precision`.
+    pub fn with_precision(precision: Precision) -> Self {
+        Cpu { precision, ..Default::default() }
+    }
+    /// `buf` as a matrix product's operand sees it: itself at f32, else a rounded copy (from
+    /// the pool; hand it back with `recycle`).
+    fn operand<'a>(&self, buf: &'a Vec<E>) -> std::borrow::Cow<'a, Vec<E>> {
+        if self.precision == Precision::F32 {
+            return std::borrow::Cow::Borrowed(buf);
+        }
+        let mut out = self.empty(buf.len());
+        let p = self.precision;
+        use rayon::prelude::*;
+        out.par_chunks_mut(1 << 14).zip(buf.par_chunks(1 << 14)).for_each(|(o, i)| {
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = E::of(p.round(v.f64() as f32) as f64);
+            }
+        });
+        std::borrow::Cow::Owned(out)
+    }
+    /// Returns a rounded operand's buffer to the pool.
+    fn done(&self, operand: std::borrow::Cow<'_, Vec<E>>) {
+        if let std::borrow::Cow::Owned(v) = operand {
+            self.recycle(v);
+        }
     }
     fn take(&self, len: usize) -> Option<Vec<E>> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&len).and_then(Vec::pop)
@@ -49,10 +80,17 @@ impl<E: Float> Backend for Cpu<E> {
     type Bytes = Arc<Vec<u8>>;
 
     fn describe(&self) -> String {
-        format!("CPU ({} threads, {})", rayon::current_num_threads(), E::NAME)
+        let products = match self.precision {
+            Precision::F32 => String::new(),
+            p => format!(", matrix-product operands rounded to {}", p.name()),
+        };
+        format!("CPU ({} threads, {}{products})", rayon::current_num_threads(), E::NAME)
     }
     fn free_memory(&self) -> Option<u64> {
         available_memory()
+    }
+    fn precision(&self) -> Precision {
+        self.precision
     }
     fn zeros(&self, len: usize) -> Vec<E> {
         match self.take(len) {
@@ -111,14 +149,25 @@ impl<E: Float> Backend for Cpu<E> {
         elementwise::cpu_gather_rows_u8(src, row_len, idx, dst)
     }
 
+    // The matrix products: at a precision other than f32 both operands are rounded first
+    // (`operand`), as tensor cores would see them; the bias and the sums stay f32.
     fn linear_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: LinearDims) {
-        linear::cpu_forward(x, w, b.map(|b| &b[..]), y, d)
+        let (x, w) = (self.operand(x), self.operand(w));
+        linear::cpu_forward(&x, &w, b.map(|b| &b[..]), y, d);
+        self.done(x);
+        self.done(w);
     }
     fn linear_backward_data(&self, dy: &Vec<E>, w: &Vec<E>, dx: &mut Vec<E>, d: LinearDims) {
-        linear::cpu_backward_data(dy, w, dx, d)
+        let (dy, w) = (self.operand(dy), self.operand(w));
+        linear::cpu_backward_data(&dy, &w, dx, d);
+        self.done(dy);
+        self.done(w);
     }
     fn linear_backward_weight(&self, dy: &Vec<E>, x: &Vec<E>, dw: &mut Vec<E>, d: LinearDims) {
-        linear::cpu_backward_weight(dy, x, dw, d)
+        let (dy, x) = (self.operand(dy), self.operand(x));
+        linear::cpu_backward_weight(&dy, &x, dw, d);
+        self.done(dy);
+        self.done(x);
     }
     fn bias_add(&self, y: &mut Vec<E>, b: &Vec<E>, outer: usize, channels: usize, inner: usize) {
         bias::bias_add(y, b, outer, channels, inner)
@@ -127,13 +176,22 @@ impl<E: Float> Backend for Cpu<E> {
         bias::bias_backward(dy, db, outer, channels, inner)
     }
     fn conv2d_forward(&self, x: &Vec<E>, w: &Vec<E>, b: Option<&Vec<E>>, y: &mut Vec<E>, d: Conv2dDims) {
-        conv2d::cpu_forward(x, w, b.map(|b| &b[..]), y, d)
+        let (x, w) = (self.operand(x), self.operand(w));
+        conv2d::cpu_forward(&x, &w, b.map(|b| &b[..]), y, d);
+        self.done(x);
+        self.done(w);
     }
     fn conv2d_backward_data(&self, dy: &Vec<E>, w: &Vec<E>, dx: &mut Vec<E>, d: Conv2dDims) {
-        conv2d::cpu_backward_data(dy, w, dx, d)
+        let (dy, w) = (self.operand(dy), self.operand(w));
+        conv2d::cpu_backward_data(&dy, &w, dx, d);
+        self.done(dy);
+        self.done(w);
     }
     fn conv2d_backward_weight(&self, dy: &Vec<E>, x: &Vec<E>, dw: &mut Vec<E>, d: Conv2dDims) {
-        conv2d::cpu_backward_weight(dy, x, dw, d)
+        let (dy, x) = (self.operand(dy), self.operand(x));
+        conv2d::cpu_backward_weight(&dy, &x, dw, d);
+        self.done(dy);
+        self.done(x);
     }
 
     fn batch_norm_forward_train(

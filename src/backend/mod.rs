@@ -10,6 +10,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod precision;
+
+pub use precision::Precision;
 
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
@@ -67,6 +70,11 @@ pub trait Backend: Clone + 'static {
     /// estimated size against before it allocates.
     fn free_memory(&self) -> Option<u64> {
         None
+    }
+    /// What the operands of linear layers and convolutions are rounded to before they are
+    /// multiplied (`--precision`); f32 unless the backend was opened with another.
+    fn precision(&self) -> Precision {
+        Precision::F32
     }
     /// Device time taken by the work `f` queues. The default is the wall clock between two
     /// synchronizations; the CUDA backend records timing events on its stream instead, so host

@@ -18,7 +18,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use vaecuda::backend::cuda::{self, Cuda, GpuError};
-use vaecuda::backend::{Backend, Recon};
+use vaecuda::backend::{Backend, Precision, Recon};
 use vaecuda::checkpoint::load_model;
 use vaecuda::data::Source;
 use vaecuda::eval::Model;
@@ -64,6 +64,13 @@ pub struct Cli {
     /// studying and testing the kernels without a GPU, see kernels/README.md).
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: DeviceChoice,
+    /// Precision of the matrix products (linear layers and convolutions): f32, or tf32/bf16
+    /// as tensor cores round their operands (products summed in f32). On the CPU, tf32 and
+    /// bf16 are emulated, operands rounded then multiplied exactly, to measure their quality
+    /// without a GPU (slower than f32). The default is f32 because it is exact and, until the
+    /// CUDA engine has tensor-core kernels, the only precision it runs.
+    #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
         // Plotting a CSV needs no device.
         Command::Plot(a) => plot::run(a),
         command => {
-            let opened = open_device(cli.device)?;
+            let opened = open_device(cli.device, cli.precision)?;
             with_backend!(opened, be => {
                 eprintln!("device: {}", be.describe());
                 match command {
@@ -140,9 +147,24 @@ pub enum Opened {
     Cuda(Cuda<f32>),
 }
 
-fn open_device(choice: DeviceChoice) -> Result<Opened> {
+fn open_device(choice: DeviceChoice, precision: Precision) -> Result<Opened> {
+    let opened = open_backend(choice, precision)?;
+    if let (Opened::Cuda(_), p) = (&opened, precision) {
+        if p != Precision::F32 {
+            bail!(
+                "--precision {} needs tensor-core kernels, which the CUDA engine does not have yet; \
+                 use --precision f32 on the GPU, or --device cpu, where {} is emulated",
+                p.name(),
+                p.name()
+            );
+        }
+    }
+    Ok(opened)
+}
+
+fn open_backend(choice: DeviceChoice, precision: Precision) -> Result<Opened> {
     match choice {
-        DeviceChoice::Cpu => Ok(Opened::Cpu(Cpu::default())),
+        DeviceChoice::Cpu => Ok(Opened::Cpu(Cpu::with_precision(precision))),
         DeviceChoice::Cuda(n) => open_cuda(n).map_err(|e| anyhow::anyhow!("cannot use cuda:{n}: {e}")),
         DeviceChoice::Emu => cuda::emu::install()
             .and_then(|()| open_cuda(0))
@@ -153,7 +175,7 @@ fn open_device(choice: DeviceChoice) -> Result<Opened> {
             Ok(o) => Ok(o),
             Err(GpuError::Unavailable(why)) => {
                 eprintln!("note: no usable GPU, using the CPU: {why}");
-                Ok(Opened::Cpu(Cpu::default()))
+                Ok(Opened::Cpu(Cpu::with_precision(precision)))
             }
             Err(e) => Err(anyhow::anyhow!("the GPU could not be used: {e}")),
         },

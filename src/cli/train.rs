@@ -146,6 +146,14 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
         if a.patience.is_some() {
             s.patience = a.patience;
         }
+        ensure!(
+            s.precision == be.precision(),
+            "{} trained at --precision {}; resume it with --precision {} (this command asked for {})",
+            dir.display(),
+            s.precision.name(),
+            s.precision.name(),
+            be.precision().name()
+        );
         s.validate()?;
         (dir, s)
     } else {
@@ -190,6 +198,7 @@ pub fn run<B: Backend>(be: B, a: Args) -> Result<()> {
             holdout: a.holdout,
             epoch_reconstructions: a.epoch_reconstructions,
             recipe: a.recipe.clone(),
+            precision: be.precision(),
         };
         s.validate()?;
         let dir =
