@@ -294,6 +294,18 @@ def twin(name, spec):
         params=params, buffers_after=buffers)
 
 
+def compact_json(fixture):
+    """One key a line, and one line per parameter and buffer: small files, readable diffs."""
+    lines = []
+    for k, v in fixture.items():
+        if isinstance(v, dict) and k in ('params', 'buffers_after'):
+            inner = ',\n'.join(f'  {json.dumps(name)}: {json.dumps(p)}' for name, p in v.items())
+            lines.append(f' {json.dumps(k)}: {{\n{inner}\n }}')
+        else:
+            lines.append(f' {json.dumps(k)}: {json.dumps(v)}')
+    return '{\n' + ',\n'.join(lines) + '\n}\n'
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     only = sys.argv[1:] or list(RECIPES)
@@ -301,8 +313,7 @@ def main():
         fixture = twin(name, RECIPES[name])
         path = os.path.join(OUT, f'{name}.json')
         with open(path, 'w') as f:
-            json.dump(fixture, f, indent=1)
-            f.write('\n')
+            f.write(compact_json(fixture))
         print(f'{path}: objective {fixture["objective"]:.6f} ({len(fixture["state_dict"])} state_dict entries)')
 
 
