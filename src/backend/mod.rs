@@ -11,19 +11,15 @@
 pub mod cpu;
 pub mod cuda;
 pub mod precision;
+pub mod shapes;
 
 pub use precision::Precision;
+pub use shapes::{AdamStep, BatchNormDims, Conv2dDims, LinearDims, Unary};
 
-use crate::ops::adam::AdamStep;
-use crate::ops::batch_norm::BatchNormDims;
-use crate::ops::conv2d::Conv2dDims;
-use crate::ops::linear::LinearDims;
-use crate::ops::unary::Unary;
 use crate::tensor::Float;
 
-/// The reconstruction losses are defined beside their math in `ops::loss`; re-exported here,
-/// where the trait's loss methods take them.
-pub use crate::ops::loss::Recon;
+/// The reconstruction losses the trait's loss methods take (their math is in `ops::loss`).
+pub use shapes::Recon;
 
 /// A size in memory as every message prints it: binary units, one decimal ("3.2 GiB").
 pub fn human_bytes(b: u64) -> String {

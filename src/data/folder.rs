@@ -121,10 +121,11 @@ impl FolderIndex {
             Layout::ImageFolder => format!("images in {} classes", self.classes.len()),
         };
         let unused = if self.unused > 0 { format!(", {} unused", self.unused) } else { String::new() };
+        // After train_on_all the test images are among the training ones: count each once.
         format!(
             "{}: {} {what}, {} train / {} test{unused}",
             self.images_dir.display(),
-            self.train.len() + self.test.len(),
+            self.all.len(),
             self.train.len(),
             self.test.len()
         )

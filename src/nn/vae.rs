@@ -775,7 +775,7 @@ impl Default for LossConfig {
 
 impl LossConfig {
     /// The weight of a batch of `n` images' objective in the epoch's objective per image
-    /// ([`crate::train::ObjectiveSums`]): a summed reconstruction makes the batch's objective
+    /// ([`crate::train::EpochSums`]): a summed reconstruction makes the batch's objective
     /// n times an image's, so it counts once; a mean one is already per image (or per value)
     /// and counts n times. At β = 1 with sums this makes the epoch's objective exactly the
     /// mean −ELBO per image.

@@ -9,27 +9,7 @@ use rayon::prelude::*;
 use crate::ops::{simd, PAR_MIN};
 use crate::tensor::Float;
 
-/// Everything one update needs, bias corrections already worked out on the host.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamStep {
-    /// Learning rate.
-    pub lr: f64,
-    /// Decay of the first-moment (mean of g) estimate m, e.g. 0.9.
-    pub beta1: f64,
-    /// Decay of the second-moment (mean of g²) estimate v, e.g. 0.999.
-    pub beta2: f64,
-    /// Added to the bias-corrected `√v` in the denominator, so a zero v does not divide by 0.
-    pub eps: f64,
-    /// Weight decay: added to the gradient as `wd·p` (Adam) or applied as `p·(1 − lr·wd)`
-    /// (AdamW, see `decoupled`); 0 turns it off.
-    pub weight_decay: f64,
-    /// AdamW's decoupled decay instead of Adam's L2 term.
-    pub decoupled: bool,
-    /// 1 − β₁ᵗ
-    pub bias_correction1: f64,
-    /// √(1 − β₂ᵗ)
-    pub bias_correction2_sqrt: f64,
-}
+pub use crate::backend::shapes::AdamStep;
 
 impl AdamStep {
     /// The step for update number `step` (counting from 1, as PyTorch's `state['step']`

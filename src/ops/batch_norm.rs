@@ -14,22 +14,7 @@ use crate::backend::Backend;
 use crate::tape::{ParamId, Tape, Var};
 use crate::tensor::{Float, Tensor};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-/// The shape and constants of one batch-norm call: x viewed as `[outer, channels, inner]`
-/// (`[n, c, h·w]` for images, `[n, c, 1]` for features). On CUDA it becomes
-/// [`crate::backend::cuda::contract::BnArgs`].
-pub struct BatchNormDims {
-    /// Batch size n.
-    pub outer: usize,
-    /// Channels: one mean, variance, γ and β each.
-    pub channels: usize,
-    /// Positions per channel per sample (`h·w`, or 1).
-    pub inner: usize,
-    /// Added to the variance before the square root (PyTorch's default 1e-5).
-    pub eps: f64,
-    /// Weight of the batch statistics in the running-average update (PyTorch's default 0.1).
-    pub momentum: f64,
-}
+pub use crate::backend::shapes::BatchNormDims;
 
 impl BatchNormDims {
     /// Elements per channel.

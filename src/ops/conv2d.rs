@@ -19,35 +19,7 @@ use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-/// The shape of one convolution, built by [`Conv2dDims::new`] (which works out `oh`, `ow`) and
-/// passed by value to the backend; on CUDA it becomes the kernels'
-/// [`crate::backend::cuda::contract::ConvArgs`]. Also describes a transposed convolution, as
-/// the convolution it is the adjoint of ([`crate::ops::conv_transpose2d::ConvTranspose2dDims::as_conv`]).
-pub struct Conv2dDims {
-    /// Batch size.
-    pub n: usize,
-    /// Input channels.
-    pub c_in: usize,
-    /// Input height, in pixels.
-    pub h: usize,
-    /// Input width, in pixels.
-    pub w: usize,
-    /// Output channels (the number of filters).
-    pub c_out: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Step between output pixels, in input pixels, both ways (at least 1).
-    pub stride: usize,
-    /// Zeros added on every side of the input, both ways.
-    pub pad: usize,
-    /// Output height: `⌊(h + 2·pad − kh) / stride⌋ + 1`.
-    pub oh: usize,
-    /// Output width: `⌊(w + 2·pad − kw) / stride⌋ + 1`.
-    pub ow: usize,
-}
+pub use crate::backend::shapes::Conv2dDims;
 
 impl Conv2dDims {
     /// Dims of a convolution of an [n, c_in, h, w] input with a [c_out, c_in, kh, kw] kernel.

@@ -7,17 +7,7 @@ use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-/// The shape of one `linear` call, passed by value down to the backend (and, on CUDA, into
-/// the GEMM kernel's arguments).
-pub struct LinearDims {
-    /// Rows of x and y: the batch size.
-    pub n: usize,
-    /// Input features: columns of x and of W.
-    pub d_in: usize,
-    /// Output features: rows of W, columns of y, length of b.
-    pub d_out: usize,
-}
+pub use crate::backend::shapes::LinearDims;
 
 // ---- CPU reference ----
 

@@ -15,16 +15,7 @@ use crate::tape::{Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
 use rayon::prelude::*;
 
-/// How losses are formed from probabilities or logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recon {
-    /// Binary cross-entropy on probabilities, log clamped at -100 as PyTorch does.
-    Bce,
-    /// Binary cross-entropy on logits, in the stable form.
-    BceWithLogits,
-    /// Squared error.
-    Mse,
-}
+pub use crate::backend::shapes::Recon;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 /// How a loss turns its per-element terms into one scalar (PyTorch's `reduction=`).

@@ -13,20 +13,7 @@ use crate::ops::{simd, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-/// Which activation an elementwise op applies. Passed by value to
-/// [`Backend::unary_forward`]/[`Backend::unary_backward`]; on CUDA it becomes a
-/// [`crate::backend::cuda::contract::UnaryCode`] plus the slope argument.
-pub enum Unary {
-    /// `max(x, 0)`.
-    Relu,
-    /// `1/(1 + e^{−x})`, in (0, 1): turns the decoder's logits into pixel probabilities.
-    Sigmoid,
-    /// The hyperbolic tangent, in (−1, 1).
-    Tanh,
-    /// `x` for x > 0, else `slope·x`; the field is the slope (PyTorch's default is 0.01).
-    LeakyRelu(f64),
-}
+pub use crate::backend::shapes::Unary;
 
 impl Unary {
     /// The activation of one element, y = f(x).
