@@ -87,7 +87,7 @@ pub struct AdamStep {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 /// Which activation an elementwise op applies. Passed by value to
-/// [`Backend::unary_forward`]/[`Backend::unary_backward`]; on CUDA it becomes a
+/// [`super::Backend::unary_forward`]/[`super::Backend::unary_backward`]; on CUDA it becomes a
 /// [`crate::backend::cuda::contract::UnaryCode`] plus the slope argument.
 pub enum Unary {
     /// `max(x, 0)`.
