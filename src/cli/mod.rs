@@ -95,7 +95,10 @@ pub fn run(cli: Cli) -> Result<()> {
         command => {
             let opened = open_device(cli.device, cli.precision)?;
             with_backend!(opened, be => {
-                eprintln!("device: {}", be.describe());
+                // The bench report starts with its own device line.
+                if !matches!(command, Command::Bench(_)) {
+                    eprintln!("device: {}", be.describe());
+                }
                 match command {
                     Command::Train(a) => train::run(be, a),
                     Command::Eval(a) => eval::run(be, a),
