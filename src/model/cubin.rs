@@ -7,7 +7,8 @@
 //! `.nv.info` holds per-function attributes `EIATTR_REGCOUNT` (0x2f) and `EIATTR_FRAME_SIZE`
 //! (0x11), each `(symbol index: u32, value: u32)`; `.nv.info.<kernel>` holds
 //! `EIATTR_MAX_THREADS` (0x05, three u32: the `__launch_bounds__` maximum) when the kernel
-//! declares one; `.nv.shared.<kernel>` is a NOBITS section the size of its static shared
+//! declares one, and `EIATTR_MAXREG_COUNT` (0x1b, a u16: the register cap ptxas compiled
+//! under); `.nv.shared.<kernel>` is a NOBITS section the size of its static shared
 //! memory (on sm_90 it includes the 1 KB the system reserves per block: a 1200-byte array
 //! gives a 2224-byte section, 1200 on sm_80). Each attribute is `format: u8, attribute: u8`,
 //! then for format 4 (`EIFMT_SVAL`) a `u16` length and that many bytes, otherwise a `u16`.
@@ -40,6 +41,24 @@ pub struct KernelFacts {
     pub spill_load_bytes: u32,
     /// Registers as ptxas reports them (a cross-check of `registers`).
     pub ptxas_registers: u32,
+    /// The register cap ptxas compiled under (`EIATTR_MAXREG_COUNT`): 255, or less where
+    /// `__launch_bounds__(threads, min_blocks)` asks for several blocks per SM.
+    pub max_registers: u32,
+}
+
+impl KernelFacts {
+    /// The blocks per SM the kernel is designed for, as its CUBIN records it: `min_blocks` of
+    /// `__launch_bounds__(threads, min_blocks)` is what makes ptxas cap registers at
+    /// `registers_per_sm / (threads · min_blocks)`, so it is that quotient back (1 without a
+    /// cap or without launch bounds).
+    pub fn designed_blocks_per_sm(&self, registers_per_sm: u32) -> u32 {
+        match self.max_threads {
+            Some(t) if self.max_registers > 0 && self.max_registers < 255 => {
+                (registers_per_sm / (t * self.max_registers)).max(1)
+            }
+            _ => 1,
+        }
+    }
 }
 
 /// The CUBIN and the ptxas report of one kernel file for one architecture.
@@ -111,6 +130,7 @@ const EIFMT_SVAL: u8 = 4;
 const EIATTR_MAX_THREADS: u8 = 0x05;
 const EIATTR_FRAME_SIZE: u8 = 0x11;
 const EIATTR_REGCOUNT: u8 = 0x2f;
+const EIATTR_MAXREG_COUNT: u8 = 0x1b;
 /// `STT_FUNC`: the low nibble of a symbol's `st_info`.
 const STT_FUNC: u8 = 2;
 
@@ -134,7 +154,7 @@ fn sections(b: &Bytes) -> Result<Vec<Section>, String> {
         .collect()
 }
 
-/// Reads the facts of every function symbol of a CUBIN (ptxas's fields left 0).
+/// Reads the facts of every kernel of a CUBIN (ptxas's fields left 0).
 pub fn facts_of(cubin: &[u8]) -> Result<Vec<KernelFacts>, String> {
     let b = Bytes(cubin);
     let secs = sections(&b)?;
@@ -152,6 +172,9 @@ pub fn facts_of(cubin: &[u8]) -> Result<Vec<KernelFacts>, String> {
             funcs.insert(i as u32, KernelFacts { name, ..Default::default() });
         }
     }
+    // Kernels (entry points) have a `.nv.info.<name>` section; other functions (device
+    // functions ptxas kept out of line) are not launched.
+    funcs.retain(|_, f| secs.iter().any(|s| s.name.strip_prefix(".nv.info.") == Some(f.name.as_str())));
     for sec in &secs {
         if sec.name == ".nv.info" {
             for (attr, value) in attributes(data(sec)?)? {
@@ -167,11 +190,14 @@ pub fn facts_of(cubin: &[u8]) -> Result<Vec<KernelFacts>, String> {
                 }
             }
         } else if let Some(kernel) = sec.name.strip_prefix(".nv.info.") {
-            let max = attributes(data(sec)?)?.into_iter().find(|(a, _)| *a == EIATTR_MAX_THREADS);
-            if let Some((_, v)) = max {
+            let Some(f) = funcs.values_mut().find(|f| f.name == kernel) else { continue };
+            for (attr, v) in attributes(data(sec)?)? {
                 let v = Bytes(v);
-                let threads = v.u32(0)? * v.u32(4)? * v.u32(8)?;
-                funcs.values_mut().filter(|f| f.name == kernel).for_each(|f| f.max_threads = Some(threads));
+                match attr {
+                    EIATTR_MAX_THREADS => f.max_threads = Some(v.u32(0)? * v.u32(4)? * v.u32(8)?),
+                    EIATTR_MAXREG_COUNT => f.max_registers = v.u16(0)? as u32,
+                    _ => {}
+                }
             }
         } else if let Some(kernel) = sec.name.strip_prefix(".nv.shared.") {
             if sec.kind == SHT_NOBITS {

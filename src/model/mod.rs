@@ -21,9 +21,8 @@
 //!
 //! ```text
 //! o      = blocks per SM        the least of 2048/threads, 32, 65536/(registers·threads), 228 KB/shared
-//! slots  = S · o                S = 132 SMs
-//! waves  = ⌈B / slots⌉
-//! fill   = B / (waves · slots)  the share of SM slots the grid keeps busy
+//! waves  = ⌈B / (S · o)⌉        S = 132 SMs (reported; the time below does not need it)
+//! fill   = B / (S · ⌈B / S⌉)    the busiest SM runs ⌈B/S⌉ blocks; the share of SM time kept busy
 //! η      = FFMA share of the kernel's hottest loop (tile kernels; 1 for the others)
 //!
 //! t_roof = max(F/P + F64/P64,      Q/BW)     the roofline
@@ -52,8 +51,10 @@
 //! What it leaves out, on purpose: caches (every byte is priced at DRAM bandwidth, so small
 //! working sets are priced pessimistically), instruction latency beyond the issue-bound η,
 //! clocks below the boost clock the peaks assume, and the host's own work between launches.
-//! An idle SM slot is assumed to pull no bandwidth, which prices a grid of a few blocks
-//! streaming a large tensor as slowly as it will run. The constants and their sources are in
+//! A lone block is assumed to get its SM's whole issue rate and bandwidth share (`1/S`), and
+//! an idle SM to pull no bandwidth: optimistic for a grid of a few blocks doing arithmetic
+//! (eight warps hide latency poorly), and it prices a few blocks streaming a large tensor at
+//! `Q/(BW · fill)`. The constants and their sources are in
 //! [`machine`]; they change only with a cited source or a GPU measurement, recorded with the
 //! model's figures before and after.
 

@@ -79,13 +79,13 @@ pub struct PricedLaunch {
     pub family: &'static str,
     /// The backend method and shape it served.
     pub op: String,
-    /// Blocks, and blocks one SM holds.
+    /// Blocks in the grid.
     pub blocks: u64,
-    /// Blocks per SM (occupancy).
+    /// Blocks one SM holds at once (occupancy).
     pub blocks_per_sm: u32,
-    /// Waves over all SMs.
+    /// Waves: ⌈blocks / (SMs · blocks per SM)⌉.
     pub waves: u64,
-    /// The share of SM slots the grid fills over its waves.
+    /// The share of the SMs' time the grid keeps busy: blocks / (SMs · ⌈blocks / SMs⌉).
     pub fill: f64,
     /// η, as [`KernelModel::efficiency`].
     pub efficiency: f64,
@@ -141,10 +141,10 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                         km.facts.shared_bytes + l.dynamic_shared_bytes,
                     )
                     .max(1);
-                let slots = m.sms as u64 * o as u64;
                 let blocks = l.blocks().max(1);
-                let waves = blocks.div_ceil(slots);
-                let fill = blocks as f64 / (waves * slots) as f64;
+                let waves = blocks.div_ceil(m.sms as u64 * o as u64);
+                // The busiest SM runs ⌈B/S⌉ blocks; the others idle for part of that time.
+                let fill = blocks as f64 / (m.sms as u64 * blocks.div_ceil(m.sms as u64)) as f64;
                 let p32 = if l.elem_bytes == 8 { m.fp64_flops } else { m.fp32_flops };
                 let fp64 = work.fp64_flops / m.fp64_flops;
                 let mem = work.bytes / m.dram_bytes_per_s;
@@ -235,8 +235,9 @@ mod tests {
         Event { op: "test", shape: String::new(), kind }
     }
 
-    /// A 4096³ GEMM: 4096 blocks fill 132 SMs × 4 blocks in 8 waves (fill 4096 / 4224), no
-    /// padding; its time is the FLOPs at η = 2/3 of the peak, over that fill, plus the gap.
+    /// A 4096³ GEMM: 4096 blocks on 132 SMs × 4 blocks are 8 waves; the busiest SM runs 32
+    /// blocks (fill 4096 / 4224), no padding; its time is the FLOPs at η = 2/3 of the peak,
+    /// over that fill, plus the gap.
     #[test]
     fn a_large_gemm_is_priced_by_hand() {
         let g = GemmArgs { m: 4096, n: 4096, k: 4096, ..Default::default() };
