@@ -77,6 +77,50 @@ fn static_checks(arch: &str) {
     assert_eq!(seen, KERNELS.len() * ELEMENT_TYPES.len(), "a kernel of the table has no facts on {arch}");
     assert!(problems.is_empty(), "{arch}:\n{}", problems.join("\n"));
     report!("{arch}: {seen} kernels, none spills or uses local memory, each fits its designed occupancy");
+    sass_checks(arch, &files);
+}
+
+/// What the disassembly says of the tile engine, where nvdisasm is installed (under CI it
+/// must be: scripts/nvrtc-env.sh installs it): the k-step loop holds the 16 × 16 unrolled
+/// FFMAs of the 4 × 4 micro-tile, and no kernel uses the tensor cores yet.
+fn sass_checks(arch: &str, files: &[vaecuda::model::cubin::CompiledFile]) {
+    use vaecuda::model::sass::sass_facts;
+    let mut lines = vec![];
+    for f in files {
+        let Some(sass) = sass_facts(&f.cubin) else {
+            assert!(std::env::var_os("CI").is_none(), "nvdisasm is missing under CI: run through scripts/test.sh");
+            eprintln!("note: nvdisasm not found, SASS not checked (source scripts/nvrtc-env.sh)");
+            return;
+        };
+        let sass = sass.unwrap_or_else(|e| panic!("{e}"));
+        for k in &f.kernels {
+            assert!(sass.contains_key(&k.name), "{}: nvdisasm did not list {}", f.file, k.name);
+        }
+        for (name, s) in &sass {
+            assert_eq!(s.tensor, 0, "{name} uses tensor cores: update the model's rate for it (tf32_flops)");
+            if ["gemm_f32", "gemm_splitk_f32", "conv2d_fwd_f32", "conv2d_bwd_data_f32", "conv2d_bwd_weight_f32"]
+                .contains(&name.as_str())
+            {
+                assert!(
+                    s.loop_fma >= 256,
+                    "{name}: the hottest loop holds {} FFMA, not the 256 of one k-step",
+                    s.loop_fma
+                );
+                assert!(s.loop_fma_share() > 0.0 && s.loop_fma_share() <= 1.0);
+                lines.push(format!(
+                    "{name} {:.3} ({} of {}; LDG.128 {}/{}, LDS.128 {}/{})",
+                    s.loop_fma_share(),
+                    s.loop_fma,
+                    s.loop_instructions,
+                    s.ldg128,
+                    s.ldg,
+                    s.lds128,
+                    s.lds
+                ));
+            }
+        }
+    }
+    report!("{arch} SASS, FFMA share of the tile loop: {}", lines.join("; "));
 }
 
 #[test]

@@ -179,10 +179,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         let _op = trace::op("upload", || format!("{}", host.len()));
         let mut b = self.inner.pool.take(host.len());
         if !host.is_empty() {
-            trace::push(|| EventKind::Copy {
-                dir: CopyDir::HostToDevice,
-                bytes: (host.len() * std::mem::size_of::<E>()) as u64,
-            });
+            trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes: std::mem::size_of_val(host) as u64 });
             self.check(self.inner.stream.memcpy_htod(host, b.sm()), "copying to the GPU");
         }
         b
