@@ -149,6 +149,10 @@ fn modelled_step_of_each_architecture() {
         let parts: f64 = a.breakdown().iter().map(|p| p.1).sum();
         assert!((parts - s.eager_s).abs() < 1e-9 * s.eager_s.max(1.0), "{}: parts {parts} vs {}", a.arch, s.eager_s);
         assert!(s.eager_s > 0.0 && s.graph_s > 0.0 && s.graph_s <= s.eager_s);
+        // Every launch is labelled with the backend method and shape it served.
+        if let Some(l) = s.launches.iter().find(|l| l.op.starts_with("- ")) {
+            panic!("{}: {} launched outside any labelled backend method ({:?})", a.arch, l.kernel, l.op);
+        }
         // A step launches Adam once per parameter tensor and reads the loss back.
         let adams = s.launches.iter().filter(|l| l.kernel == "adam_f32").count();
         assert!(adams >= 10 && s.syncs >= 1, "{}: {adams} Adam launches, {} syncs", a.arch, s.syncs);

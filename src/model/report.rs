@@ -244,7 +244,7 @@ impl fmt::Display for ModelReport {
             for r in kernel_rows(&a.step) {
                 writeln!(
                     f,
-                    "  {:<22} {:>5} {:>12} {:>3} {:>6.1} {:>9.3} {:>10.2} {:>12.1} {:>6.1}%",
+                    "  {:<22} {:>5} {:>12} {:>3} {:>6.1} {:>9} {:>10.2} {:>12.1} {:>6.1}%",
                     r.kernel,
                     r.calls,
                     if r.min_blocks == r.max_blocks {
@@ -254,7 +254,7 @@ impl fmt::Display for ModelReport {
                     },
                     r.blocks_per_sm,
                     100.0 * r.fill,
-                    r.efficiency,
+                    if r.tiled { format!("{:.3}", r.efficiency) } else { "-".to_string() },
                     r.executed_over_useful,
                     us(r.device_s),
                     100.0 * r.device_s / a.step.eager_s
@@ -331,6 +331,8 @@ pub struct KernelRow {
     pub fill: f64,
     /// η.
     pub efficiency: f64,
+    /// Whether it is a tile kernel (η applies; the others are priced by their bytes).
+    pub tiled: bool,
     /// Executed over useful FLOPs (1 for kernels without FLOPs of their own).
     pub executed_over_useful: f64,
     /// Modelled device time, eager, seconds.
@@ -357,6 +359,7 @@ pub fn kernel_rows(s: &StepPrice) -> Vec<KernelRow> {
                 blocks_per_sm: ls[0].blocks_per_sm,
                 fill: ls.iter().map(|l| l.fill * l.cost.total()).sum::<f64>() / device_s.max(1e-30),
                 efficiency: ls[0].efficiency,
+                tiled: ls[0].work.tiled,
                 executed_over_useful: if useful > 0.0 { executed / useful } else { 1.0 },
                 device_s,
             }
