@@ -40,7 +40,13 @@ impl StaticFacts {
             let sass = match sass_facts(&f.cubin) {
                 None => BTreeMap::new(),
                 Some(Ok(s)) => s,
-                Some(Err(e)) => return Err(GpuError::Unavailable(format!("disassembling kernels/{}: {e}", f.file))),
+                Some(Err(e)) => {
+                    return Err(GpuError::Unavailable(format!(
+                        "disassembling kernels/{} for the model's SASS facts: {e}; point VAECUDA_CUDA_TOOLS at a \
+                         working CUDA bin folder, or take nvdisasm off the PATH to use the source's FFMA share",
+                        f.file
+                    )))
+                }
             };
             for facts in f.kernels {
                 let s = sass.get(&facts.name).cloned();
