@@ -11,7 +11,7 @@ mod common;
 use vaecuda::backend::cuda::compile::nvrtc_present;
 use vaecuda::backend::cuda::contract::{BLOCK, TILE_THREADS};
 use vaecuda::backend::cuda::kernels::{ELEMENT_TYPES, KERNELS};
-use vaecuda::model::cubin::compile_facts;
+use vaecuda::model::cubin::{compile_facts, KernelFacts};
 use vaecuda::model::report::model_report;
 use vaecuda::model::{SmLimits, H200};
 
@@ -36,48 +36,53 @@ fn static_checks(arch: &str) {
     if !nvrtc_or_skip() {
         return;
     }
-    let limits = SmLimits::of(arch).expect("known architecture");
     let files = compile_facts(arch).unwrap_or_else(|e| panic!("{e}"));
+    let kernels: Vec<KernelFacts> = files.iter().flat_map(|f| f.kernels.iter().cloned()).collect();
+    assert_eq!(kernels.len(), KERNELS.len() * ELEMENT_TYPES.len(), "a kernel of the table has no facts on {arch}");
+    let problems = problems(arch, &kernels);
+    assert!(problems.is_empty(), "{arch}:\n{}", problems.join("\n"));
+    report!("{arch}: {} kernels, none spills or uses local memory, each fits its designed occupancy", kernels.len());
+    sass_checks(arch, &files);
+}
+
+/// What is wrong with `kernels` on `arch`: spills, local memory, registers the CUBIN and
+/// ptxas disagree on, launch bounds other than the block every launch uses or without a
+/// designed occupancy, and registers or shared memory that miss that occupancy.
+fn problems(arch: &str, kernels: &[KernelFacts]) -> Vec<String> {
+    let limits = SmLimits::of(arch).expect("known architecture");
     let mut problems = vec![];
-    let mut seen = 0;
     // Every launch uses blocks of this many threads (cfg_1d, cfg_blocks, cfg_tiles).
     assert_eq!(BLOCK, TILE_THREADS);
-    for f in &files {
-        for k in &f.kernels {
-            seen += 1;
-            let n = &k.name;
-            if k.spill_store_bytes + k.spill_load_bytes > 0 {
-                problems.push(format!("{n}: spills {} B stored, {} B loaded", k.spill_store_bytes, k.spill_load_bytes));
-            }
-            if k.frame_bytes > 0 {
-                problems.push(format!("{n}: {} B stack frame (local memory)", k.frame_bytes));
-            }
-            if k.registers == 0 || k.registers != k.ptxas_registers {
-                problems.push(format!("{n}: {} registers in the CUBIN, {} by ptxas", k.registers, k.ptxas_registers));
-            }
-            if k.max_threads.is_some_and(|t| t != BLOCK) {
-                problems.push(format!("{n}: __launch_bounds__({:?}) but every launch uses {BLOCK}", k.max_threads));
-            }
-            let want = k.designed_blocks_per_sm(limits.registers);
-            if k.max_threads.is_some() && want < 2 {
-                problems.push(format!(
-                    "{n}: __launch_bounds__ without a minimum of blocks per SM: ptxas then picks registers by its own \
-                     heuristic (it spilled gemm_splitk_f32 on sm_90); state the designed occupancy"
-                ));
-            }
-            let o = limits.blocks_per_sm(BLOCK, k.registers, k.shared_bytes);
-            if o < want {
-                problems.push(format!(
-                    "{n}: {} registers and {} B shared memory give {o} blocks of {BLOCK} per SM on {arch}; designed for {want}",
-                    k.registers, k.shared_bytes
-                ));
-            }
+    for k in kernels {
+        let n = &k.name;
+        if k.spill_store_bytes + k.spill_load_bytes > 0 {
+            problems.push(format!("{n}: spills {} B stored, {} B loaded", k.spill_store_bytes, k.spill_load_bytes));
+        }
+        if k.frame_bytes > 0 {
+            problems.push(format!("{n}: {} B stack frame (local memory)", k.frame_bytes));
+        }
+        if k.registers == 0 || k.registers != k.ptxas_registers {
+            problems.push(format!("{n}: {} registers in the CUBIN, {} by ptxas", k.registers, k.ptxas_registers));
+        }
+        if k.max_threads.is_some_and(|t| t != BLOCK) {
+            problems.push(format!("{n}: __launch_bounds__({:?}) but every launch uses {BLOCK}", k.max_threads));
+        }
+        let want = k.designed_blocks_per_sm(limits.registers);
+        if k.max_threads.is_some() && want < 2 {
+            problems.push(format!(
+                "{n}: __launch_bounds__ without a minimum of blocks per SM: ptxas then picks registers by its own \
+                 heuristic (it spilled gemm_splitk_f32 on sm_90); state the designed occupancy"
+            ));
+        }
+        let o = limits.blocks_per_sm(BLOCK, k.registers, k.shared_bytes);
+        if o < want {
+            problems.push(format!(
+                "{n}: {} registers and {} B shared memory give {o} blocks of {BLOCK} per SM on {arch}; designed for {want}",
+                k.registers, k.shared_bytes
+            ));
         }
     }
-    assert_eq!(seen, KERNELS.len() * ELEMENT_TYPES.len(), "a kernel of the table has no facts on {arch}");
-    assert!(problems.is_empty(), "{arch}:\n{}", problems.join("\n"));
-    report!("{arch}: {seen} kernels, none spills or uses local memory, each fits its designed occupancy");
-    sass_checks(arch, &files);
+    problems
 }
 
 /// What the disassembly says of the tile engine, where nvdisasm is installed (under CI it
@@ -174,24 +179,20 @@ fn modelled_step_of_each_architecture() {
 /// 8 blocks of 256 threads caps them at 32 registers, far below the 4 × 4 micro-tile's needs.
 #[test]
 fn the_static_check_catches_a_planted_spill() {
-    use vaecuda::backend::cuda::compile::{COMMON, FILES, SOURCES_ENV};
+    use vaecuda::backend::cuda::compile::{compile_program_with, program_source, KernelFile, FILES};
+    use vaecuda::model::cubin::{facts_of, merge_ptxas_report};
     if !nvrtc_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("common.cuh"), COMMON).unwrap();
-    for f in FILES {
-        let text = f.source.replace("TILE_MIN_BLOCKS)", "8)");
-        std::fs::write(dir.path().join(f.name), text).unwrap();
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "no_kernel_spills_and_each_fits_its_occupancy_on_sm90", "--nocapture"])
-        .env(SOURCES_ENV, dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the planted spill passed:\n{text}");
-    assert!(text.contains("gemm_f32: spills"), "the failure does not name the spill:\n{text}");
+    let gemm = FILES.iter().find(|f| f.name == "gemm.cu").unwrap();
+    let planted =
+        KernelFile { name: "gemm.cu", source: Box::leak(gemm.source.replace("TILE_MIN_BLOCKS)", "8)").into()) };
+    let text = program_source(&planted).unwrap();
+    let c = compile_program_with("gemm.cu", &text, "sm_90", &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
+    let mut kernels = facts_of(&c.binary).unwrap();
+    merge_ptxas_report(&mut kernels, &c.log);
+    let found = problems("sm_90", &kernels);
+    assert!(found.iter().any(|p| p.starts_with("gemm_f32: spills")), "the planted spill passed: {found:?}");
 }
 
 /// The traced step is the same whatever the batch of the untraced first step (which only
