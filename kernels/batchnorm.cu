@@ -107,7 +107,7 @@ __device__ void bn_bwd_impl(BnArgs a, const T* dy, const T* x, const T* gamma, c
 }
 
 #define FILE_KERNELS(T, S)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                    \
         bn_fwd_train_##S(BnArgs a, const T* x, const T* gamma, const T* beta, T* y, T* save_mean,            \
                          T* save_invstd, T* running_mean, T* running_var) {                                  \
         bn_fwd_train_impl<T>(a, x, gamma, beta, y, save_mean, save_invstd, running_mean, running_var);      \
@@ -116,7 +116,7 @@ __device__ void bn_bwd_impl(BnArgs a, const T* dy, const T* x, const T* gamma, c
                                                const T* rm, const T* rv, T* y) {                             \
         bn_fwd_eval_impl<T>(a, x, gamma, beta, rm, rv, y);                                                   \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                    \
         bn_bwd_##S(BnArgs a, const T* dy, const T* x, const T* gamma, const T* mean, const T* invstd, T* dx, \
                    T* dgamma, T* dbeta) {                                                                    \
         bn_bwd_impl<T>(a, dy, x, gamma, mean, invstd, dx, dgamma, dbeta);                                    \

@@ -152,15 +152,15 @@ __device__ void conv2d_bwd_weight_impl(ConvArgs a, const T* dy, const T* x, T* p
 }
 
 #define FILE_KERNELS(T, S)                                                                           \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                      \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)                     \
         conv2d_fwd_##S(ConvArgs a, const T* x, const T* w, const T* b, T* y) {                      \
         conv2d_fwd_impl<T>(a, x, w, b, y);                                                          \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                      \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)                     \
         conv2d_bwd_data_##S(ConvArgs a, const T* dy, const T* w, T* dx) {                           \
         conv2d_bwd_data_impl<T>(a, dy, w, dx);                                                      \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                      \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)                     \
         conv2d_bwd_weight_##S(ConvArgs a, const T* dy, const T* x, T* part) {                       \
         conv2d_bwd_weight_impl<T>(a, dy, x, part);                                                  \
     }

@@ -148,14 +148,14 @@ __device__ void reduce_final_impl(const acc_t* part, int g, double scale, T* out
     extern "C" __global__ void bias_add_##S(T* y, const T* b, int channels, int inner, int n) {           \
         bias_add_impl<T>(y, b, channels, inner, n);                                                        \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                    \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                  \
         bias_bwd_##S(const T* dy, T* db, int outer, int channels, int inner) {                             \
         bias_bwd_impl<T>(dy, db, outer, channels, inner);                                                  \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(BLOCK) sum_partial_##S(const T* x, int n, acc_t* part) { \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS) sum_partial_##S(const T* x, int n, acc_t* part) { \
         sum_partial_impl<T>(x, n, part);                                                                   \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                    \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                  \
         reduce_final_##S(const acc_t* part, int g, double scale, T* out) {                                 \
         reduce_final_impl<T>(part, g, scale, out);                                                         \
     }

@@ -64,11 +64,11 @@ __device__ void splitk_reduce_impl(const T* part, int splits, int len, T* c, int
 }
 
 #define FILE_KERNELS(T, S)                                                                          \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)                    \
         gemm_##S(GemmArgs g, const T* a, const T* b, T* c, const T* bias) {                        \
         gemm_impl<T>(g, a, b, c, bias);                                                            \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(TILE_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, TILE_MIN_BLOCKS)                    \
         gemm_splitk_##S(GemmArgs g, const T* a, const T* b, T* part) {                             \
         gemm_splitk_impl<T>(g, a, b, part);                                                        \
     }                                                                                              \

@@ -74,7 +74,7 @@ __device__ void loss_bwd_impl(int kind, const T* x, const T* t, const T* dout, T
 }
 
 #define FILE_KERNELS(T, S)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                    \
         reparam_kl_fwd_##S(const T* mu, const T* logvar, const T* eps, T* z, int n, acc_t* part) {           \
         reparam_kl_fwd_impl<T>(mu, logvar, eps, z, n, part);                                                 \
     }                                                                                                        \
@@ -85,7 +85,7 @@ __device__ void loss_bwd_impl(int kind, const T* x, const T* t, const T* dout, T
                                                       const T* dkl, T* dlv, int n) {                         \
         reparam_bwd_logvar_impl<T>(logvar, eps, dz, dkl, dlv, n);                                            \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(BLOCK)                                                      \
+    extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                    \
         loss_fwd_##S(int kind, const T* x, const T* t, int n, acc_t* part) {                                 \
         loss_fwd_impl<T>(kind, x, t, n, part);                                                               \
     }                                                                                                        \

@@ -291,6 +291,88 @@ pub fn scatter_chart(
     })
 }
 
+/// One panel of stacked bars: each bar (a category on the x axis) stacks one segment per part.
+#[derive(Clone, Debug)]
+pub struct BarPanel {
+    /// Shown above the panel.
+    pub title: String,
+    /// The y axis title, with its unit.
+    pub y_desc: String,
+    /// The bars' names, left to right.
+    pub bars: Vec<String>,
+    /// The parts, bottom to top: (name in the legend, colour, one value per bar).
+    pub parts: Vec<(String, Color, Vec<f64>)>,
+}
+
+/// Panels of stacked bars side by side under one title, each with its legend to the right.
+pub fn stacked_bar_chart(title: &str, panels: &[BarPanel], w: u32, h: u32) -> Result<RgbImage> {
+    canvas(w, h, |root| {
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, (FAMILY, 22)).map_err(err)?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (p, area) in panels.iter().zip(&areas) {
+            let legend_w = 250;
+            let (plot, legend) = area.split_horizontally(area.dim_in_pixel().0 as i32 - legend_w);
+            let n = p.bars.len();
+            let top = (0..n)
+                .map(|i| p.parts.iter().map(|part| part.2.get(i).copied().unwrap_or(0.0).max(0.0)).sum::<f64>())
+                .fold(0.0, f64::max);
+            let top = if top > 0.0 { top * 1.08 } else { 1.0 };
+            let mut chart = ChartBuilder::on(&plot)
+                .caption(&p.title, (FAMILY, 17))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(72)
+                .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..top)
+                .map_err(err)?;
+            let bars = p.bars.clone();
+            let xfmt = move |x: &f64| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    bars.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            };
+            chart
+                .configure_mesh()
+                .y_desc(p.y_desc.as_str())
+                .x_labels(n + 1)
+                .x_label_formatter(&xfmt)
+                .y_label_formatter(&|y| tick(*y, top))
+                .label_style((FAMILY, 14))
+                .axis_desc_style((FAMILY, 16))
+                .disable_x_mesh()
+                .light_line_style(TRANSPARENT)
+                .bold_line_style(RGBColor(215, 215, 215))
+                .draw()
+                .map_err(err)?;
+            let mut base = vec![0.0; n];
+            for (_, color, values) in &p.parts {
+                chart
+                    .draw_series((0..n).map(|i| {
+                        let v = values.get(i).copied().unwrap_or(0.0).max(0.0);
+                        let r = Rectangle::new(
+                            [(i as f64 - 0.35, base[i]), (i as f64 + 0.35, base[i] + v)],
+                            rgb(*color).filled(),
+                        );
+                        base[i] += v;
+                        r
+                    }))
+                    .map_err(err)?;
+            }
+            let top_px = 48;
+            for (k, (name, color, _)) in p.parts.iter().enumerate().rev() {
+                let y = top_px + 24 * (p.parts.len() - 1 - k) as i32;
+                legend.draw(&Rectangle::new([(6, y - 7), (20, y + 7)], rgb(*color).filled())).map_err(err)?;
+                let style = TextStyle::from((FAMILY, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+                legend.draw_text(name, &style, (26, y)).map_err(err)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Height of one caption line of an annotated grid, in pixels.
 pub const CAPTION_LINE: u32 = 20;
 /// Narrowest annotated grid, so that a caption line fits.

@@ -55,6 +55,7 @@ pub mod eval;
 pub mod failpoint;
 pub mod gradcheck;
 pub mod image_out;
+pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;

@@ -92,6 +92,16 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         // Plotting a CSV needs no device.
         Command::Plot(a) => plot::run(a),
+        // The model prices the CUDA backend's launches: a GPU or the emulated device.
+        Command::Bench(a) if a.model.is_some() => match open_device(cli.device, cli.precision)? {
+            Opened::Cuda(be) => {
+                eprintln!("device: {}", be.describe());
+                bench::run_model(be, a)
+            }
+            Opened::Cpu(_) => bail!(
+                "--model traces the CUDA backend's launches: use --device emu (the kernels on the CPU, no GPU needed) or --device cuda"
+            ),
+        },
         command => {
             let opened = open_device(cli.device, cli.precision)?;
             with_backend!(opened, be => {

@@ -139,6 +139,12 @@ pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, GpuError>
 /// Compiles the program text `text` (as `program_source` makes it), named `file` in messages,
 /// for `arch` to CUBIN.
 pub fn compile_program(file: &str, text: &str, arch: &str) -> Result<Compiled, GpuError> {
+    compile_program_with(file, text, arch, &[])
+}
+
+/// [`compile_program`] with `extra` NVRTC options after the usual ones (the performance model
+/// adds `--ptxas-options=-v` for ptxas's resource report, which then fills the log).
+pub fn compile_program_with(file: &str, text: &str, arch: &str, extra: &[&str]) -> Result<Compiled, GpuError> {
     if !nvrtc_present() {
         return Err(nvrtc_missing());
     }
@@ -148,7 +154,7 @@ pub fn compile_program(file: &str, text: &str, arch: &str) -> Result<Compiled, G
     let prog =
         result::create_program(&src, Some(&name)).map_err(|e| GpuError::driver("creating an NVRTC program", e))?;
     let mut opts: Vec<String> = vec![format!("--gpu-architecture={arch}")];
-    opts.extend(OPTIONS.iter().map(|s| s.to_string()));
+    opts.extend(OPTIONS.iter().chain(extra).map(|s| s.to_string()));
     // SAFETY: prog was just created and is destroyed below, on every path.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let log = log_of(prog);

@@ -29,6 +29,16 @@ pub const TILE_N: usize = 64;
 pub const TILE_K: usize = 16;
 /// Threads per GEMM block: `(TILE_M/4)·(TILE_N/4)`, one per 4 × 4 micro-tile.
 pub const TILE_THREADS: u32 = 256;
+/// Blocks of the tile kernels one SM is designed to hold (`__launch_bounds__(TILE_THREADS,
+/// TILE_MIN_BLOCKS)`): two, so one block's tile loads overlap the other's FMAs. It caps
+/// registers at 65536 / (256 · 2) = 128. Without it ptxas picked 64 registers for
+/// `gemm_splitk_f32` on sm_90 and spilled (found by `tests/gpu_model.rs`).
+pub const TILE_MIN_BLOCKS: u32 = 2;
+/// Blocks of the `__launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)` reduction kernels one SM is
+/// designed to hold: four (1024 threads, half the SM's, to hide memory latency); it caps
+/// registers at 64. Without a minimum ptxas chose 40 registers for `reparam_kl_fwd_f32` on
+/// sm_90 and spilled around the double-precision `exp`.
+pub const BLOCK_MIN_BLOCKS: u32 = 4;
 
 /// The `#define`s of the prelude: every constant both sides use.
 fn defines() -> Vec<(&'static str, String)> {
@@ -38,6 +48,8 @@ fn defines() -> Vec<(&'static str, String)> {
         ("TILE_N", TILE_N.to_string()),
         ("TILE_K", TILE_K.to_string()),
         ("TILE_THREADS", TILE_THREADS.to_string()),
+        ("TILE_MIN_BLOCKS", TILE_MIN_BLOCKS.to_string()),
+        ("BLOCK_MIN_BLOCKS", BLOCK_MIN_BLOCKS.to_string()),
         // Debug formatting keeps the decimal point or exponent: a valid double literal.
         ("BCE_LOG_CLAMP", format!("({BCE_LOG_CLAMP:?})")),
         ("BCE_GRAD_EPS", format!("({BCE_GRAD_EPS:?})")),

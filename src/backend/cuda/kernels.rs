@@ -14,7 +14,7 @@ use std::fmt::Write;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 
 use super::contract::{AdamArgs, BnArgs, ConvArgs, GemmArgs, BLOCK, TILE_K, TILE_M, TILE_N, TILE_THREADS};
-use super::CudaFloat;
+use super::{trace, CudaFloat};
 
 /// What one kernel parameter is, on both sides.
 macro_rules! rust_param {
@@ -119,6 +119,57 @@ macro_rules! push_param {
     };
 }
 
+/// What the launch trace records of one argument (see [`super::trace::Arg`]).
+macro_rules! trace_param {
+    (In, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: std::mem::size_of::<E>() }
+    };
+    (Out, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: std::mem::size_of::<E>() }
+    };
+    (InAcc, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: 8 }
+    };
+    (OutAcc, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: 8 }
+    };
+    (InIdx, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: 4 }
+    };
+    (InBytes, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: 1 }
+    };
+    (InOpt, $p:ident) => {
+        $p.as_ref()
+            .map_or(trace::Arg::Null, |s| trace::Arg::Buf { elems: s.len(), elem_bytes: std::mem::size_of::<E>() })
+    };
+    (OutOpt, $p:ident) => {
+        $p.as_ref()
+            .map_or(trace::Arg::Null, |s| trace::Arg::Buf { elems: s.len(), elem_bytes: std::mem::size_of::<E>() })
+    };
+    (Int, $p:ident) => {
+        trace::Arg::Int($p)
+    };
+    (Elem, $p:ident) => {
+        trace::Arg::Float(crate::tensor::Float::f64($p))
+    };
+    (F64, $p:ident) => {
+        trace::Arg::Float($p)
+    };
+    (Gemm, $p:ident) => {
+        trace::Arg::Gemm($p)
+    };
+    (Conv, $p:ident) => {
+        trace::Arg::Conv($p)
+    };
+    (Bn, $p:ident) => {
+        trace::Arg::Bn($p)
+    };
+    (Adam, $p:ident) => {
+        trace::Arg::Adam { n: $p.n }
+    };
+}
+
 macro_rules! kernel_table {
     ($($file:literal { $($variant:ident $name:ident ($($p:ident: $kind:ident),*);)* })*) => {
         /// Every kernel, in table order (the index into the loaded functions).
@@ -148,6 +199,17 @@ macro_rules! kernel_table {
                 #[doc = concat!("Launches `", stringify!($name), "` (kernels/", $file, ").")]
                 #[allow(clippy::too_many_arguments)]
                 pub fn $name(&self, cfg: LaunchConfig, $($p: rust_param!($kind)),*) -> Result<(), DriverError> {
+                    if trace::on() {
+                        let args = vec![$(trace_param!($kind, $p)),*];
+                        trace::push(|| trace::EventKind::Launch(trace::Launch {
+                            kernel: Kernel::$variant,
+                            grid: [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2],
+                            block: [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2],
+                            dynamic_shared_bytes: cfg.shared_mem_bytes,
+                            elem_bytes: std::mem::size_of::<E>(),
+                            args,
+                        }));
+                    }
                     let null: u64 = 0;
                     let _ = &null;
                     let mut b = self.stream.launch_builder(&self.funcs[Kernel::$variant as usize]);

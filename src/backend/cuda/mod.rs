@@ -27,6 +27,7 @@ pub mod error;
 pub mod kernels;
 mod ops;
 pub mod pool;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -172,6 +173,7 @@ impl<E: CudaFloat> Cuda<E> {
     }
 
     fn sync_or_raise(&self) {
+        trace::push(|| trace::EventKind::Synchronize);
         self.check(self.inner.stream.synchronize(), "waiting for the GPU");
     }
 }

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, DriverError};
 use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode};
 use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, reduce_blocks, split_k};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
+use super::trace::{self, CopyDir, EventKind};
 use super::{Cuda, CudaFloat};
 use crate::backend::{Backend, Recon};
 use crate::ops::adam::AdamStep;
@@ -68,6 +69,19 @@ impl ReconCode {
     }
 }
 
+/// The shape label of a linear op in the launch trace: `n x in → out`.
+fn linear_shape(d: &LinearDims) -> String {
+    format!("{}x{} → {}", d.n, d.d_in, d.d_out)
+}
+/// The shape label of a convolution: `n x c x h x w → c_out kK sS`.
+fn conv_shape(d: &Conv2dDims) -> String {
+    format!("{}x{}x{}x{} → {} k{} s{}", d.n, d.c_in, d.h, d.w, d.c_out, d.kh, d.stride)
+}
+/// The shape label of a batch norm: `outer x channels x inner`.
+fn bn_shape(d: &BatchNormDims) -> String {
+    format!("{}x{}x{}", d.outer, d.channels, d.inner)
+}
+
 /// The device slice of an optional, non-empty operand.
 fn present<E: CudaFloat>(o: Option<&CudaBuf<E>>) -> Option<&CudaSlice<E>> {
     o.filter(|b| !b.is_empty()).map(CudaBuf::s)
@@ -93,6 +107,7 @@ impl<E: CudaFloat> Cuda<E> {
         }
         let ib = guard.as_mut().expect("allocated above");
         // Stream-ordered: a previous gather still reading the old indices finishes first.
+        trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes: (idx.len() * 4) as u64 });
         self.check(self.inner.stream.memcpy_htod(idx, ib), "copying gather indices to the GPU");
         guard
     }
@@ -152,23 +167,32 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     }
 
     fn zeros(&self, len: usize) -> CudaBuf<E> {
+        let _op = trace::op("zeros", || format!("{len}"));
         let mut b = self.inner.pool.take(len);
         if len > 0 {
+            trace::push(|| EventKind::Memset { bytes: (len * std::mem::size_of::<E>()) as u64 });
             self.check(self.inner.stream.memset_zeros(b.sm()), "zeroing device memory");
         }
         b
     }
     fn upload(&self, host: &[E]) -> CudaBuf<E> {
+        let _op = trace::op("upload", || format!("{}", host.len()));
         let mut b = self.inner.pool.take(host.len());
         if !host.is_empty() {
+            trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes: std::mem::size_of_val(host) as u64 });
             self.check(self.inner.stream.memcpy_htod(host, b.sm()), "copying to the GPU");
         }
         b
     }
     fn download(&self, buf: &CudaBuf<E>) -> Vec<E> {
+        let _op = trace::op("download", || format!("{}", buf.len()));
         if buf.is_empty() {
             return vec![];
         }
+        trace::push(|| EventKind::Copy {
+            dir: CopyDir::DeviceToHost,
+            bytes: (buf.len() * std::mem::size_of::<E>()) as u64,
+        });
         let v = self.check(self.inner.stream.clone_dtoh(buf.s()), "copying from the GPU");
         self.sync_or_raise();
         v
@@ -177,18 +201,25 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         buf.len()
     }
     fn copy(&self, src: &CudaBuf<E>, dst: &mut CudaBuf<E>) {
+        let _op = trace::op("copy", || format!("{}", src.len()));
         assert_eq!(src.len(), dst.len(), "copy: lengths differ");
         if !src.is_empty() {
+            trace::push(|| EventKind::Copy {
+                dir: CopyDir::DeviceToDevice,
+                bytes: (src.len() * std::mem::size_of::<E>()) as u64,
+            });
             self.check(self.inner.stream.memcpy_dtod(src.s(), dst.sm()), "copying on the GPU");
         }
     }
     fn fill(&self, buf: &mut CudaBuf<E>, value: E) {
+        let _op = trace::op("fill", || format!("{}", buf.len()));
         let n = buf.len();
         if n > 0 {
             self.launched(self.k().fill(cfg_1d(n), buf.sm(), value, int(n)), "fill");
         }
     }
     fn gather_rows(&self, src: &CudaBuf<E>, row_len: usize, idx: &[u32], dst: &mut CudaBuf<E>) {
+        let _op = trace::op("gather_rows", || format!("{} rows x {row_len}", idx.len()));
         let n = idx.len() * row_len;
         if n == 0 {
             return;
@@ -202,11 +233,13 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(r, "gather_rows");
     }
     fn upload_bytes(&self, host: &std::sync::Arc<Vec<u8>>) -> CudaBytes {
+        let _op = trace::op("upload_bytes", || format!("{}", host.len()));
         let len = host.len();
         let slice = (len > 0).then(|| {
             // SAFETY: written by the copy below before any read.
             let s = unsafe { self.inner.stream.alloc::<u8>(len) };
             let mut s = s.unwrap_or_else(|e| alloc_error(&self.inner.stream, len as u64, e).raise());
+            trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes: len as u64 });
             self.check(self.inner.stream.memcpy_htod(&host[..], &mut s), "copying bytes to the GPU");
             s
         });
@@ -216,6 +249,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         buf.len()
     }
     fn gather_rows_u8(&self, src: &CudaBytes, row_len: usize, idx: &[u32], dst: &mut CudaBuf<E>) {
+        let _op = trace::op("gather_rows_u8", || format!("{} rows x {row_len}", idx.len()));
         let n = idx.len() * row_len;
         if n == 0 {
             return;
@@ -237,6 +271,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         y: &mut CudaBuf<E>,
         d: LinearDims,
     ) {
+        let _op = trace::op("linear_forward", || linear_shape(&d));
         assert!(x.len() >= d.n * d.d_in && w.len() >= d.d_out * d.d_in, "linear_forward: operand too small");
         // y[n, out] = x[n, in] · Wᵀ: B[k, j] = W[j, k] at w[k + j·in].
         let (din, dout) = (int(d.d_in), int(d.d_out));
@@ -255,6 +290,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.gemm(g, x, w, y, b);
     }
     fn linear_backward_data(&self, dy: &CudaBuf<E>, w: &CudaBuf<E>, dx: &mut CudaBuf<E>, d: LinearDims) {
+        let _op = trace::op("linear_backward_data", || linear_shape(&d));
         assert!(dy.len() >= d.n * d.d_out && w.len() >= d.d_out * d.d_in, "linear_backward_data: operand too small");
         // dx[n, in] += dy[n, out] · W[out, in]
         let (din, dout) = (int(d.d_in), int(d.d_out));
@@ -272,6 +308,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.gemm(g, dy, w, dx, None);
     }
     fn linear_backward_weight(&self, dy: &CudaBuf<E>, x: &CudaBuf<E>, dw: &mut CudaBuf<E>, d: LinearDims) {
+        let _op = trace::op("linear_backward_weight", || linear_shape(&d));
         assert!(dy.len() >= d.n * d.d_out && x.len() >= d.n * d.d_in, "linear_backward_weight: operand too small");
         // dW[out, in] += dyᵀ[out, n] · x[n, in]: A[o, k] = dy[k, o] at dy[o + k·out].
         let (din, dout) = (int(d.d_in), int(d.d_out));
@@ -290,6 +327,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     }
 
     fn bias_add(&self, y: &mut CudaBuf<E>, b: &CudaBuf<E>, outer: usize, channels: usize, inner: usize) {
+        let _op = trace::op("bias_add", || format!("{outer}x{channels}x{inner}"));
         let n = outer * channels * inner;
         if n == 0 {
             return;
@@ -299,6 +337,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(r, "bias_add");
     }
     fn bias_backward(&self, dy: &CudaBuf<E>, db: &mut CudaBuf<E>, outer: usize, channels: usize, inner: usize) {
+        let _op = trace::op("bias_backward", || format!("{outer}x{channels}x{inner}"));
         if channels == 0 || outer * inner == 0 {
             return;
         }
@@ -315,6 +354,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         y: &mut CudaBuf<E>,
         d: Conv2dDims,
     ) {
+        let _op = trace::op("conv2d_forward", || conv_shape(&d));
         assert!(
             x.len() >= d.x_len() && w.len() >= d.w_len() && y.len() >= d.y_len(),
             "conv2d_forward: operand too small"
@@ -327,6 +367,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(r, "conv2d_fwd");
     }
     fn conv2d_backward_data(&self, dy: &CudaBuf<E>, w: &CudaBuf<E>, dx: &mut CudaBuf<E>, d: Conv2dDims) {
+        let _op = trace::op("conv2d_backward_data", || conv_shape(&d));
         assert!(
             dx.len() >= d.x_len() && w.len() >= d.w_len() && dy.len() >= d.y_len(),
             "conv2d_backward_data: operand too small"
@@ -338,6 +379,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(self.k().conv2d_bwd_data(cfg, ConvArgs::of(&d), dy.s(), w.s(), dx.sm()), "conv2d_bwd_data");
     }
     fn conv2d_backward_weight(&self, dy: &CudaBuf<E>, x: &CudaBuf<E>, dw: &mut CudaBuf<E>, d: Conv2dDims) {
+        let _op = trace::op("conv2d_backward_weight", || conv_shape(&d));
         assert!(
             x.len() >= d.x_len() && dw.len() >= d.w_len() && dy.len() >= d.y_len(),
             "conv2d_backward_weight: operand too small"
@@ -367,6 +409,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         running_var: &mut CudaBuf<E>,
         d: BatchNormDims,
     ) {
+        let _op = trace::op("batch_norm_forward_train", || bn_shape(&d));
         let n = d.outer * d.channels * d.inner;
         if n == 0 {
             return;
@@ -396,6 +439,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         y: &mut CudaBuf<E>,
         d: BatchNormDims,
     ) {
+        let _op = trace::op("batch_norm_forward_eval", || bn_shape(&d));
         let n = d.outer * d.channels * d.inner;
         if n == 0 {
             return;
@@ -425,6 +469,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         dbeta: Option<&mut CudaBuf<E>>,
         d: BatchNormDims,
     ) {
+        let _op = trace::op("batch_norm_backward", || bn_shape(&d));
         let n = d.outer * d.channels * d.inner;
         if n == 0 {
             return;
@@ -446,6 +491,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     }
 
     fn unary_forward(&self, op: Unary, x: &CudaBuf<E>, y: &mut CudaBuf<E>) {
+        let _op = trace::op("unary_forward", || format!("{op:?} {}", x.len()));
         let n = x.len();
         if n == 0 {
             return;
@@ -455,6 +501,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(self.k().unary_fwd(cfg_1d(n), code, slope, x.s(), y.sm(), int(n)), "unary_fwd");
     }
     fn unary_backward(&self, op: Unary, x: &CudaBuf<E>, y: &CudaBuf<E>, dy: &CudaBuf<E>, dx: &mut CudaBuf<E>) {
+        let _op = trace::op("unary_backward", || format!("{op:?} {}", dx.len()));
         let n = dx.len();
         if n == 0 {
             return;
@@ -465,6 +512,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(r, "unary_bwd");
     }
     fn mul(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, y: &mut CudaBuf<E>) {
+        let _op = trace::op("mul", || format!("{}", y.len()));
         let n = y.len();
         if n == 0 {
             return;
@@ -473,6 +521,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(self.k().mul(cfg_1d(n), a.s(), b.s(), y.sm(), int(n)), "mul");
     }
     fn mul_accumulate(&self, a: &CudaBuf<E>, b: &CudaBuf<E>, out: &mut CudaBuf<E>) {
+        let _op = trace::op("mul_accumulate", || format!("{}", out.len()));
         let n = out.len();
         if n == 0 {
             return;
@@ -481,6 +530,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(self.k().mul_acc(cfg_1d(n), a.s(), b.s(), out.sm(), int(n)), "mul_acc");
     }
     fn axpy(&self, alpha: E, x: &CudaBuf<E>, y: &mut CudaBuf<E>) {
+        let _op = trace::op("axpy", || format!("{}", y.len()));
         let n = y.len();
         if n == 0 {
             return;
@@ -489,6 +539,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.launched(self.k().axpy(cfg_1d(n), alpha, x.s(), y.sm(), int(n)), "axpy");
     }
     fn sum(&self, x: &CudaBuf<E>, out: &mut CudaBuf<E>) {
+        let _op = trace::op("sum", || format!("{}", x.len()));
         let n = x.len();
         if n == 0 {
             self.fill(out, E::zero());
@@ -500,6 +551,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         self.reduce_final(&part, g, 1.0, out);
     }
     fn broadcast_scalar_accumulate(&self, dout: &CudaBuf<E>, alpha: E, dx: &mut CudaBuf<E>) {
+        let _op = trace::op("broadcast_scalar_accumulate", || format!("{}", dx.len()));
         let n = dx.len();
         if n == 0 {
             return;
@@ -516,6 +568,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         z: &mut CudaBuf<E>,
         kl: &mut CudaBuf<E>,
     ) {
+        let _op = trace::op("reparam_kl_forward", || format!("{}", mu.len()));
         let n = mu.len();
         if n == 0 {
             self.fill(kl, E::zero());
@@ -538,6 +591,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         dmu: Option<&mut CudaBuf<E>>,
         dlogvar: Option<&mut CudaBuf<E>>,
     ) {
+        let _op = trace::op("reparam_kl_backward", || format!("{}", mu.len()));
         let n = mu.len();
         if n == 0 {
             return;
@@ -552,6 +606,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
     }
     fn recon_loss_forward(&self, kind: Recon, x: &CudaBuf<E>, target: &CudaBuf<E>, out: &mut CudaBuf<E>) {
+        let _op = trace::op("recon_loss_forward", || format!("{kind:?} {}", x.len()));
         let n = x.len();
         if n == 0 {
             self.fill(out, E::zero());
@@ -572,6 +627,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         dout: &CudaBuf<E>,
         dx: &mut CudaBuf<E>,
     ) {
+        let _op = trace::op("recon_loss_backward", || format!("{kind:?} {}", dx.len()));
         let n = dx.len();
         if n == 0 {
             return;
@@ -589,6 +645,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         v: &mut CudaBuf<E>,
         s: AdamStep,
     ) {
+        let _op = trace::op("adam_step", || format!("{}", param.len()));
         let n = param.len();
         if n == 0 {
             return;
