@@ -49,7 +49,7 @@ impl<E: Float> Cpu<E> {
     }
     /// `buf` as a matrix product's operand sees it: itself at f32, else a rounded copy (from
     /// the pool; hand it back with `recycle`).
-    fn operand<'a>(&self, buf: &'a Vec<E>) -> std::borrow::Cow<'a, Vec<E>> {
+    fn operand<'a>(&self, buf: &'a [E]) -> std::borrow::Cow<'a, [E]> {
         if self.precision == Precision::F32 {
             return std::borrow::Cow::Borrowed(buf);
         }
@@ -64,7 +64,7 @@ impl<E: Float> Cpu<E> {
         std::borrow::Cow::Owned(out)
     }
     /// Returns a rounded operand's buffer to the pool.
-    fn done(&self, operand: std::borrow::Cow<'_, Vec<E>>) {
+    fn done(&self, operand: std::borrow::Cow<'_, [E]>) {
         if let std::borrow::Cow::Owned(v) = operand {
             self.recycle(v);
         }
