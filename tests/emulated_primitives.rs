@@ -30,7 +30,14 @@ const PLANTS: &[Plant] = &[
     Plant { name: "shared-one-past", program: "shared.cu", from: "(t + 1 < 64)", to: "(t + 1 <= 64)" },
     Plant { name: "above-launch-bounds", program: "limits.cu", from: "__launch_bounds__(128)", to: "__launch_bounds__(64)" },
     Plant { name: "misaligned-float4", program: "limits.cu", from: "x + 4 * i)", to: "x + 4 * i + 1)" },
+    // Not in a kernel: the graph test synchronizes its stream in the middle of a capture.
+    Plant { name: "sync-in-capture", program: "", from: "", to: "" },
 ];
+
+/// Whether the bug `name` is planted in this process.
+fn planted(name: &str) -> bool {
+    std::env::var("VAECUDA_PLANT").is_ok_and(|p| p == name)
+}
 
 /// The device, once per process; None (the test returns) where the emulator or NVRTC is
 /// missing outside CI.
@@ -63,7 +70,7 @@ static LAUNCHING: Mutex<()> = Mutex::new(());
 fn program(ctx: &Arc<CudaContext>, name: &str, source: &str, kernels: &[&str]) -> Arc<CudaModule> {
     let mut text = source.to_string();
     if let Ok(plant) = std::env::var("VAECUDA_PLANT") {
-        for p in PLANTS.iter().filter(|p| p.name == plant && p.program == name) {
+        for p in PLANTS.iter().filter(|p| p.name == plant && p.program == name && !p.from.is_empty()) {
             assert!(text.contains(p.from), "plant {}: {:?} is not in {name}", p.name, p.from);
             text = text.replace(p.from, p.to);
         }
@@ -528,6 +535,88 @@ fn launches_beyond_the_gpus_limits_fail_as_a_driver_fails_them() {
     }
 }
 
+// ---- graphs ----
+
+const GRAPHS: &str = r#"
+extern "C" __global__ void axpy(float a, const float* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += a * x[i];
+}
+"#;
+
+/// A capture records launches, memsets and device copies without running them; the graph
+/// replays them; what a GPU refuses during capture is refused with its error code and
+/// invalidates the capture.
+#[test]
+fn graphs_capture_replay_and_refuse_what_a_gpu_refuses() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags as Flags, CUstreamCaptureMode as Mode};
+    let Some((ctx, default)) = device() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let m = program(&ctx, "graphs.cu", GRAPHS, &["axpy"]);
+    let f = m.load_function("axpy").unwrap();
+    let s = ctx.new_stream().unwrap();
+    // One stream does all the captured work: no cross-stream events (cudarc's tracking would
+    // wait on events recorded outside the capture, which a GPU refuses).
+    // SAFETY: every buffer below is used on `s` only.
+    unsafe { ctx.disable_event_tracking() };
+    let n = 1000usize;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let dx = s.clone_htod(&x).unwrap();
+    let mut y = s.alloc_zeros::<f32>(n).unwrap();
+    let mut keep = s.alloc_zeros::<f32>(n).unwrap();
+    s.synchronize().unwrap();
+    let n32 = n as i32;
+    let cfg1 = cfg(4, 256, 0);
+
+    s.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
+    s.memset_zeros(&mut y).unwrap();
+    let (two, three) = (2.0f32, 3.0f32);
+    for a in [&two, &three] {
+        let mut b = s.launch_builder(&f);
+        b.arg(a).arg(&dx).arg(&mut y).arg(&n32);
+        // SAFETY: axpy reads and writes n floats.
+        unsafe { b.launch(cfg1) }.unwrap();
+    }
+    if planted("sync-in-capture") {
+        let synced = s.synchronize();
+        let _ = s.end_capture(Flags(0));
+        synced.unwrap();
+    }
+    s.memcpy_dtod(&y, &mut keep).unwrap();
+    let graph = s.end_capture(Flags(0)).unwrap().expect("a graph");
+    assert!(s.clone_dtoh(&keep).unwrap().iter().all(|&v| v == 0.0), "a capture must not run the work");
+    for _ in 0..2 {
+        graph.launch().unwrap();
+    }
+    s.synchronize().unwrap();
+    let (y, keep) = (s.clone_dtoh(&y).unwrap(), s.clone_dtoh(&keep).unwrap());
+    for i in 0..n {
+        assert_eq!((y[i], keep[i]), (5.0 * x[i], 5.0 * x[i]), "element {i} after two replays");
+    }
+    drop(graph);
+
+    // What a capture refuses, and how: the call fails, and so does ending the capture (which
+    // ends it before anything is asserted, so no capture outlives this test).
+    let mut small = s.alloc_zeros::<f32>(4).unwrap();
+    let mut host = [0f32; 4];
+    for what in ["cuStreamSynchronize", "a copy from pageable host memory", "a copy to pageable host memory", "cuMemAlloc"] {
+        s.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
+        let refused = match what {
+            "cuStreamSynchronize" => s.synchronize(),
+            "a copy from pageable host memory" => s.memcpy_htod(&[1.0f32; 4], &mut small),
+            "a copy to pageable host memory" => s.memcpy_dtoh(&small, &mut host),
+            _ => s.alloc_zeros::<f32>(4).map(|_| ()),
+        };
+        let ended = s.end_capture(Flags(0)).map(|g| g.is_some());
+        let e = format!("{:?}", refused.expect_err(what));
+        assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED") && e.contains(what), "{what}: {e}");
+        let e = format!("{:?}", ended.expect_err(what));
+        assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"), "{what}: {e}");
+    }
+    let e = format!("{:?}", default.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap_err());
+    assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED") && e.contains("NULL stream"), "{e}");
+}
+
 // ---- the planted bugs ----
 
 /// Runs one test of this file in a child process with a bug planted; returns (whether it
@@ -557,6 +646,7 @@ fn the_emulator_catches_planted_bugs() {
         ("shared-one-past", "shared_sums_match_the_host", &["index 64 is outside the array", "kernel sums"]),
         ("above-launch-bounds", "launches_within_the_kernels_limits_run", &["__launch_bounds__ of 64"]),
         ("misaligned-float4", "launches_within_the_kernels_limits_run", &["CUDA_ERROR_MISALIGNED_ADDRESS", "float4"]),
+        ("sync-in-capture", "graphs_capture_replay_and_refuse_what_a_gpu_refuses", &["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]),
     ];
     let mut missed = vec![];
     for &(plant, test, expect) in cases {

@@ -9,11 +9,13 @@ extern "C" {
 // of pointers to each argument's value).
 typedef void (*EmuInvoke)(void* fn, void** params);
 
-// One kernel of a module: its extern "C" name ("gemm_f32") and host function.
+// One kernel of a module: its extern "C" name ("gemm_f32"), host function and arguments.
 struct EmuKernel {
     const char* name;
     void* fn;
     EmuInvoke invoke;
+    const unsigned* param_sizes;  // bytes of each argument (a graph copies them at capture)
+    int param_count;
 };
 
 // The order in which a block's threads run between two barriers or warp-level calls.

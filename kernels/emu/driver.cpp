@@ -29,6 +29,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -52,6 +53,7 @@ enum {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
@@ -125,6 +127,14 @@ CUresult check_sticky() {
     std::lock_guard<std::mutex> g(mu);
     return sticky;
 }
+
+// Stream capture (graphs.h), which the calls below consult.
+enum { NODE_KERNEL, NODE_MEMSET, NODE_COPY };
+bool capturing(void* stream);
+bool strict_capture_active();
+CUresult refuse_in_capture(void* stream, CUresult code, const char* what);
+bool capture_memory(void* stream, int kind, CUdeviceptr dst, CUdeviceptr src, size_t bytes, unsigned char value,
+                    CUresult* result);
 
 }  // namespace
 
@@ -225,7 +235,10 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuCtxSynchronize(void) { return check_sticky(); }
+EXPORT CUresult cuCtxSynchronize(void) {
+    if (strict_capture_active()) return refuse_in_capture(nullptr, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuCtxSynchronize");
+    return check_sticky();
+}
 
 EXPORT CUresult cuStreamCreate(void** s, unsigned) {
     *s = new Stream();
@@ -236,9 +249,23 @@ EXPORT CUresult cuStreamDestroy_v2(void* s) {
     delete (Stream*)s;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuStreamSynchronize(void*) { return check_sticky(); }
-EXPORT CUresult cuStreamQuery(void*) { return check_sticky(); }
-EXPORT CUresult cuStreamWaitEvent(void*, void*, unsigned) { return check_sticky(); }
+EXPORT CUresult cuStreamSynchronize(void* s) {
+    if (capturing(s)) return refuse_in_capture(s, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize");
+    return check_sticky();
+}
+EXPORT CUresult cuStreamQuery(void* s) {
+    if (capturing(s)) return refuse_in_capture(s, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamQuery");
+    return check_sticky();
+}
+EXPORT CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+    if (capturing(s) && !event_in_capture(e))
+        return refuse_in_capture(s, CUDA_ERROR_STREAM_CAPTURE_ISOLATION,
+                                 "waiting on an event recorded outside the capture (cudarc's event tracking across "
+                                 "streams does this; disable it for captured work)");
+    if (!capturing(s) && event_in_capture(e))
+        return fail(CUDA_ERROR_NOT_SUPPORTED, "forking a capture into another stream through an event is not modelled");
+    return check_sticky();
+}
 
 EXPORT CUresult cuEventCreate(void** e, unsigned) {
     *e = new Event();
@@ -248,12 +275,20 @@ EXPORT CUresult cuEventDestroy_v2(void* e) {
     delete (Event*)e;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuEventRecord(void* e, void*) {
-    ((Event*)e)->ms = now_ms();
+EXPORT CUresult cuEventRecord(void* e, void* s) {
+    set_event_in_capture(e, capturing(s));
+    if (!capturing(s)) ((Event*)e)->ms = now_ms();
     return check_sticky();
 }
-EXPORT CUresult cuEventSynchronize(void*) { return check_sticky(); }
-EXPORT CUresult cuEventQuery(void*) { return check_sticky(); }
+EXPORT CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+EXPORT CUresult cuEventSynchronize(void* e) {
+    if (event_in_capture(e)) return refuse_in_capture(nullptr, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuEventSynchronize on a captured event");
+    return check_sticky();
+}
+EXPORT CUresult cuEventQuery(void* e) {
+    if (event_in_capture(e)) return refuse_in_capture(nullptr, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuEventQuery on a captured event");
+    return check_sticky();
+}
 EXPORT CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
     *ms = (float)(((Event*)end)->ms - ((Event*)start)->ms);
     return check_sticky();
@@ -268,6 +303,7 @@ EXPORT CUresult cuGetErrorName(CUresult code, const char** s) {
         case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
         case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
         case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case CUDA_ERROR_ILLEGAL_STATE: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
         case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case CUDA_ERROR_ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
         case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;

@@ -47,6 +47,7 @@ std::string slack_written() {
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     if (CUresult s = check_sticky()) return s;
+    if (strict_capture_active()) return refuse_in_capture(nullptr, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuMemAlloc");
     if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc of 0 bytes");
     {
         std::lock_guard<std::mutex> g(mu);
@@ -85,7 +86,10 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
     allocs.erase(it);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
+EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* s) {
+    if (capturing(s)) return fail(CUDA_ERROR_NOT_SUPPORTED, "allocating in a captured stream (a graph memory node) is not modelled");
+    return cuMemAlloc_v2(p, bytes);
+}
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(mu);
@@ -101,15 +105,19 @@ static CUresult device_range(CUdeviceptr p, size_t n, const char* what) {
     last_message[CUDA_ERROR_INVALID_VALUE] = std::string(what) + ": the device range is not inside one allocation";
     return CUDA_ERROR_INVALID_VALUE;
 }
-EXPORT CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) {
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void* stream) {
     if (CUresult s = check_sticky()) return s;
     if (CUresult r = device_range(p, n, "cuMemsetD8")) return r;
+    CUresult captured;
+    if (capture_memory(stream, NODE_MEMSET, p, 0, n, v, &captured)) return captured;
     memset((void*)p, v, n);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { return cuMemsetD8Async(p, v, n, nullptr); }
-EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) {
     if (CUresult s = check_sticky()) return s;
+    if (capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "a copy from pageable host memory");
     if (CUresult r = device_range(dst, n, "cuMemcpyHtoD")) return r;
     memcpy((void*)dst, src, n);
     return CUDA_SUCCESS;
@@ -117,17 +125,21 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n,
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
 }
-EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) {
     if (CUresult s = check_sticky()) return s;
+    if (capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "a copy to pageable host memory");
     if (CUresult r = device_range(src, n, "cuMemcpyDtoH")) return r;
     memcpy(dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
-EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
     if (CUresult s = check_sticky()) return s;
     if (CUresult r = device_range(src, n, "cuMemcpyDtoD (source)")) return r;
     if (CUresult r = device_range(dst, n, "cuMemcpyDtoD (destination)")) return r;
+    CUresult captured;
+    if (capture_memory(stream, NODE_COPY, dst, src, n, 0, &captured)) return captured;
     memmove((void*)dst, (const void*)src, n);
     return CUDA_SUCCESS;
 }

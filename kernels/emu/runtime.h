@@ -73,6 +73,8 @@ struct Invoke<void (*)(A...)> {
         f(*static_cast<A*>(p[I])...);
     }
     static void call(void* fn, void** p) { go(reinterpret_cast<void (*)(A...)>(fn), p, std::index_sequence_for<A...>{}); }
+    static constexpr unsigned sizes[sizeof...(A) + 1] = {(unsigned)sizeof(A)..., 0};
+    static constexpr int count = (int)sizeof...(A);
 };
 
 }  // namespace emu
@@ -87,7 +89,9 @@ struct Invoke<void (*)(A...)> {
 
 // The module's table, generated after the program text (src/backend/cuda/emu.rs).
 #define EMU_MODULE_BEGIN static const EmuKernel emu_kernels[] = {
-#define EMU_KERNEL(name) {#name, (void*)&name, &::emu::Invoke<decltype(&name)>::call},
+#define EMU_KERNEL(name)                                                                      \
+    {#name, (void*)&name, &::emu::Invoke<decltype(&name)>::call, ::emu::Invoke<decltype(&name)>::sizes, \
+     ::emu::Invoke<decltype(&name)>::count},
 #define EMU_MODULE_END                                                                            \
     };                                                                                            \
     extern "C" __attribute__((visibility("default"))) const EmuModule* vaecuda_emu_module(void) { \
