@@ -26,10 +26,27 @@ const PLANTS: &[Plant] = &[
     Plant { name: "shuffle-offset", program: "warps.cu", from: "v, o);", to: "v, o + 1);" },
     Plant { name: "no-syncwarp", program: "warps.cu", from: "__syncwarp(); // sw", to: "" },
     Plant { name: "mask-missing-lane", program: "warps.cu", from: "FULL 0xffffffffu", to: "FULL 0x7fffffffu" },
-    Plant { name: "unwritten-shared", program: "shared.cu", from: "s[t] = i < n ? x[i] : 0.f;", to: "if (i < n) s[t] = x[i];" },
+    Plant {
+        name: "unwritten-shared",
+        program: "shared.cu",
+        from: "s[t] = i < n ? x[i] : 0.f;",
+        to: "if (i < n) s[t] = x[i];",
+    },
     Plant { name: "shared-one-past", program: "shared.cu", from: "(t + 1 < 64)", to: "(t + 1 <= 64)" },
-    Plant { name: "above-launch-bounds", program: "limits.cu", from: "__launch_bounds__(128)", to: "__launch_bounds__(64)" },
+    Plant {
+        name: "above-launch-bounds",
+        program: "limits.cu",
+        from: "__launch_bounds__(128)",
+        to: "__launch_bounds__(64)",
+    },
     Plant { name: "misaligned-float4", program: "limits.cu", from: "x + 4 * i)", to: "x + 4 * i + 1)" },
+    Plant {
+        name: "fragment-by-position",
+        program: "tensor.cu",
+        from: "D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1];",
+        to: "D[g * 8 + 2 * t] = d[1]; D[g * 8 + 2 * t + 1] = d[0];",
+    },
+    Plant { name: "async-read-before-wait", program: "async.cu", from: "CP_WAIT(1); // the first tile", to: "" },
     // Not in a kernel: the graph test synchronizes its stream in the middle of a capture.
     Plant { name: "sync-in-capture", program: "", from: "", to: "" },
 ];
@@ -52,7 +69,9 @@ fn device() -> Option<(Arc<CudaContext>, Arc<CudaStream>)> {
                     let stream = ctx.default_stream();
                     Some((ctx, stream))
                 }
-                Err(e) if std::env::var_os("CI").is_some() => panic!("the emulated device is unavailable under CI: {e}"),
+                Err(e) if std::env::var_os("CI").is_some() => {
+                    panic!("the emulated device is unavailable under CI: {e}")
+                }
                 Err(e) => {
                     eprintln!("note: emulated-primitive tests skipped: {e}");
                     None
@@ -222,7 +241,10 @@ fn shuffles_follow_the_ptx_definition_for_every_width_and_operand() {
                     let expect = 7 * src as i32 + 3;
                     let k = (wi * 34 + b) * 4 + mode;
                     if got[k * n + t] != expect && wrong.len() < 10 {
-                        wrong.push(format!("mode {mode} width {width} b {b} thread {t}: {} vs {expect}", got[k * n + t]));
+                        wrong.push(format!(
+                            "mode {mode} width {width} b {b} thread {t}: {} vs {expect}",
+                            got[k * n + t]
+                        ));
                     }
                 }
             }
@@ -383,7 +405,8 @@ fn shared_memory_and_locals_start_as_poison_in_every_block() {
     b.arg(&mut fo).arg(&mut io).arg(&mut lo);
     // SAFETY: unwritten writes 64 values of each output per block.
     unsafe { b.launch(cfg(2, 64, 0)) }.unwrap();
-    let (fo, io, lo) = (stream.clone_dtoh(&fo).unwrap(), stream.clone_dtoh(&io).unwrap(), stream.clone_dtoh(&lo).unwrap());
+    let (fo, io, lo) =
+        (stream.clone_dtoh(&fo).unwrap(), stream.clone_dtoh(&io).unwrap(), stream.clone_dtoh(&lo).unwrap());
     assert!(fo[..64].iter().all(|&v| v == 1.0) && io[..64].iter().all(|&v| v == 1), "block 0 wrote its shared memory");
     // Block 1 (whichever CPU thread ran block 0 before it) sees poison, not block 0's values.
     assert!(fo[64..].iter().all(|v| v.is_nan()), "unwritten shared floats: {:?}", &fo[64..68]);
@@ -429,7 +452,11 @@ fn out_of_bounds_shared_memory_and_signed_overflow_fail_the_launch() {
     let got = stream.clone_dtoh(&out).unwrap();
     assert!(got[..32].iter().all(|v| v.is_nan()), "unwritten dynamic shared memory: {:?}", &got[..4]);
     let text = launch!(stream, f, cfg(1, 64, 256), &1i32, &mut out);
-    for e in ["CUDA_ERROR_ILLEGAL_ADDRESS", "kernel dynamic", "past the end of the dynamic shared memory of its block (256 bytes"] {
+    for e in [
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        "kernel dynamic",
+        "past the end of the dynamic shared memory of its block (256 bytes",
+    ] {
         assert!(text.contains(e), "expected {e:?} in: {text}");
     }
     let f = m.load_function("index_overflow").unwrap();
@@ -500,7 +527,12 @@ fn launches_beyond_the_gpus_limits_fail_as_a_driver_fails_them() {
     assert_eq!(f.max_threads_per_block().unwrap(), 128, "MAX_THREADS_PER_BLOCK of __launch_bounds__(128)");
     let text = launch!(stream, f, cfg(1, 256, 0), &mut out);
     assert!(text.contains("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES") && text.contains("__launch_bounds__ of 128"), "{text}");
-    let text = launch!(stream, f, LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1025, 1, 1), shared_mem_bytes: 0 }, &mut out);
+    let text = launch!(
+        stream,
+        f,
+        LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1025, 1, 1), shared_mem_bytes: 0 },
+        &mut out
+    );
     assert!(text.contains("CUDA_ERROR_INVALID_VALUE"), "{text}");
 
     // Dynamic shared memory: 48 KiB without asking, up to 227 KiB after cuFuncSetAttribute.
@@ -530,8 +562,159 @@ fn launches_beyond_the_gpus_limits_fail_as_a_driver_fails_them() {
     let view = x.slice(1..);
     let f = m.load_function("quads").unwrap();
     let text = launch!(stream, f, cfg(1, 32, 0), &view, &mut out);
-    for e in ["CUDA_ERROR_MISALIGNED_ADDRESS", "kernel quads", "misaligned access to", "float4", "16-byte alignment", "limits.cu:"] {
+    for e in [
+        "CUDA_ERROR_MISALIGNED_ADDRESS",
+        "kernel quads",
+        "misaligned access to",
+        "float4",
+        "16-byte alignment",
+        "limits.cu:",
+    ] {
         assert!(text.contains(e), "expected {e:?} in: {text}");
+    }
+}
+
+// ---- tensor cores ----
+
+const TENSOR: &str = r#"#ifdef VAECUDA_EMULATED
+#define TO_TF32(x) emu_cvt_rna_tf32(x)
+#define MMA_TF32(d, a, b, c) emu_mma_m16n8k8_tf32(d, a, b, c)
+#else
+__device__ __forceinline__ unsigned TO_TF32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void MMA_TF32(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%11,%12,%13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                   "f"(c[2]), "f"(c[3]));
+}
+#endif
+// D = A·B + C for one 16×8 tile (A 16×8 and B 8×8, row-major), the fragments placed by the
+// PTX ISA's tables for m16n8k8 .tf32 (written out here, apart from the emulator's body).
+extern "C" __global__ void mma_tile(const float* A, const float* B, const float* C, float* D, unsigned* rounded) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    unsigned a[4] = {TO_TF32(A[g * 8 + t]), TO_TF32(A[(g + 8) * 8 + t]), TO_TF32(A[g * 8 + t + 4]),
+                     TO_TF32(A[(g + 8) * 8 + t + 4])};
+    unsigned b[2] = {TO_TF32(B[t * 8 + g]), TO_TF32(B[(t + 4) * 8 + g])};
+    float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    float d[4];
+    MMA_TF32(d, a, b, c);
+    D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+    rounded[lane] = TO_TF32(A[lane]);
+}
+"#;
+
+/// `cvt.rna.tf32.f32` as the PTX ISA defines it: to the nearest value with a 10-bit mantissa,
+/// ties away from zero (computed on the magnitude in units of the last kept place).
+fn tf32_rna(x: f32) -> f32 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let exponent = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
+    let unit = 2f64.powi(exponent - 10);
+    let q = x.abs() as f64 / unit;
+    let kept = if q - q.floor() >= 0.5 { q.floor() + 1.0 } else { q.floor() };
+    (x.signum() as f64 * kept * unit) as f32
+}
+
+/// One m16n8k8 TF32 tile through the PTX fragment tables: operands rounded as
+/// `cvt.rna.tf32.f32` rounds them (ties included), products exact, sum rounded once to f32.
+#[test]
+fn tensor_core_mma_follows_the_ptx_fragment_tables() {
+    let Some((ctx, stream)) = device() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let m = program(&ctx, "tensor.cu", TENSOR, &["mma_tile"]);
+    let f = m.load_function("mma_tile").unwrap();
+    let tie = 2f32.powi(-11);
+    let mut a: Vec<f32> =
+        (0..128).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.173 * (1.0 + (i % 7) as f32 * 3e-4)).collect();
+    a[0] = 1.0 + tie; // a tie: away from zero, to 1 + 2^-10
+    a[1] = -(1.0 + 3.0 * tie); // a tie below zero: to -(1 + 2^-9)
+    a[2] = 1.0 + tie - 2f32.powi(-20); // just below a tie: to 1
+    let b: Vec<f32> = (0..64).map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.291 * (1.0 + (i % 5) as f32 * 7e-4)).collect();
+    let c: Vec<f32> = (0..128).map(|i| (i % 9) as f32 * 0.5 - 2.0).collect();
+    let (da, db, dc) = (stream.clone_htod(&a).unwrap(), stream.clone_htod(&b).unwrap(), stream.clone_htod(&c).unwrap());
+    let mut dd = stream.alloc_zeros::<f32>(128).unwrap();
+    let mut rounded = stream.alloc_zeros::<u32>(32).unwrap();
+    let text = launch!(stream, f, cfg(1, 32, 0), &da, &db, &dc, &mut dd, &mut rounded);
+    assert_eq!(text, "the launch succeeded");
+    let (d, rounded) = (stream.clone_dtoh(&dd).unwrap(), stream.clone_dtoh(&rounded).unwrap());
+    for (i, &r) in rounded.iter().enumerate() {
+        assert_eq!(f32::from_bits(r), tf32_rna(a[i]), "cvt.rna.tf32.f32 of {:e}", a[i]);
+    }
+    assert_eq!(tf32_rna(a[0]), 1.0 + 2.0 * tie);
+    assert_eq!(tf32_rna(a[1]), -(1.0 + 4.0 * tie));
+    assert_eq!(tf32_rna(a[2]), 1.0);
+    for i in 0..16 {
+        for j in 0..8 {
+            let sum: f64 = (0..8).map(|k| tf32_rna(a[i * 8 + k]) as f64 * tf32_rna(b[k * 8 + j]) as f64).sum();
+            let want = (sum + c[i * 8 + j] as f64) as f32;
+            assert_eq!(d[i * 8 + j], want, "D[{i}][{j}]");
+        }
+    }
+}
+
+// ---- asynchronous copies ----
+
+const ASYNC: &str = r#"#ifdef VAECUDA_EMULATED
+#define CP_ASYNC16(dst, src) emu_cp_async(dst, src, 16)
+#define CP_COMMIT() emu_cp_async_commit()
+#define CP_WAIT(n) emu_cp_async_wait(n)
+#else
+__device__ __forceinline__ void CP_ASYNC16(void* dst, const void* src) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src));
+}
+#define CP_COMMIT() asm volatile("cp.async.commit_group;")
+#define CP_WAIT(n) asm volatile("cp.async.wait_group %0;" ::"n"(n))
+#endif
+// Two stages: each block copies two tiles of 256 floats (16 bytes per thread per tile) into
+// shared memory asynchronously, waits for the first, sums it, waits for the second, sums it.
+extern "C" __global__ void staged_sum(const float* x, float* y) {
+    __shared__ __align__(16) float tile[2][256];
+    int t = threadIdx.x;
+    const float* base = x + blockIdx.x * 512;
+    CP_ASYNC16(&tile[0][4 * t], base + 4 * t);
+    CP_COMMIT();
+    CP_ASYNC16(&tile[1][4 * t], base + 256 + 4 * t);
+    CP_COMMIT();
+    CP_WAIT(1); // the first tile
+    __syncthreads();
+    float s = 0.f;
+    if (t == 0)
+        for (int i = 0; i < 256; ++i) s += tile[0][i];
+    CP_WAIT(0);
+    __syncthreads();
+    if (t == 0) {
+        for (int i = 0; i < 256; ++i) s += tile[1][i];
+        y[blockIdx.x] = s;
+    }
+}
+"#;
+
+/// Two cp.async groups per thread: each tile is read only after the wait that lands it.
+#[test]
+fn async_copies_land_at_their_wait() {
+    let Some((ctx, stream)) = device() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let m = program(&ctx, "async.cu", ASYNC, &["staged_sum"]);
+    let f = m.load_function("staged_sum").unwrap();
+    let blocks = 3usize;
+    let x: Vec<f32> = (0..blocks * 512).map(|i| (i % 23) as f32 * 0.25 - 2.0).collect();
+    let dx = stream.clone_htod(&x).unwrap();
+    let mut y = stream.alloc_zeros::<f32>(blocks).unwrap();
+    let text = launch!(stream, f, cfg(blocks as u32, 64, 0), &dx, &mut y);
+    assert_eq!(text, "the launch succeeded");
+    let y = stream.clone_dtoh(&y).unwrap();
+    for b in 0..blocks {
+        let want: f32 = x[b * 512..(b + 1) * 512].iter().sum();
+        assert!((y[b] - want).abs() <= 1e-3, "block {b}: {} vs {want}", y[b]);
     }
 }
 
@@ -599,7 +782,9 @@ fn graphs_capture_replay_and_refuse_what_a_gpu_refuses() {
     // ends it before anything is asserted, so no capture outlives this test).
     let mut small = s.alloc_zeros::<f32>(4).unwrap();
     let mut host = [0f32; 4];
-    for what in ["cuStreamSynchronize", "a copy from pageable host memory", "a copy to pageable host memory", "cuMemAlloc"] {
+    for what in
+        ["cuStreamSynchronize", "a copy from pageable host memory", "a copy to pageable host memory", "cuMemAlloc"]
+    {
         s.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
         let refused = match what {
             "cuStreamSynchronize" => s.synchronize(),
@@ -646,7 +831,13 @@ fn the_emulator_catches_planted_bugs() {
         ("shared-one-past", "shared_sums_match_the_host", &["index 64 is outside the array", "kernel sums"]),
         ("above-launch-bounds", "launches_within_the_kernels_limits_run", &["__launch_bounds__ of 64"]),
         ("misaligned-float4", "launches_within_the_kernels_limits_run", &["CUDA_ERROR_MISALIGNED_ADDRESS", "float4"]),
-        ("sync-in-capture", "graphs_capture_replay_and_refuse_what_a_gpu_refuses", &["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"]),
+        ("fragment-by-position", "tensor_core_mma_follows_the_ptx_fragment_tables", &["D[0][0]"]),
+        ("async-read-before-wait", "async_copies_land_at_their_wait", &["block 0: NaN"]),
+        (
+            "sync-in-capture",
+            "graphs_capture_replay_and_refuse_what_a_gpu_refuses",
+            &["CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"],
+        ),
     ];
     let mut missed = vec![];
     for &(plant, test, expect) in cases {

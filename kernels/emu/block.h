@@ -76,17 +76,18 @@ inline void* dynamic_shared() { return rt.dynamic; }
 
 inline void set_order(const EmuLaunch* L, uint64_t linear, unsigned phase, unsigned pass) {
     const unsigned n = rt.threads;
-    for (unsigned t = 0; t < n; ++t) rt.order[t] = L->order == EMU_REVERSE ? n - 1 - t : t;
+    for (unsigned t = 0; t < n; ++t) rt.heap->order[t] = L->order == EMU_REVERSE ? n - 1 - t : t;
     if (L->order == EMU_SHUFFLED) {
         uint64_t r = mix(L->seed ^ mix(linear * 0x100000001B3ull + phase * 0x9E3779B9ull + pass));
         for (unsigned t = n - 1; t > 0; --t) {
             r = mix(r);
-            std::swap(rt.order[t], rt.order[r % (t + 1)]);
+            std::swap(rt.heap->order[t], rt.heap->order[r % (t + 1)]);
         }
     }
 }
 
 inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
+    if (!rt.heap) rt.heap = new BlockState();
     rt.launch = L;
     rt.where = w;
     rt.grid_dim = {L->grid[0], L->grid[1], L->grid[2]};
@@ -97,20 +98,20 @@ inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
     poison_shared(L, w);
     const unsigned n = L->block[0] * L->block[1] * L->block[2];
     rt.threads = n;
-    rt.fibers.assign(n, Fiber{});
-    rt.order.resize(n);
+    rt.heap->fibers.assign(n, Fiber{});
+    rt.heap->order.resize(n);
     for (unsigned t = 0; t < n; ++t) {
-        rt.fibers[t].idx = {t % L->block[0], t / L->block[0] % L->block[1], t / (L->block[0] * L->block[1])};
-        rt.fibers[t].linear = t;
+        rt.heap->fibers[t].idx = {t % L->block[0], t / L->block[0] % L->block[1], t / (L->block[0] * L->block[1])};
+        rt.heap->fibers[t].linear = t;
     }
     for (unsigned phase = 0;; ++phase) {
         // Run every fiber that can run, in the launch's order, until none can: each runs to
         // its next barrier, warp-level call or end.
         for (unsigned pass = 0;; ++pass) {
             set_order(L, linear, phase, pass);
-            bool ran = false;
-            for (unsigned t : rt.order) {
-                Fiber& f = rt.fibers[t];
+            rt.woken = 0;
+            for (unsigned t : rt.heap->order) {
+                Fiber& f = rt.heap->fibers[t];
                 if (f.state != NOT_STARTED && f.state != READY) continue;
                 if (f.state == NOT_STARTED) {
                     f.stack = take_stack();
@@ -119,22 +120,23 @@ inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
                 rt.current = &f;
                 w->thread[0] = f.idx.x, w->thread[1] = f.idx.y, w->thread[2] = f.idx.z;
                 emu_switch_stack(&rt.scheduler_sp, f.sp);
-                ran = true;
                 if (f.state == FINISHED) {
-                    rt.free_stacks.push_back(f.stack);
+                    rt.heap->free_stacks.push_back(f.stack);
                     f.stack = nullptr;
                 } else if (f.state == AT_WARP && warp_arrived(f) != 0) {
                     return 1;  // the suspended fibers are abandoned with their stacks (the context is dead)
                 }
             }
-            if (!ran && !complete_activemasks()) break;
+            // Another pass only for fibers a completed warp-level call woke (the first pass
+            // runs every fiber to where it waits).
+            if (rt.woken == 0 && !complete_activemasks()) break;
         }
         // Nothing can run: every fiber has finished or waits at a barrier.
         const Fiber* waiting = nullptr;
-        for (const Fiber& f : rt.fibers) {
+        for (const Fiber& f : rt.heap->fibers) {
             if (f.state == AT_WARP) return warp_stuck(f);
         }
-        for (const Fiber& f : rt.fibers) {
+        for (const Fiber& f : rt.heap->fibers) {
             if (f.state != AT_BARRIER) continue;
             if (!waiting) {
                 waiting = &f;
@@ -147,7 +149,7 @@ inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
             }
         }
         if (!waiting) return 0;  // every thread finished
-        for (Fiber& f : rt.fibers) {
+        for (Fiber& f : rt.heap->fibers) {
             if (f.state == AT_BARRIER) f.state = READY;
         }
     }

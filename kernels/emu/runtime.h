@@ -19,7 +19,13 @@
 //   (checks.h, with the sanitizer flags of emu.rs); locals start as a pattern, not zero.
 // - threadIdx is the running fiber's index; blockIdx, blockDim and gridDim are the block's.
 //
-// What it does not model: the GPU memory model and atomics, timing, tensor cores.
+// - Tensor cores: mma.sync m16n8k8 TF32 as a warp-level call with the PTX fragment layout
+//   (tensor.h), for kernels that wrap the instruction in a device function.
+//
+// - Asynchronous copies: cp.async with commit and wait groups (async.h); the data lands at
+//   the wait.
+//
+// What it does not model: the GPU memory model and atomics, timing, WMMA.
 #pragma once
 #include "abi.h"
 
@@ -60,6 +66,8 @@ inline double max(double a, double b) { return fmax(a, b); }
 #include "warps.h"
 #include "block.h"
 #include "checks.h"
+#include "tensor.h"
+#include "async.h"
 
 namespace emu {
 

@@ -65,7 +65,7 @@ enum FiberState {
 };
 
 // The kinds of warp-level call.
-enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL, SYNCWARP, ACTIVEMASK };
+enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL, SYNCWARP, ACTIVEMASK, MMA_TF32 };
 
 // What a lane brought to a warp-level call, and what it takes away.
 struct WarpCall {
@@ -77,6 +77,15 @@ struct WarpCall {
     const char* file;
     int line;
     uint64_t result;
+    const void* in;  // a tensor-core call's fragments (on the waiting fiber's stack), and
+    void* out;       // where its result goes
+};
+
+// A cp.async in flight: its bytes, read at issue, land at the wait that completes its group.
+struct AsyncCopy {
+    void* dst;
+    unsigned char data[16];
+    int bytes;
 };
 
 struct Fiber {
@@ -88,20 +97,30 @@ struct Fiber {
     const char* bar_file = nullptr;
     int bar_line = 0;
     WarpCall call{};
+    std::vector<AsyncCopy> copies;  // issued, not yet landed (async.h)
+    std::vector<size_t> groups;     // committed groups: the end of each in `copies`
+};
+
+// What the runtime keeps on the heap per CPU thread.
+struct BlockState {
+    std::vector<Fiber> fibers;
+    std::vector<unsigned> order;
+    std::vector<char*> free_stacks;
 };
 
 // Everything the runtime keeps per CPU thread, in one object: the rest of this module's
-// thread-local storage is the kernels' __shared__ variables, which each block poisons.
+// thread-local storage is the kernels' __shared__ variables, which each block poisons. Trivial
+// to construct and destroy, so reaching it (threadIdx reads rt.current) costs no TLS
+// initialization check.
 struct Runtime {
     void* scheduler_sp = nullptr;
     const EmuLaunch* launch = nullptr;
     EmuWhere* where = nullptr;
-    std::vector<Fiber> fibers;
-    std::vector<unsigned> order;
-    std::vector<char*> free_stacks;
+    BlockState* heap = nullptr;
     Fiber* current = nullptr;
-    uint3 block_idx, block_dim, grid_dim;
+    uint3 block_idx{}, block_dim{}, grid_dim{};
     unsigned threads = 0;
+    unsigned woken = 0;  // fibers made READY by completed warp-level calls in this pass
     char* tls_lo = nullptr;  // this module's thread-local block on this CPU thread
     size_t tls_len = 0;
     char* dynamic_map = nullptr;  // dynamic shared memory: data pages, then a guard page
@@ -115,9 +134,9 @@ inline thread_local Runtime rt;
 constexpr size_t STACK_BYTES = 256 << 10;
 
 inline char* take_stack() {
-    if (!rt.free_stacks.empty()) {
-        char* s = rt.free_stacks.back();
-        rt.free_stacks.pop_back();
+    if (!rt.heap->free_stacks.empty()) {
+        char* s = rt.heap->free_stacks.back();
+        rt.heap->free_stacks.pop_back();
         return s;
     }
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);

@@ -30,6 +30,7 @@ inline const char* op_name(WarpOp op) {
         case ALL: return "__all_sync";
         case SYNCWARP: return "__syncwarp";
         case ACTIVEMASK: return "__activemask";
+        case MMA_TF32: return "mma.sync.m16n8k8.tf32";
     }
     return "?";
 }
@@ -75,6 +76,9 @@ inline unsigned shfl_source(WarpOp op, unsigned lane, int b, int width) {
     return pval ? (unsigned)j : lane;
 }
 
+// The tensor-core call completes its warp (tensor.h).
+inline void mma_complete(unsigned warp);
+
 // Fiber f has just suspended at a warp-level call: checks it, and completes the call when every
 // lane of its mask waits there. Returns nonzero (with the block's error set) on undefined
 // behaviour.
@@ -86,6 +90,11 @@ inline int warp_arrived(Fiber& f) {
     if (!(c.mask >> lane & 1u)) {
         return block_error("%s at %s:%d: block (%u,%u,%u), %s: the mask 0x%08x does not contain the calling lane",
                            c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
+                           lane_words(f, who, sizeof who), c.mask);
+    }
+    if (c.op == MMA_TF32 && c.mask != 0xffffffffu) {
+        return block_error("%s at %s:%d: block (%u,%u,%u), %s: all 32 lanes must take part (mask 0x%08x)", c.name,
+                           c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                            lane_words(f, who, sizeof who), c.mask);
     }
     if (c.op <= SHFL_XOR && (c.width < 1 || c.width > WARP || (c.width & (c.width - 1)))) {
@@ -104,7 +113,7 @@ inline int warp_arrived(Fiber& f) {
                                c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                                lane_words(f, who, sizeof who), c.mask, l, rt.threads);
         }
-        const Fiber& g = rt.fibers[t];
+        const Fiber& g = rt.heap->fibers[t];
         if (g.state == FINISHED) {
             return block_error("%s at %s:%d: block (%u,%u,%u), %s: lane %u of the mask 0x%08x has exited", c.name,
                                c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
@@ -124,18 +133,19 @@ inline int warp_arrived(Fiber& f) {
     }
     if (!everyone) return 0;
     // Everyone is here: compute every result, then release the lanes.
+    if (c.op == MMA_TF32) mma_complete(warp);
     uint64_t votes = 0;
     bool any = false, all = true;
     for (unsigned l = 0; l < WARP; ++l) {
         if (!(c.mask >> l & 1u)) continue;
-        const bool p = rt.fibers[warp * WARP + l].call.value != 0;
+        const bool p = rt.heap->fibers[warp * WARP + l].call.value != 0;
         votes |= (uint64_t)p << l;
         any |= p;
         all &= p;
     }
     for (unsigned l = 0; l < WARP; ++l) {
         if (!(c.mask >> l & 1u)) continue;
-        Fiber& g = rt.fibers[warp * WARP + l];
+        Fiber& g = rt.heap->fibers[warp * WARP + l];
         switch (c.op) {
             case SHFL_IDX: case SHFL_UP: case SHFL_DOWN: case SHFL_XOR: {
                 const unsigned src = shfl_source(c.op, l, g.call.b, g.call.width);
@@ -145,7 +155,7 @@ inline int warp_arrived(Fiber& f) {
                                        c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                                        lane_words(g, who, sizeof who), src, c.mask);
                 }
-                g.call.result = rt.fibers[warp * WARP + src].call.value;
+                g.call.result = rt.heap->fibers[warp * WARP + src].call.value;
                 break;
             }
             case BALLOT: g.call.result = votes; break;
@@ -155,8 +165,9 @@ inline int warp_arrived(Fiber& f) {
         }
     }
     for (unsigned l = 0; l < WARP; ++l) {
-        if (c.mask >> l & 1u) rt.fibers[warp * WARP + l].state = READY;
+        if (c.mask >> l & 1u) rt.heap->fibers[warp * WARP + l].state = READY;
     }
+    rt.woken += __builtin_popcount(c.mask);
     return 0;
 }
 
@@ -164,12 +175,12 @@ inline int warp_arrived(Fiber& f) {
 // Returns whether any was completed.
 inline bool complete_activemasks() {
     bool done = false;
-    for (Fiber& f : rt.fibers) {
+    for (Fiber& f : rt.heap->fibers) {
         if (f.state != AT_WARP || f.call.op != ACTIVEMASK) continue;
         const unsigned warp = f.linear / WARP;
         unsigned mask = 0;
         for (unsigned l = 0; l < WARP && warp * WARP + l < rt.threads; ++l) {
-            const Fiber& g = rt.fibers[warp * WARP + l];
+            const Fiber& g = rt.heap->fibers[warp * WARP + l];
             if (g.state == AT_WARP && g.call.op == ACTIVEMASK && g.call.line == f.call.line &&
                 strcmp(g.call.file, f.call.file) == 0)
                 mask |= 1u << l;
@@ -177,7 +188,7 @@ inline bool complete_activemasks() {
         f.call.result = mask;
         done = true;
     }
-    for (Fiber& f : rt.fibers) {
+    for (Fiber& f : rt.heap->fibers) {
         if (f.state == AT_WARP && f.call.op == ACTIVEMASK) f.state = READY;
     }
     return done;
@@ -191,7 +202,7 @@ inline int warp_stuck(const Fiber& f) {
     char who[96], where[200];
     for (unsigned l = 0; l < WARP; ++l) {
         if (!(c.mask >> l & 1u)) continue;
-        const Fiber& g = rt.fibers[warp * WARP + l];
+        const Fiber& g = rt.heap->fibers[warp * WARP + l];
         const bool here = g.state == AT_WARP && g.call.op == c.op &&
                           (c.op == SYNCWARP || (g.call.line == c.line && strcmp(g.call.file, c.file) == 0));
         if (!here) {
@@ -205,9 +216,10 @@ inline int warp_stuck(const Fiber& f) {
 }
 
 // The calling lane waits at a warp-level call and returns its result.
-inline uint64_t warp_call(WarpOp op, unsigned mask, uint64_t value, int b, int width, const char* file, int line) {
+inline uint64_t warp_call(WarpOp op, unsigned mask, uint64_t value, int b, int width, const char* file, int line,
+                          const void* in = nullptr, void* out = nullptr) {
     Fiber* f = rt.current;
-    f->call = WarpCall{op, mask, value, b, width, op_name(op), file, line, 0};
+    f->call = WarpCall{op, mask, value, b, width, op_name(op), file, line, 0, in, out};
     f->state = AT_WARP;
     suspend();
     return f->call.result;

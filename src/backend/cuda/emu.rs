@@ -45,6 +45,8 @@ const HEADERS: &[(&str, &str)] = &[
     ("warps.h", include_str!("../../../kernels/emu/warps.h")),
     ("block.h", include_str!("../../../kernels/emu/block.h")),
     ("checks.h", include_str!("../../../kernels/emu/checks.h")),
+    ("tensor.h", include_str!("../../../kernels/emu/tensor.h")),
+    ("async.h", include_str!("../../../kernels/emu/async.h")),
 ];
 
 /// The order in which a block's threads run between two barriers.
@@ -218,7 +220,12 @@ fn flags() -> Vec<&'static str> {
 /// sanitizer library is linked): an index past an array (shared or local), a misaligned
 /// access (a float4 at an address that is not a multiple of 16), signed integer overflow; and
 /// locals that nobody initialized start as a pattern, not zero.
+/// `VAECUDA_EMU_CHECKS=0` leaves them out (to measure what they cost, or for speed when
+/// only results matter).
 fn sanitizers() -> Vec<&'static str> {
+    if std::env::var("VAECUDA_EMU_CHECKS").is_ok_and(|v| v == "0") {
+        return vec![];
+    }
     vec![
         "-fsanitize=bounds,alignment,signed-integer-overflow",
         "-fno-sanitize-recover=all",
