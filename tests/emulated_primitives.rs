@@ -384,13 +384,18 @@ extern "C" __global__ void dynamic(int reach, float* out) {
     __syncthreads();
     out[t] = d[t + reach];
 }
+// Each block adds one to what the previous block wrote: a dependence between blocks of one
+// launch, which a GPU never orders.
+extern "C" __global__ void chain(float* y) {
+    if (threadIdx.x == 0) y[blockIdx.x] = (blockIdx.x == 0 ? 0.f : y[blockIdx.x - 1]) + 1.f;
+}
 // Signed 32-bit arithmetic on an index.
 extern "C" __global__ void index_overflow(int rows, int cols, float* out) {
     int at = rows * cols + (int)threadIdx.x;
     out[threadIdx.x] = (float)(at & 7);
 }
 "#;
-const SHARED_KERNELS: &[&str] = &["unwritten", "sums", "dynamic", "index_overflow"];
+const SHARED_KERNELS: &[&str] = &["unwritten", "sums", "dynamic", "index_overflow", "chain"];
 
 #[test]
 fn shared_memory_and_locals_start_as_poison_in_every_block() {
@@ -412,6 +417,23 @@ fn shared_memory_and_locals_start_as_poison_in_every_block() {
     assert!(fo[64..].iter().all(|v| v.is_nan()), "unwritten shared floats: {:?}", &fo[64..68]);
     assert!(io[64..].iter().all(|&v| v == -1), "unwritten shared ints: {:?}", &io[64..68]);
     assert!(lo.iter().all(|&v| v.to_bits() != 0), "uninitialized locals must not read as zero: {:?}", &lo[..4]);
+}
+
+/// The blocks of a launch run in a shuffled order (the default), so a block that reads what
+/// an earlier block of the same launch wrote reads the NaN poison instead.
+#[test]
+fn blocks_run_in_a_shuffled_order() {
+    let Some((ctx, stream)) = device() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let m = program(&ctx, "shared.cu", SHARED, SHARED_KERNELS);
+    let f = m.load_function("chain").unwrap();
+    // SAFETY: plain f32 bits; fresh device memory reads as NaN.
+    let mut y = unsafe { stream.alloc::<f32>(64) }.unwrap();
+    let text = launch!(stream, f, cfg(64, 32, 0), &mut y);
+    assert_eq!(text, "the launch succeeded");
+    let y = stream.clone_dtoh(&y).unwrap();
+    let in_order = y.iter().enumerate().all(|(i, &v)| v == (i + 1) as f32);
+    assert!(!in_order && y.iter().any(|v| v.is_nan()), "the blocks ran in grid order: {y:?}");
 }
 
 #[test]
