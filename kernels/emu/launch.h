@@ -117,7 +117,10 @@ void work(Job* job, Worker* w) {
     }
     memset(&w->where, 0, sizeof w->where);
     w->where.launch = &job->launch;
-    w->where.abort_block = [](EmuWhere* where) { siglongjmp(worker->jmp, 2); (void)where; };
+    w->where.abort_block = [](EmuWhere*) {
+        worker->in_kernel = 0;  // a later fault outside a kernel is not a kernel's
+        siglongjmp(worker->jmp, 2);
+    };
     if (int how = sigsetjmp(w->jmp, 1)) {
         const EmuWhere& at = w->where;
         if (how == 2) {  // a check inside the kernel failed (checks.h)
