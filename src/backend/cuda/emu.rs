@@ -29,12 +29,25 @@ use super::compile::{self, KernelFile, FILES};
 use super::error::GpuError;
 use super::kernels;
 
-/// The stand-in driver: the CUDA driver API functions cudarc calls, on host memory.
+/// The stand-in driver: the CUDA driver API functions cudarc calls, on host memory
+/// (`driver.cpp`, which includes the other driver files).
 const DRIVER_SOURCE: &str = include_str!("../../../kernels/emu/driver.cpp");
-/// What the driver and the kernel modules agree on (the module table, a launch, a worker).
-const ABI_HEADER: &str = include_str!("../../../kernels/emu/abi.h");
-/// CUDA on the host: pasted in front of every kernel file's program text.
-const RUNTIME_HEADER: &str = include_str!("../../../kernels/emu/runtime.h");
+/// Every header of the emulator (driver parts and runtime parts): each build gets all of them,
+/// and their text is part of every build's cache key.
+const HEADERS: &[(&str, &str)] = &[
+    ("abi.h", include_str!("../../../kernels/emu/abi.h")),
+    ("memory.h", include_str!("../../../kernels/emu/memory.h")),
+    ("modules.h", include_str!("../../../kernels/emu/modules.h")),
+    ("launch.h", include_str!("../../../kernels/emu/launch.h")),
+    ("graphs.h", include_str!("../../../kernels/emu/graphs.h")),
+    ("runtime.h", include_str!("../../../kernels/emu/runtime.h")),
+    ("threads.h", include_str!("../../../kernels/emu/threads.h")),
+    ("warps.h", include_str!("../../../kernels/emu/warps.h")),
+    ("block.h", include_str!("../../../kernels/emu/block.h")),
+    ("checks.h", include_str!("../../../kernels/emu/checks.h")),
+    ("tensor.h", include_str!("../../../kernels/emu/tensor.h")),
+    ("async.h", include_str!("../../../kernels/emu/async.h")),
+];
 
 /// The order in which a block's threads run between two barriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +85,7 @@ fn load() -> Result<libloading::Library, GpuError> {
     let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
     std::fs::create_dir_all(&dir)
         .map_err(|e| GpuError::Unavailable(format!("cannot create the emulator cache {}: {e}", dir.display())))?;
-    let driver = build(&cxx, &dir, "libcuda", "driver.cpp", DRIVER_SOURCE, &["-Wl,-soname,libcuda.so", "-ldl"])?;
+    let driver = build(&cxx, &dir, "libcuda", "driver.cpp", DRIVER_SOURCE, &[], &["-Wl,-soname,libcuda.so", "-ldl"])?;
     // The host modules, one per kernel file, built side by side.
     let modules: Vec<PathBuf> = std::thread::scope(|s| {
         let jobs: Vec<_> = FILES.iter().map(|f| s.spawn(|| build_module(&cxx, &dir, f))).collect();
@@ -89,16 +102,7 @@ fn load() -> Result<libloading::Library, GpuError> {
     }
     .map_err(|e| GpuError::Unavailable(format!("cannot load the emulated driver {}: {e}", driver.display())))?;
     let lib = libloading::Library::from(lib);
-    let list = modules.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>().join("\n");
-    let list = std::ffi::CString::new(list).map_err(|_| GpuError::Unavailable("a NUL byte in a path".into()))?;
-    // SAFETY: the symbol is defined by driver.cpp with this signature.
-    unsafe {
-        let register: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> i32> =
-            lib.get(b"vaecuda_emu_register_modules\0").map_err(|e| GpuError::Unavailable(e.to_string()))?;
-        if register(list.as_ptr()) != 0 {
-            return Err(GpuError::Unavailable("the emulated driver could not load the kernel modules".into()));
-        }
-    }
+    register(&lib, &modules)?;
     // The name cudarc asks for must now resolve to this library, not to a real driver that
     // was loaded first.
     // SAFETY: only opens a library that is already loaded.
@@ -112,6 +116,44 @@ fn load() -> Result<libloading::Library, GpuError> {
         ));
     }
     Ok(lib)
+}
+
+/// Loads host modules into the driver and registers their kernels by name.
+fn register(lib: &libloading::Library, modules: &[PathBuf]) -> Result<(), GpuError> {
+    let list = modules.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>().join("\n");
+    let list = std::ffi::CString::new(list).map_err(|_| GpuError::Unavailable("a NUL byte in a path".into()))?;
+    // SAFETY: the symbol is defined by driver.cpp with this signature.
+    unsafe {
+        let register: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char) -> i32> =
+            lib.get(b"vaecuda_emu_register_modules\0").map_err(|e| GpuError::Unavailable(e.to_string()))?;
+        if register(list.as_ptr()) != 0 {
+            return Err(GpuError::Unavailable("the emulated driver could not load the kernel modules".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the host version of a program that is not one of the kernel files (the emulator's
+/// own test kernels): `text` is the whole program NVRTC compiles, named `name` in messages,
+/// and `kernels` its `extern "C"` kernel names. Registers them with the installed emulated
+/// driver, so a CUBIN NVRTC made from the same text loads and runs. Call [`install`] first.
+pub fn load_program(name: &str, text: &str, kernels: &[&str]) -> Result<(), GpuError> {
+    let lib = match DRIVER.get() {
+        Some(Ok(lib)) => lib,
+        _ => return Err(GpuError::Unavailable("the emulated device is not installed".into())),
+    };
+    let cxx = compiler()?;
+    let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
+    let stem: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let text = format!("#line 1 \"{name}\"\n{text}");
+    let module = build(&cxx, &dir, &stem, name, &host_program(&text, kernels), &sanitizers(), &[])?;
+    register(lib, &[module])
+}
+
+/// Forgets the emulated device's sticky error, for tests that check many failing launches in
+/// one process (on a GPU a failed launch leaves the context dead).
+pub fn clear_error() -> Result<(), GpuError> {
+    call(b"vaecuda_emu_clear_error\0", |f: unsafe extern "C" fn()| unsafe { f() })
 }
 
 /// Sets the order of a block's threads between barriers for every later launch.
@@ -169,34 +211,89 @@ fn compiler() -> Result<String, GpuError> {
 /// debug information, so gdb can stop inside a kernel at `kernels/<file>.cu:<line>`.
 fn flags() -> Vec<&'static str> {
     let debug = std::env::var("VAECUDA_EMU_DEBUG").is_ok_and(|v| v == "1");
-    let mut f = vec!["-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"];
+    let mut f = vec!["-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"];
     f.extend(if debug { ["-O0", "-g"] } else { ["-O2", "-g0"] });
     f
+}
+
+/// What the kernels' host builds check on top (runtime.h's checks.h has the handlers, so no
+/// sanitizer library is linked): an index past an array (shared or local), a misaligned
+/// access (a float4 at an address that is not a multiple of 16), signed integer overflow; and
+/// locals that nobody initialized start as a pattern, not zero.
+/// `VAECUDA_EMU_CHECKS=0` leaves them out (to measure what they cost, or for speed when
+/// only results matter).
+fn sanitizers() -> Vec<&'static str> {
+    if std::env::var("VAECUDA_EMU_CHECKS").is_ok_and(|v| v == "0") {
+        return vec![];
+    }
+    vec![
+        "-fsanitize=bounds,alignment,signed-integer-overflow",
+        "-fno-sanitize-recover=all",
+        "-ftrivial-auto-var-init=pattern",
+    ]
+}
+
+/// The host build's text of a program: the runtime, the program (each `extern __shared__`
+/// declaration rewritten into a pointer to the block's dynamic shared memory, on the same
+/// line), and the table of its kernels.
+fn host_program(text: &str, kernels: &[impl AsRef<str>]) -> String {
+    let mut out = String::from("#include \"runtime.h\"\n");
+    for line in text.lines() {
+        out.push_str(&rewrite_extern_shared(line));
+        out.push('\n');
+    }
+    out.push_str("\n#line 1 \"kernel table (generated)\"\nEMU_MODULE_BEGIN\n");
+    for symbol in kernels {
+        out.push_str(&format!("EMU_KERNEL({})\n", symbol.as_ref()));
+    }
+    out.push_str("EMU_MODULE_END\n");
+    out
+}
+
+/// `extern __shared__ float4 tile[];` (optionally with `__align__(n)`) becomes
+/// `EMU_DYNAMIC_SHARED(float4, tile);`, a pointer into the block's dynamic shared memory.
+/// Other lines are returned unchanged.
+fn rewrite_extern_shared(line: &str) -> std::borrow::Cow<'_, str> {
+    let Some(at) = line.find("extern __shared__") else { return line.into() };
+    let rest = &line[at + "extern __shared__".len()..];
+    let Some(end) = rest.find("[];") else { return line.into() };
+    let decl = rest[..end].replace("__align__", " __align__");
+    let words: Vec<&str> = decl.split_whitespace().filter(|w| !w.starts_with("__align__")).collect();
+    let Some((name, ty)) = words.split_last() else { return line.into() };
+    if ty.is_empty() {
+        return line.into();
+    }
+    let after = &rest[end + 3..];
+    format!("{}EMU_DYNAMIC_SHARED({}, {name});{after}", &line[..at], ty.join(" ")).into()
 }
 
 /// The host build of one kernel file: the runtime, the exact program text NVRTC compiles, and
 /// the table of its kernels.
 fn build_module(cxx: &str, dir: &Path, file: &KernelFile) -> Result<PathBuf, GpuError> {
-    let mut text = String::from("#include \"runtime.h\"\n");
-    text.push_str(&compile::program_source(file)?);
-    text.push_str("\n#line 1 \"kernel table (generated)\"\nEMU_MODULE_BEGIN\n");
-    for symbol in kernels::symbols_in(file.name) {
-        text.push_str(&format!("EMU_KERNEL({symbol})\n"));
-    }
-    text.push_str("EMU_MODULE_END\n");
-    build(cxx, dir, file.name.trim_end_matches(".cu"), file.name, &text, &[])
+    let text = host_program(&compile::program_source(file)?, &kernels::symbols_in(file.name));
+    build(cxx, dir, file.name.trim_end_matches(".cu"), file.name, &text, &sanitizers(), &[])
 }
 
 /// Compiles `source` (named `name` in messages) to `dir/<stem>-<key>.so` unless that exists;
-/// the key hashes the source, the headers, the compiler's version and the flags.
-fn build(cxx: &str, dir: &Path, stem: &str, name: &str, source: &str, extra: &[&str]) -> Result<PathBuf, GpuError> {
+/// the key hashes the source, the headers, the compiler's version and the flags. `checks` are
+/// flags for compiling only (the sanitizers), `link` flags for linking only.
+fn build(
+    cxx: &str,
+    dir: &Path,
+    stem: &str,
+    name: &str,
+    source: &str,
+    checks: &[&str],
+    link: &[&str],
+) -> Result<PathBuf, GpuError> {
     let version = Command::new(cxx).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
     let mut h = Sha256::new();
-    for part in [source.as_bytes(), ABI_HEADER.as_bytes(), RUNTIME_HEADER.as_bytes(), &version] {
+    let parts = [source.as_bytes(), &version].into_iter().chain(HEADERS.iter().map(|(_, text)| text.as_bytes()));
+    for part in parts {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    for f in flags().iter().chain(extra) {
+    for f in flags().iter().chain(checks).chain(link) {
         h.update(f.as_bytes());
     }
     let key: String = h.finalize().iter().take(10).map(|b| format!("{b:02x}")).collect();
@@ -208,20 +305,27 @@ fn build(cxx: &str, dir: &Path, stem: &str, name: &str, source: &str, extra: &[&
     let work = dir.join(format!(".build-{stem}-{key}-{}", std::process::id()));
     let io = |e: std::io::Error| GpuError::Unavailable(format!("emulator build folder {}: {e}", work.display()));
     std::fs::create_dir_all(&work).map_err(io)?;
-    for (file, text) in [("abi.h", ABI_HEADER), ("runtime.h", RUNTIME_HEADER), ("source.cpp", source)] {
+    for (file, text) in HEADERS.iter().copied().chain([("source.cpp", source)]) {
         std::fs::write(work.join(file), text).map_err(io)?;
     }
+    // Compiled and linked apart: the sanitizer flags must not link the sanitizer runtime.
+    let object = work.join("out.o");
     let tmp = work.join("out.so");
-    let result = Command::new(cxx)
+    let run = |cmd: &mut Command| {
+        cmd.output().map_err(|e| GpuError::Unavailable(format!("cannot run the C++ compiler {cxx}: {e}")))
+    };
+    let mut result = run(Command::new(cxx)
         .args(flags())
+        .args(checks)
         .arg("-I")
         .arg(&work)
+        .arg("-c")
         .arg("-o")
-        .arg(&tmp)
-        .arg(work.join("source.cpp"))
-        .args(extra)
-        .output()
-        .map_err(|e| GpuError::Unavailable(format!("cannot run the C++ compiler {cxx}: {e}")))?;
+        .arg(&object)
+        .arg(work.join("source.cpp")))?;
+    if result.status.success() {
+        result = run(Command::new(cxx).args(flags()).arg("-shared").arg("-o").arg(&tmp).arg(&object).args(link))?;
+    }
     let outcome = if result.status.success() {
         std::fs::rename(&tmp, &out).map_err(io).map(|_| out)
     } else {

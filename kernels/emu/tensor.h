@@ -1,0 +1,88 @@
+// Tensor cores (part of runtime.h): the warp-wide matrix multiply-accumulate of PTX
+// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`, for kernels that wrap the instruction
+// in a device function and call this host body when VAECUDA_EMULATED is defined:
+//
+//     #ifdef VAECUDA_EMULATED
+//         emu_mma_m16n8k8_tf32(d, a, b, c);    // float d[4], unsigned a[4], b[2], float c[4]
+//     #else
+//         asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 ..." ...);
+//     #endif
+//
+// It is a warp-level call: all 32 lanes must make it (mask 0xffffffff, as `.aligned` requires).
+// The fragments follow the PTX ISA's tables for m16n8k8 with .tf32 (groupID = lane / 4,
+// tig = lane % 4): a0 A[g][tig], a1 A[g+8][tig], a2 A[g][tig+4], a3 A[g+8][tig+4]; b0 B[tig][g],
+// b1 B[tig+4][g]; c0/d0 C[g][2·tig], c1 C[g][2·tig+1], c2 C[g+8][2·tig], c3 C[g+8][2·tig+1].
+// Operands are tf32 bit patterns: the 13 low bits are ignored, as the hardware ignores them
+// (convert with emu_cvt_rna_tf32, the host body of cvt.rna.tf32.f32: nearest, ties away from
+// zero). Products are exact and the sum is formed in double, then rounded to f32 once; the
+// hardware instead aligns the products to the largest and truncates inside the sum, so its
+// last bit can differ (see kernels/README.md).
+#pragma once
+#include "warps.h"
+
+#include <string.h>
+
+#define VAECUDA_EMULATED 1
+
+namespace emu {
+
+// The input one lane brings to an mma.
+struct MmaTf32In {
+    uint32_t a[4], b[2];
+    float c[4];
+};
+
+inline float tf32_value(uint32_t bits) {
+    bits &= 0xffffe000u;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Every lane of the warp has arrived: D = A·B + C from the fragments, back into each lane's d.
+inline void mma_complete(unsigned warp) {
+    double A[16][8], B[8][8], C[16][8];
+    for (unsigned l = 0; l < WARP; ++l) {
+        const MmaTf32In& in = *(const MmaTf32In*)rt.heap->fibers[warp * WARP + l].call.in;
+        const unsigned g = l / 4, t = l % 4;
+        A[g][t] = tf32_value(in.a[0]), A[g + 8][t] = tf32_value(in.a[1]);
+        A[g][t + 4] = tf32_value(in.a[2]), A[g + 8][t + 4] = tf32_value(in.a[3]);
+        B[t][g] = tf32_value(in.b[0]), B[t + 4][g] = tf32_value(in.b[1]);
+        C[g][2 * t] = in.c[0], C[g][2 * t + 1] = in.c[1], C[g + 8][2 * t] = in.c[2], C[g + 8][2 * t + 1] = in.c[3];
+    }
+    for (unsigned l = 0; l < WARP; ++l) {
+        float* d = (float*)rt.heap->fibers[warp * WARP + l].call.out;
+        const unsigned g = l / 4, t = l % 4;
+        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+        for (int r = 0; r < 4; ++r) {
+            double s = C[rows[r]][cols[r]];
+            for (int k = 0; k < 8; ++k) s += A[rows[r]][k] * B[k][cols[r]];
+            d[r] = (float)s;
+        }
+    }
+}
+
+inline void mma_tf32_at(const char* file, int line, float* d, const unsigned* a, const unsigned* b, const float* c) {
+    MmaTf32In in;
+    memcpy(in.a, a, sizeof in.a);
+    memcpy(in.b, b, sizeof in.b);
+    memcpy(in.c, c, sizeof in.c);
+    float out[4];
+    warp_call(MMA_TF32, 0xffffffffu, 0, 0, 32, file, line, &in, out);
+    memcpy(d, out, sizeof out);
+}
+
+// cvt.rna.tf32.f32: the f32 rounded to a 10-bit mantissa, to nearest, ties away from zero
+// (add half of the dropped part's weight to the magnitude, then drop it). Infinities and NaN
+// pass unchanged.
+inline uint32_t cvt_rna_tf32(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+}  // namespace emu
+
+#define emu_mma_m16n8k8_tf32(d, a, b, c) ::emu::mma_tf32_at(__FILE__, __LINE__, (d), (a), (b), (c))
+#define emu_cvt_rna_tf32(x) ::emu::cvt_rna_tf32(x)
