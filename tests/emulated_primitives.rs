@@ -682,6 +682,96 @@ fn tensor_core_mma_follows_the_ptx_fragment_tables() {
     }
 }
 
+const TENSOR_BF16: &str = r#"#ifdef VAECUDA_EMULATED
+#define PACK_BF16(hi, lo) emu_cvt_rn_bf16x2(hi, lo)
+#define MMA_BF16(d, a, b, c) emu_mma_m16n8k16_bf16(d, a, b, c)
+#else
+__device__ __forceinline__ unsigned PACK_BF16(float hi, float lo) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ void MMA_BF16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%11,%12,%13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                   "f"(c[2]), "f"(c[3]));
+}
+#endif
+// D = A·B + C for one 16×8 tile (A 16×16, B 16×8, row-major), the fragments placed by the PTX
+// ISA's tables for m16n8k16 .bf16, written out element by element (apart from the emulator's
+// loops): each register packs two bf16, the lower-numbered element in the low half.
+extern "C" __global__ void mma_bf16_tile(const float* A, const float* B, const float* C, float* D, unsigned* packed) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    unsigned a[4] = {PACK_BF16(A[g * 16 + 2 * t + 1], A[g * 16 + 2 * t]),                // a1:a0, row g
+                     PACK_BF16(A[(g + 8) * 16 + 2 * t + 1], A[(g + 8) * 16 + 2 * t]),    // a3:a2, row g+8
+                     PACK_BF16(A[g * 16 + 2 * t + 9], A[g * 16 + 2 * t + 8]),            // a5:a4, cols +8
+                     PACK_BF16(A[(g + 8) * 16 + 2 * t + 9], A[(g + 8) * 16 + 2 * t + 8])};
+    unsigned b[2] = {PACK_BF16(B[(2 * t + 1) * 8 + g], B[(2 * t) * 8 + g]),              // b1:b0
+                     PACK_BF16(B[(2 * t + 9) * 8 + g], B[(2 * t + 8) * 8 + g])};         // b3:b2, rows +8
+    float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    float d[4];
+    MMA_BF16(d, a, b, c);
+    D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+    packed[lane] = PACK_BF16(A[2 * lane + 1], A[2 * lane]);
+}
+"#;
+
+/// `cvt.rn.bf16.f32` as defined: to the nearest value with a 7-bit mantissa, ties to the even
+/// one (computed on the magnitude in units of the last kept place).
+fn bf16_rne(x: f32) -> f32 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let exponent = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
+    let unit = 2f64.powi(exponent - 7);
+    let q = x.abs() as f64 / unit;
+    let (floor, rest) = (q.floor(), q - q.floor());
+    let kept = if rest > 0.5 || (rest == 0.5 && floor % 2.0 == 1.0) { floor + 1.0 } else { floor };
+    (x.signum() as f64 * kept * unit) as f32
+}
+
+/// One m16n8k16 BF16 tile through the PTX fragment tables: operands rounded as
+/// `cvt.rn.bf16x2.f32` rounds and packs them (ties to even), products exact, sum rounded once.
+#[test]
+fn bf16_tensor_core_mma_follows_the_ptx_fragment_tables() {
+    let Some((ctx, stream)) = device() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let m = program(&ctx, "tensor_bf16.cu", TENSOR_BF16, &["mma_bf16_tile"]);
+    let f = m.load_function("mma_bf16_tile").unwrap();
+    let tie = 2f32.powi(-8);
+    let mut a: Vec<f32> =
+        (0..256).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.173 * (1.0 + (i % 7) as f32 * 3e-3)).collect();
+    a[0] = 1.0 + tie; // a tie between 1 (even) and 1 + 2^-7: to 1
+    a[1] = -(1.0 + 3.0 * tie); // a tie between 1 + 2^-7 and 1 + 2^-6 (even): to -(1 + 2^-6)
+    a[2] = 1.0 + tie + 2f32.powi(-20); // just above a tie: up
+    let b: Vec<f32> = (0..128).map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.291 * (1.0 + (i % 5) as f32 * 7e-3)).collect();
+    let c: Vec<f32> = (0..128).map(|i| (i % 9) as f32 * 0.5 - 2.0).collect();
+    let (da, db, dc) = (stream.clone_htod(&a).unwrap(), stream.clone_htod(&b).unwrap(), stream.clone_htod(&c).unwrap());
+    let mut dd = stream.alloc_zeros::<f32>(128).unwrap();
+    let mut packed = stream.alloc_zeros::<u32>(32).unwrap();
+    let text = launch!(stream, f, cfg(1, 32, 0), &da, &db, &dc, &mut dd, &mut packed);
+    assert_eq!(text, "the launch succeeded");
+    let (d, packed) = (stream.clone_dtoh(&dd).unwrap(), stream.clone_dtoh(&packed).unwrap());
+    let bits = |x: f32| bf16_rne(x).to_bits() >> 16;
+    for (l, &p) in packed.iter().enumerate() {
+        assert_eq!(p, bits(a[2 * l + 1]) << 16 | bits(a[2 * l]), "cvt.rn.bf16x2.f32 of lane {l}");
+    }
+    assert_eq!(bf16_rne(a[0]), 1.0);
+    assert_eq!(bf16_rne(a[1]), -(1.0 + 4.0 * tie));
+    assert_eq!(bf16_rne(a[2]), 1.0 + 2.0 * tie);
+    for i in 0..16 {
+        for j in 0..8 {
+            let sum: f64 = (0..16).map(|k| bf16_rne(a[i * 16 + k]) as f64 * bf16_rne(b[k * 8 + j]) as f64).sum();
+            let want = (sum + c[i * 8 + j] as f64) as f32;
+            assert_eq!(d[i * 8 + j], want, "D[{i}][{j}]");
+        }
+    }
+}
+
 // ---- asynchronous copies ----
 
 const ASYNC: &str = r#"#ifdef VAECUDA_EMULATED

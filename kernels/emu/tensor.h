@@ -1,5 +1,6 @@
-// Tensor cores (part of runtime.h): the warp-wide matrix multiply-accumulate of PTX
-// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`, for kernels that wrap the instruction
+// Tensor cores (part of runtime.h): the warp-wide matrix multiply-accumulates of PTX
+// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` and
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (below), for kernels that wrap the instruction
 // in a device function and call this host body when VAECUDA_EMULATED is defined:
 //
 //     #ifdef VAECUDA_EMULATED
@@ -82,7 +83,66 @@ inline uint32_t cvt_rna_tf32(float x) {
     return (u + 0x1000u) & 0xffffe000u;
 }
 
+// ---- BF16: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ----
+// Each .b32 operand register packs two bf16, the lower-numbered element in the low half.
+// The PTX ISA's tables for m16n8k16 with .bf16 (g = lane / 4, t = lane % 4): a_i (i = 0..7, in
+// registers i/2) is A[g + 8·((i/2) % 2)][2t + (i % 2) + 8·(i / 4)]; b_i (i = 0..3, registers
+// i/2) is B[2t + (i % 2) + 8·(i / 2)][g]; c/d as for m16n8k8. Products are exact and summed in
+// double, rounded once to f32 (the same documented difference from the hardware as TF32).
+
+inline float bf16_value(uint32_t packed, unsigned high) {
+    uint32_t bits = (high ? packed >> 16 : packed & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline void mma_bf16_complete(unsigned warp) {
+    double A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < WARP; ++l) {
+        const MmaTf32In& in = *(const MmaTf32In*)rt.heap->fibers[warp * WARP + l].call.in;
+        const unsigned g = l / 4, t = l % 4;
+        for (unsigned i = 0; i < 8; ++i) A[g + 8 * ((i / 2) % 2)][2 * t + i % 2 + 8 * (i / 4)] = bf16_value(in.a[i / 2], i % 2);
+        for (unsigned i = 0; i < 4; ++i) B[2 * t + i % 2 + 8 * (i / 2)][g] = bf16_value(in.b[i / 2], i % 2);
+        C[g][2 * t] = in.c[0], C[g][2 * t + 1] = in.c[1], C[g + 8][2 * t] = in.c[2], C[g + 8][2 * t + 1] = in.c[3];
+    }
+    for (unsigned l = 0; l < WARP; ++l) {
+        float* d = (float*)rt.heap->fibers[warp * WARP + l].call.out;
+        const unsigned g = l / 4, t = l % 4;
+        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+        for (int r = 0; r < 4; ++r) {
+            double s = C[rows[r]][cols[r]];
+            for (int k = 0; k < 16; ++k) s += A[rows[r]][k] * B[k][cols[r]];
+            d[r] = (float)s;
+        }
+    }
+}
+
+// The same operand shapes as TF32's (four A registers, two B, four C): one input struct.
+inline void mma_bf16_at(const char* file, int line, float* d, const unsigned* a, const unsigned* b, const float* c) {
+    MmaTf32In in;
+    memcpy(in.a, a, sizeof in.a);
+    memcpy(in.b, b, sizeof in.b);
+    memcpy(in.c, c, sizeof in.c);
+    float out[4];
+    warp_call(MMA_BF16, 0xffffffffu, 0, 0, 32, file, line, &in, out);
+    memcpy(d, out, sizeof out);
+}
+
+// f32 → bf16 bits, to nearest, ties to even (cvt.rn.bf16.f32); NaN becomes the quiet 0x7fff.
+inline uint32_t cvt_rn_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return 0x7fffu;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// cvt.rn.bf16x2.f32 d, hi, lo: hi converted into the upper half of d, lo into the lower.
+inline uint32_t cvt_rn_bf16x2(float hi, float lo) { return cvt_rn_bf16(hi) << 16 | cvt_rn_bf16(lo); }
+
 }  // namespace emu
 
 #define emu_mma_m16n8k8_tf32(d, a, b, c) ::emu::mma_tf32_at(__FILE__, __LINE__, (d), (a), (b), (c))
 #define emu_cvt_rna_tf32(x) ::emu::cvt_rna_tf32(x)
+#define emu_mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_bf16_at(__FILE__, __LINE__, (d), (a), (b), (c))
+#define emu_cvt_rn_bf16x2(hi, lo) ::emu::cvt_rn_bf16x2((hi), (lo))

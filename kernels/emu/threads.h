@@ -65,7 +65,7 @@ enum FiberState {
 };
 
 // The kinds of warp-level call.
-enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL, SYNCWARP, ACTIVEMASK, MMA_TF32 };
+enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL, SYNCWARP, ACTIVEMASK, MMA_TF32, MMA_BF16 };
 
 // What a lane brought to a warp-level call, and what it takes away.
 struct WarpCall {

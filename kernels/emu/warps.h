@@ -31,6 +31,7 @@ inline const char* op_name(WarpOp op) {
         case SYNCWARP: return "__syncwarp";
         case ACTIVEMASK: return "__activemask";
         case MMA_TF32: return "mma.sync.m16n8k8.tf32";
+        case MMA_BF16: return "mma.sync.m16n8k16.bf16";
     }
     return "?";
 }
@@ -92,7 +93,7 @@ inline int warp_arrived(Fiber& f) {
                            c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                            lane_words(f, who, sizeof who), c.mask);
     }
-    if (c.op == MMA_TF32 && c.mask != 0xffffffffu) {
+    if ((c.op == MMA_TF32 || c.op == MMA_BF16) && c.mask != 0xffffffffu) {
         return block_error("%s at %s:%d: block (%u,%u,%u), %s: all 32 lanes must take part (mask 0x%08x)", c.name,
                            c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                            lane_words(f, who, sizeof who), c.mask);
@@ -134,6 +135,7 @@ inline int warp_arrived(Fiber& f) {
     if (!everyone) return 0;
     // Everyone is here: compute every result, then release the lanes.
     if (c.op == MMA_TF32) mma_complete(warp);
+    if (c.op == MMA_BF16) mma_bf16_complete(warp);
     uint64_t votes = 0;
     bool any = false, all = true;
     for (unsigned l = 0; l < WARP; ++l) {
