@@ -47,12 +47,12 @@ fi
 # of each kernel's loop, 128-bit loads, tensor-core instructions). Optional: without it the
 # model takes the tile loop's FFMA share from the source. A PyPI wheel, like NVRTC.
 if ! command -v nvdisasm >/dev/null; then
-  nvdisasm_bin=$(ls -d "$PWD"/.cache/cudatools/nvidia/*/bin 2>/dev/null | head -1)
+  nvdisasm_bin=$(ls -d "$PWD"/.cache/cudatools/nvidia/*/bin 2>/dev/null | head -1 || true)
   if [ -z "$nvdisasm_bin" ] && [ "${NVRTC_NO_INSTALL:-0}" != 1 ] && command -v python3 >/dev/null; then
     echo "nvdisasm not found: installing the nvidia-cuda-nvdisasm wheel into .cache/cudatools" >&2
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target .cache/cudatools 'nvidia-cuda-nvdisasm>=13,<14' >&2 \
       || echo "note: nvdisasm could not be installed; the model's SASS facts are left out" >&2
-    nvdisasm_bin=$(ls -d "$PWD"/.cache/cudatools/nvidia/*/bin 2>/dev/null | head -1)
+    nvdisasm_bin=$(ls -d "$PWD"/.cache/cudatools/nvidia/*/bin 2>/dev/null | head -1 || true)
   fi
   if [ -n "$nvdisasm_bin" ]; then
     export PATH="$nvdisasm_bin:$PATH"
