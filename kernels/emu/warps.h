@@ -79,6 +79,7 @@ inline unsigned shfl_source(WarpOp op, unsigned lane, int b, int width) {
 
 // The tensor-core call completes its warp (tensor.h).
 inline void mma_complete(unsigned warp);
+inline void mma_bf16_complete(unsigned warp);
 
 // Fiber f has just suspended at a warp-level call: checks it, and completes the call when every
 // lane of its mask waits there. Returns nonzero (with the block's error set) on undefined

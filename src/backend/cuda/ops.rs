@@ -175,6 +175,14 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         b
     }
+    /// No memset: the buffer holds whatever it held (a recycled tensor's values, or on the
+    /// emulated device NaN), and the op that asked for it writes every element. The GPU suite
+    /// compares every op with its CPU twin, whose `empty` is NaN-poisoned in the tests, so an
+    /// op that leaves part of its output unwritten fails there.
+    fn empty(&self, len: usize) -> CudaBuf<E> {
+        let _op = trace::op("empty", || format!("{len}"));
+        self.inner.pool.take(len)
+    }
     fn upload(&self, host: &[E]) -> CudaBuf<E> {
         let _op = trace::op("upload", || format!("{}", host.len()));
         let mut b = self.inner.pool.take(host.len());
