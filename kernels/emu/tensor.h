@@ -27,8 +27,9 @@
 
 namespace emu {
 
-// The input one lane brings to an mma.
-struct MmaTf32In {
+// The input one lane brings to an mma (TF32 and BF16 have the same registers: four of A, two
+// of B, four f32 of C).
+struct MmaIn {
     uint32_t a[4], b[2];
     float c[4];
 };
@@ -40,36 +41,49 @@ inline float tf32_value(uint32_t bits) {
     return f;
 }
 
-// Every lane of the warp has arrived: D = A·B + C from the fragments, back into each lane's d.
-inline void mma_complete(unsigned warp) {
-    double A[16][8], B[8][8], C[16][8];
-    for (unsigned l = 0; l < WARP; ++l) {
-        const MmaTf32In& in = *(const MmaTf32In*)rt.heap->fibers[warp * WARP + l].call.in;
-        const unsigned g = l / 4, t = l % 4;
-        A[g][t] = tf32_value(in.a[0]), A[g + 8][t] = tf32_value(in.a[1]);
-        A[g][t + 4] = tf32_value(in.a[2]), A[g + 8][t + 4] = tf32_value(in.a[3]);
-        B[t][g] = tf32_value(in.b[0]), B[t + 4][g] = tf32_value(in.b[1]);
-        C[g][2 * t] = in.c[0], C[g][2 * t + 1] = in.c[1], C[g + 8][2 * t] = in.c[2], C[g + 8][2 * t + 1] = in.c[3];
-    }
+// D = A·B + C over `k` products, rounded once to f32, into each lane's d (rows g, g, g+8, g+8 and
+// columns 2t, 2t+1, 2t, 2t+1, as both shapes' accumulator tables place them).
+inline void mma_write_d(unsigned warp, const double (*A)[16], const double (*B)[8], const double (*C)[8], int k) {
     for (unsigned l = 0; l < WARP; ++l) {
         float* d = (float*)rt.heap->fibers[warp * WARP + l].call.out;
         const unsigned g = l / 4, t = l % 4;
         const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
         for (int r = 0; r < 4; ++r) {
             double s = C[rows[r]][cols[r]];
-            for (int k = 0; k < 8; ++k) s += A[rows[r]][k] * B[k][cols[r]];
+            for (int j = 0; j < k; ++j) s += A[rows[r]][j] * B[j][cols[r]];
             d[r] = (float)s;
         }
     }
 }
 
-inline void mma_tf32_at(const char* file, int line, float* d, const unsigned* a, const unsigned* b, const float* c) {
-    MmaTf32In in;
+// The accumulator fragment c0..c3 of lane (g, t) into C.
+inline void mma_read_c(const MmaIn& in, unsigned g, unsigned t, double (*C)[8]) {
+    C[g][2 * t] = in.c[0], C[g][2 * t + 1] = in.c[1], C[g + 8][2 * t] = in.c[2], C[g + 8][2 * t + 1] = in.c[3];
+}
+
+// Every lane of the warp has arrived: D = A·B + C from the fragments, back into each lane's d.
+inline void mma_complete(unsigned warp) {
+    double A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < WARP; ++l) {
+        const MmaIn& in = *(const MmaIn*)rt.heap->fibers[warp * WARP + l].call.in;
+        const unsigned g = l / 4, t = l % 4;
+        A[g][t] = tf32_value(in.a[0]), A[g + 8][t] = tf32_value(in.a[1]);
+        A[g][t + 4] = tf32_value(in.a[2]), A[g + 8][t + 4] = tf32_value(in.a[3]);
+        B[t][g] = tf32_value(in.b[0]), B[t + 4][g] = tf32_value(in.b[1]);
+        mma_read_c(in, g, t, C);
+    }
+    mma_write_d(warp, A, B, C, 8);
+}
+
+// One lane's part of a warp-wide mma (`op` MMA_TF32 or MMA_BF16): its registers in, its d out.
+inline void mma_at(WarpOp op, const char* file, int line, float* d, const unsigned* a, const unsigned* b,
+                   const float* c) {
+    MmaIn in;
     memcpy(in.a, a, sizeof in.a);
     memcpy(in.b, b, sizeof in.b);
     memcpy(in.c, c, sizeof in.c);
     float out[4];
-    warp_call(MMA_TF32, 0xffffffffu, 0, 0, 32, file, line, &in, out);
+    warp_call(op, 0xffffffffu, 0, 0, 32, file, line, &in, out);
     memcpy(d, out, sizeof out);
 }
 
@@ -100,33 +114,13 @@ inline float bf16_value(uint32_t packed, unsigned high) {
 inline void mma_bf16_complete(unsigned warp) {
     double A[16][16], B[16][8], C[16][8];
     for (unsigned l = 0; l < WARP; ++l) {
-        const MmaTf32In& in = *(const MmaTf32In*)rt.heap->fibers[warp * WARP + l].call.in;
+        const MmaIn& in = *(const MmaIn*)rt.heap->fibers[warp * WARP + l].call.in;
         const unsigned g = l / 4, t = l % 4;
         for (unsigned i = 0; i < 8; ++i) A[g + 8 * ((i / 2) % 2)][2 * t + i % 2 + 8 * (i / 4)] = bf16_value(in.a[i / 2], i % 2);
         for (unsigned i = 0; i < 4; ++i) B[2 * t + i % 2 + 8 * (i / 2)][g] = bf16_value(in.b[i / 2], i % 2);
-        C[g][2 * t] = in.c[0], C[g][2 * t + 1] = in.c[1], C[g + 8][2 * t] = in.c[2], C[g + 8][2 * t + 1] = in.c[3];
+        mma_read_c(in, g, t, C);
     }
-    for (unsigned l = 0; l < WARP; ++l) {
-        float* d = (float*)rt.heap->fibers[warp * WARP + l].call.out;
-        const unsigned g = l / 4, t = l % 4;
-        const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-        for (int r = 0; r < 4; ++r) {
-            double s = C[rows[r]][cols[r]];
-            for (int k = 0; k < 16; ++k) s += A[rows[r]][k] * B[k][cols[r]];
-            d[r] = (float)s;
-        }
-    }
-}
-
-// The same operand shapes as TF32's (four A registers, two B, four C): one input struct.
-inline void mma_bf16_at(const char* file, int line, float* d, const unsigned* a, const unsigned* b, const float* c) {
-    MmaTf32In in;
-    memcpy(in.a, a, sizeof in.a);
-    memcpy(in.b, b, sizeof in.b);
-    memcpy(in.c, c, sizeof in.c);
-    float out[4];
-    warp_call(MMA_BF16, 0xffffffffu, 0, 0, 32, file, line, &in, out);
-    memcpy(d, out, sizeof out);
+    mma_write_d(warp, A, B, C, 16);
 }
 
 // f32 → bf16 bits, to nearest, ties to even (cvt.rn.bf16.f32); NaN becomes the quiet 0x7fff.
@@ -142,7 +136,7 @@ inline uint32_t cvt_rn_bf16x2(float hi, float lo) { return cvt_rn_bf16(hi) << 16
 
 }  // namespace emu
 
-#define emu_mma_m16n8k8_tf32(d, a, b, c) ::emu::mma_tf32_at(__FILE__, __LINE__, (d), (a), (b), (c))
+#define emu_mma_m16n8k8_tf32(d, a, b, c) ::emu::mma_at(::emu::MMA_TF32, __FILE__, __LINE__, (d), (a), (b), (c))
 #define emu_cvt_rna_tf32(x) ::emu::cvt_rna_tf32(x)
-#define emu_mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_bf16_at(__FILE__, __LINE__, (d), (a), (b), (c))
+#define emu_mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_at(::emu::MMA_BF16, __FILE__, __LINE__, (d), (a), (b), (c))
 #define emu_cvt_rn_bf16x2(hi, lo) ::emu::cvt_rn_bf16x2((hi), (lo))
