@@ -173,9 +173,7 @@ pub fn evaluate<B: Backend>(
         let mut tape = Tape::no_grad(be, store);
         let (xv, ev) = (tape.input(x), tape.input(eps));
         let l = vae.loss(&mut tape, xv, ev, objective, kl_weight);
-        let host = |v| tape.to_host(v)[0].f64();
-        let b = BatchLoss { loss: host(l.loss), recon: host(l.recon), kl: host(l.kl) };
-        sums.add(objective, idx.len(), image_len, z, b);
+        sums.add(objective, idx.len(), image_len, z, crate::train::read_loss(&tape, l));
     }
     sums
 }

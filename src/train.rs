@@ -224,7 +224,8 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
+/// The three scalars of a loss on the host (the step's blocking reads).
+pub(crate) fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
     BatchLoss {
         loss: tape.to_host(l.loss)[0].f64(),
         recon: tape.to_host(l.recon)[0].f64(),
