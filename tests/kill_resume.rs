@@ -206,15 +206,25 @@ fn killed_anywhere_resumes_to_the_same_bytes() {
 
 /// Ctrl-C mid-epoch: exit 130, a line saying how to continue, and a resume that ends where
 /// an uninterrupted run does.
+///
+/// The signal's moment is drawn from the reference run's training time (from its "training"
+/// line to its exit, so process start and data loading do not count), and every signal that
+/// misses (the run had finished, or was between epochs) halves the next draws: on a loaded
+/// CI machine the reference can run several times slower than the attempts after it, and a
+/// fixed fraction of its time then lands after the end every time.
 #[test]
 fn ctrl_c_stops_after_the_step_and_resumes_exactly() {
     let s = Setup::new(3000);
     let reference = s.root.join("reference");
-    let start = Instant::now();
-    s.finish(&reference, 2);
-    let full = start.elapsed();
+    let mut child = s.command(&reference, 2).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    wait_for_training(&mut out);
+    let training_began = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let training = training_began.elapsed();
+    assert!(o.status.success(), "reference failed: {}", String::from_utf8_lossy(&o.stderr));
     let mut rng = Rng::new(42);
-    let (mut mid_epoch, mut attempts) = (0, 0);
+    let (mut mid_epoch, mut attempts, mut scale) = (0, 0, 1.0);
     // Until three stops landed mid-epoch (a signal after the run ended proves nothing).
     while mid_epoch < 3 {
         attempts += 1;
@@ -223,16 +233,14 @@ fn ctrl_c_stops_after_the_step_and_resumes_exactly() {
         let mut child = s.command(&dir, 2).spawn().unwrap();
         // Wait until training has begun (the handler is set before that line), then a while.
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while out.read_line(&mut line).unwrap() > 0 && !line.starts_with("training ") {
-            line.clear();
-        }
-        std::thread::sleep(full.mul_f64(rng.uniform(0.0, 0.6)));
+        wait_for_training(&mut out);
+        std::thread::sleep(training.mul_f64(scale * rng.uniform(0.0, 0.6)));
         let pid = child.id().to_string();
         assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         if o.status.success() {
+            scale *= 0.5;
             continue; // it had finished before the signal: nothing to resume
         }
         assert_eq!(o.status.code(), Some(130), "{err}");
@@ -241,10 +249,20 @@ fn ctrl_c_stops_after_the_step_and_resumes_exactly() {
         assert!(!err.contains("error"), "{err}");
         if err.contains("stopped in epoch") {
             mid_epoch += 1;
+        } else {
+            scale *= 0.5;
         }
         assert_readable(&dir, "after Ctrl-C");
         s.finish(&dir, 2);
         assert_same_as_reference(&dir, &reference, &format!("Ctrl-C {attempts}"));
     }
     report!("Ctrl-C: {attempts} sent, {mid_epoch} landed mid-epoch; each stopped run resumed to the same bytes");
+}
+
+/// Reads the child's stdout up to the line that says training has begun.
+fn wait_for_training(out: &mut impl BufRead) {
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.starts_with("training ") {
+        line.clear();
+    }
 }
