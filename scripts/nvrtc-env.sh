@@ -58,3 +58,23 @@ if ! command -v nvdisasm >/dev/null; then
     export PATH="$nvdisasm_bin:$PATH"
   fi
 fi
+# CUDA's own headers for the half and bfloat16 types (cuda_fp16.h, cuda_bf16.h and what they
+# include: the runtime's headers, crt/ and CCCL's nv/target), which NVRTC does not build in.
+# The project's kernels do not include them; the emulator's tests of half and bfloat16 warp
+# shuffles do, compiled by NVRTC and by the host compiler from the same text. PyPI wheels
+# (about 7 MB) into .cache/cudaheaders, or a CUDA toolkit's include folder.
+if [ -z "${VAECUDA_CUDA_INCLUDE:-}" ]; then
+  for d in /usr/local/cuda/include "$PWD/.cache/cudaheaders/nvidia/cu13/include"; do
+    if [ -e "$d/cuda_bf16.h" ] && [ -e "$d/crt/host_defines.h" ]; then VAECUDA_CUDA_INCLUDE=$d; break; fi
+  done
+  if [ -z "${VAECUDA_CUDA_INCLUDE:-}" ] && [ "${NVRTC_NO_INSTALL:-0}" != 1 ] && command -v python3 >/dev/null; then
+    echo "CUDA headers not found: installing the nvidia-cuda-runtime, -crt and -cccl wheels into .cache/cudaheaders" >&2
+    if python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target .cache/cudaheaders \
+      'nvidia-cuda-runtime>=13,<14' 'nvidia-cuda-crt>=13,<14' 'nvidia-cuda-cccl>=13,<14' >&2; then
+      VAECUDA_CUDA_INCLUDE="$PWD/.cache/cudaheaders/nvidia/cu13/include"
+    else
+      echo "note: the CUDA headers could not be installed; the half and bfloat16 shuffle tests cannot run" >&2
+    fi
+  fi
+  if [ -n "${VAECUDA_CUDA_INCLUDE:-}" ]; then export VAECUDA_CUDA_INCLUDE; fi
+fi

@@ -287,6 +287,107 @@ fn partial_masks_votes_activemask_and_64_bit_shuffles() {
     }
 }
 
+/// The half and bfloat16 shuffles come from CUDA's own headers (`cuda_fp16.h`, `cuda_bf16.h`),
+/// which NVRTC does not build in: the program includes them from `VAECUDA_CUDA_INCLUDE`
+/// (`scripts/nvrtc-env.sh` installs NVIDIA's header wheels there), for NVRTC and for the host
+/// build alike. Values go in and out as raw bits, so nothing but the shuffle touches them.
+const HALF: &str = r#"#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+// Every shuffle of a __half, __nv_bfloat16, __half2 and __nv_bfloat162 per thread for widths
+// 1..32 and operands 0..33: out[((w·34 + b)·4 + mode)·n + t], the pairs packed as (y << 16) | x.
+template <class T>
+__device__ void shuffle_all(T v, int t, int n, int k, T* out) {
+    out[(k * 4 + 0) * n + t] = __shfl_sync(0xffffffffu, v, k % 34, 1 << (k / 34));
+    out[(k * 4 + 1) * n + t] = __shfl_up_sync(0xffffffffu, v, k % 34, 1 << (k / 34));
+    out[(k * 4 + 2) * n + t] = __shfl_down_sync(0xffffffffu, v, k % 34, 1 << (k / 34));
+    out[(k * 4 + 3) * n + t] = __shfl_xor_sync(0xffffffffu, v, k % 34, 1 << (k / 34));
+}
+extern "C" __global__ void shfl_half_table(__half* h, __nv_bfloat16* b, __half2* h2, __nv_bfloat162* b2) {
+    int t = threadIdx.x, n = blockDim.x;
+    __half_raw hr; hr.x = (unsigned short)(0x3c00 + 7 * t);
+    __nv_bfloat16_raw br; br.x = (unsigned short)(0x4000 + 5 * t);
+    __half2_raw h2r; h2r.x = (unsigned short)(0x4400 + t); h2r.y = (unsigned short)(0xc400 + 3 * t);
+    __nv_bfloat162_raw b2r; b2r.x = (unsigned short)(0x3f00 + t); b2r.y = (unsigned short)(0xbf00 + 9 * t);
+    for (int k = 0; k < 6 * 34; ++k) {
+        shuffle_all(__half(hr), t, n, k, h);
+        shuffle_all(__nv_bfloat16(br), t, n, k, b);
+        shuffle_all(__half2(h2r), t, n, k, h2);
+        shuffle_all(__nv_bfloat162(b2r), t, n, k, b2);
+    }
+}
+"#;
+
+/// The include flags for CUDA's headers (`-I dir -I dir/cccl`: CUDA 13 keeps `nv/target` in
+/// CCCL's folder), or None where they are missing outside CI.
+fn cuda_include_flags() -> Option<Vec<String>> {
+    match std::env::var("VAECUDA_CUDA_INCLUDE") {
+        Ok(dir) if std::path::Path::new(&dir).join("cuda_bf16.h").is_file() => {
+            Some(vec![format!("-I{dir}"), format!("-I{dir}/cccl")])
+        }
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CUDA's headers are missing under CI: source scripts/nvrtc-env.sh (it sets VAECUDA_CUDA_INCLUDE)")
+        }
+        _ => {
+            eprintln!("note: half and bfloat16 shuffles skipped: VAECUDA_CUDA_INCLUDE is not set (source scripts/nvrtc-env.sh)");
+            None
+        }
+    }
+}
+
+#[test]
+fn half_and_bfloat16_shuffles_follow_the_ptx_definition() {
+    let Some((ctx, stream)) = device() else { return };
+    let Some(includes) = cuda_include_flags() else { return };
+    let _one = LAUNCHING.lock().unwrap_or_else(|p| p.into_inner());
+    let flags: Vec<&str> = includes.iter().map(String::as_str).collect();
+    emu::load_program_with("half.cu", HALF, &["shfl_half_table"], &flags).unwrap_or_else(|e| panic!("{e}"));
+    let cubin = compile::compile_program_with("half.cu", HALF, "sm_90", &flags).unwrap_or_else(|e| panic!("{e}"));
+    let m = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin.binary)).unwrap();
+    let n = 64usize;
+    let len = 6 * 34 * 4 * n;
+    let mut h = stream.alloc_zeros::<u16>(len).unwrap();
+    let mut b = stream.alloc_zeros::<u16>(len).unwrap();
+    let mut h2 = stream.alloc_zeros::<u32>(len).unwrap();
+    let mut b2 = stream.alloc_zeros::<u32>(len).unwrap();
+    let f = m.load_function("shfl_half_table").unwrap();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&mut h).arg(&mut b).arg(&mut h2).arg(&mut b2);
+    // SAFETY: shfl_half_table writes `len` elements of each output.
+    unsafe { l.launch(cfg(1, n as u32, 0)) }.unwrap();
+    let (h, b, h2, b2) = (
+        stream.clone_dtoh(&h).unwrap(),
+        stream.clone_dtoh(&b).unwrap(),
+        stream.clone_dtoh(&h2).unwrap(),
+        stream.clone_dtoh(&b2).unwrap(),
+    );
+    let value = |t: usize| {
+        let t = t as u32;
+        (
+            (0x3c00 + 7 * t) as u16,
+            (0x4000 + 5 * t) as u16,
+            (0x4400 + t) | (0xc400 + 3 * t) << 16,
+            (0x3f00 + t) | (0xbf00 + 9 * t) << 16,
+        )
+    };
+    let mut wrong = vec![];
+    for k in 0..6 * 34 {
+        let (width, op) = (1usize << (k / 34), k % 34);
+        for mode in 0..4 {
+            for t in 0..n {
+                let (warp, lane) = (t / 32, t % 32);
+                let op_used = if mode == 0 { op } else { op % 32 };
+                let src = warp * 32 + guide_source(mode, lane, op_used, width);
+                let at = (k * 4 + mode) * n + t;
+                let got = (h[at], b[at], h2[at], b2[at]);
+                if got != value(src) && wrong.len() < 10 {
+                    wrong.push(format!("mode {mode} width {width} b {op} thread {t}: {got:x?} vs {:x?}", value(src)));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "half and bfloat16 shuffles differ from the definition:\n{}", wrong.join("\n"));
+}
+
 /// The sums of 128-value blocks, by shuffles and by shared memory with __syncwarp, against
 /// the host's.
 #[test]

@@ -117,6 +117,9 @@ EMU_HANDLER void __ubsan_handle_type_mismatch_v1_abort(::emu::TypeMismatchData* 
 }
 
 // ---- CUDA's vector types, with the GPU's alignment ----
+// Unless CUDA's own vector_types.h came first (through cuda_fp16.h or cuda_bf16.h): it
+// declares the same types with the same alignment (__builtin_align__ is aligned() on a host).
+#ifndef __VECTOR_TYPES_H__
 #define EMU_VECTOR2(T, name, align)                                                          \
     struct __attribute__((aligned(align))) name {                                            \
         T x, y;                                                                              \
@@ -140,3 +143,4 @@ EMU_VECTOR2(short, short2, 4)
 EMU_VECTOR4(short, short4, 8)
 EMU_VECTOR4(unsigned char, uchar4, 4)
 EMU_VECTOR4(signed char, char4, 4)
+#endif  // __VECTOR_TYPES_H__

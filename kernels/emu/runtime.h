@@ -38,6 +38,17 @@
 #include <utility>
 
 // ---- the CUDA keywords ----
+// CUDA's headers (cuda_fp16.h, cuda_bf16.h, included before this file) define them for a
+// host compiler their own way; these take over.
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __launch_bounds__
+#undef __restrict__
+#undef __shared__
+#undef __align__
 #define __global__
 #define __device__
 #define __host__

@@ -11,9 +11,11 @@
 
 #include <vector>
 
+#ifndef __VECTOR_TYPES_H__  // else CUDA's vector_types.h has it (see checks.h)
 struct uint3 {
     unsigned x, y, z;
 };
+#endif
 
 namespace emu {
 

@@ -241,6 +241,7 @@ inline T shfl(WarpOp op, const char* file, int line, unsigned mask, T var, int b
 
 }  // namespace emu
 
+#undef warpSize  // cuda_bf16.h defines it too
 #define warpSize 32
 #define __shfl_sync(...) ::emu::shfl(::emu::SHFL_IDX, __FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_up_sync(...) ::emu::shfl(::emu::SHFL_UP, __FILE__, __LINE__, __VA_ARGS__)

@@ -138,6 +138,12 @@ fn register(lib: &libloading::Library, modules: &[PathBuf]) -> Result<(), GpuErr
 /// and `kernels` its `extern "C"` kernel names. Registers them with the installed emulated
 /// driver, so a CUBIN NVRTC made from the same text loads and runs. Call [`install`] first.
 pub fn load_program(name: &str, text: &str, kernels: &[&str]) -> Result<(), GpuError> {
+    load_program_with(name, text, kernels, &[])
+}
+
+/// [`load_program`] with `flags` for the host compiler after the usual ones (include folders
+/// for a program that includes CUDA's own headers, as NVRTC gets them through `-I`).
+pub fn load_program_with(name: &str, text: &str, kernels: &[&str], flags: &[&str]) -> Result<(), GpuError> {
     let lib = match DRIVER.get() {
         Some(Ok(lib)) => lib,
         _ => return Err(GpuError::Unavailable("the emulated device is not installed".into())),
@@ -146,7 +152,8 @@ pub fn load_program(name: &str, text: &str, kernels: &[&str]) -> Result<(), GpuE
     let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
     let stem: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let text = format!("#line 1 \"{name}\"\n{text}");
-    let module = build(&cxx, &dir, &stem, name, &host_program(&text, kernels), &sanitizers(), &[])?;
+    let compile_flags: Vec<&str> = sanitizers().into_iter().chain(flags.iter().copied()).collect();
+    let module = build(&cxx, &dir, &stem, name, &host_program(&text, kernels), &compile_flags, &[])?;
     register(lib, &[module])
 }
 
@@ -233,13 +240,28 @@ fn sanitizers() -> Vec<&'static str> {
     ]
 }
 
+/// CUDA's own headers a program may include (found through `-I`, see `load_program_with`).
+const CUDA_HEADERS: [&str; 2] = ["cuda_fp16.h", "cuda_bf16.h"];
+
 /// The host build's text of a program: the runtime, the program (each `extern __shared__`
 /// declaration rewritten into a pointer to the block's dynamic shared memory, on the same
 /// line), and the table of its kernels.
 fn host_program(text: &str, kernels: &[impl AsRef<str>]) -> String {
-    let mut out = String::from("#include \"runtime.h\"\n");
+    // CUDA's half and bfloat16 headers go in front of the runtime: they define CUDA's vector
+    // types and keywords for a host compiler, which the runtime then takes over (its own
+    // definitions give way: checks.h, runtime.h). Their lines stay, blank, so lines keep
+    // their numbers.
+    let is_cuda_header = |l: &str| CUDA_HEADERS.iter().any(|h| l.trim() == format!("#include <{h}>"));
+    let mut out = String::new();
+    for line in text.lines().filter(|l| is_cuda_header(l)) {
+        out.push_str(line.trim());
+        out.push('\n');
+    }
+    out.push_str("#include \"runtime.h\"\n");
     for line in text.lines() {
-        out.push_str(&rewrite_extern_shared(line));
+        if !is_cuda_header(line) {
+            out.push_str(&rewrite_extern_shared(line));
+        }
         out.push('\n');
     }
     out.push_str("\n#line 1 \"kernel table (generated)\"\nEMU_MODULE_BEGIN\n");
