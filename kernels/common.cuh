@@ -230,14 +230,16 @@ __device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_e
             if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
             else           { kk = e / TILE_M; mm = e % TILE_M; }
             const int gm = m0 + mm, gk = k0 + kk;
-            As[kk][mm] = stage_operand<PREC>((gm < M && gk < k_end) ? la(gm, gk) : 0.0f);
+            const bool inside = gm < M && gk < k_end;
+            As[kk][mm] = stage_operand<PREC>(inside ? la(gm, gk) : 0.0f);
         }
         for (int e = tid; e < TILE_N * TILE_K; e += TILE_THREADS) {
             int nn, kk;
             if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
             else           { kk = e / TILE_N; nn = e % TILE_N; }
             const int gn = n0 + nn, gk = k0 + kk;
-            Bs[kk][nn] = stage_operand<PREC>((gn < N && gk < k_end) ? lb(gk, gn) : 0.0f);
+            const bool inside = gn < N && gk < k_end;
+            Bs[kk][nn] = stage_operand<PREC>(inside ? lb(gk, gn) : 0.0f);
         }
         __syncthreads();
         if (PREC == PREC_TF32) {

@@ -111,10 +111,7 @@ fn sass_checks(arch: &str, files: &[vaecuda::model::cubin::CompiledFile]) {
             if tc {
                 let want = if name.contains("_tf32") { 8 } else { 4 };
                 assert!(s.loop_tensor >= want, "{name}: {} mma in its hottest loop, not {want}", s.loop_tensor);
-                lines.push(format!(
-                    "{name} {} mma in {} instructions",
-                    s.loop_tensor, s.tensor_loop_instructions
-                ));
+                lines.push(format!("{name} {} mma in {} instructions", s.loop_tensor, s.tensor_loop_instructions));
                 continue;
             }
             assert_eq!(s.tensor, 0, "{name} uses tensor cores: the model prices it at the FP32 rate");

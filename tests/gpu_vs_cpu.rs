@@ -864,12 +864,8 @@ fn the_suite_catches_broken_kernels() {
         &["NaN"],
     );
     // A TF32 fragment element read by position: a2 (A[g][t+4]) given a1's element (A[g+8][t]).
-    let dir = broken_sources(
-        "tf32-fragment",
-        "common.cuh",
-        "a[i][2] = As[ks + t + 4][r];",
-        "a[i][2] = As[ks + t][r + 8];",
-    );
+    let dir =
+        broken_sources("tf32-fragment", "common.cuh", "a[i][2] = As[ks + t + 4][r];", "a[i][2] = As[ks + t][r + 8];");
     let d = dir.to_string_lossy().to_string();
     check(
         "a TF32 fragment element read by position",

@@ -197,7 +197,8 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 // The busiest SM holds ⌈B/S⌉ blocks (at most o at once); with fewer than four
                 // warps among them it cannot issue at its full rate (the small tiles' lone
                 // two-warp blocks; every 256-thread block has eight).
-                let warps = (blocks.div_ceil(m.sms as u64).min(o as u64) as u32 * l.threads_per_block().div_ceil(32)).max(1);
+                let warps =
+                    (blocks.div_ceil(m.sms as u64).min(o as u64) as u32 * l.threads_per_block().div_ceil(32)).max(1);
                 let issue = (warps as f64 / SCHEDULERS_PER_SM as f64).min(1.0);
                 let filled = pad / fill / issue;
                 let cost = Cost {

@@ -141,7 +141,8 @@ pub fn parse(text: &str) -> BTreeMap<String, SassFacts> {
 fn facts(instrs: &[Instr], labels: &BTreeMap<String, u32>) -> SassFacts {
     let base = |op: &str| op.split('.').next().unwrap_or("").to_string();
     let is_fma = |op: &str| matches!(base(op).as_str(), "FFMA" | "DFMA");
-    let is_tensor = |op: &str| matches!(base(op).as_str(), "HMMA" | "HGMMA" | "IMMA" | "IGMMA" | "DMMA" | "BMMA" | "QGMMA");
+    let is_tensor =
+        |op: &str| matches!(base(op).as_str(), "HMMA" | "HGMMA" | "IMMA" | "IGMMA" | "DMMA" | "BMMA" | "QGMMA");
     let mut f = SassFacts::default();
     for i in instrs.iter().filter(|i| base(&i.opcode) != "NOP") {
         f.instructions += 1;

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, DriverError, LaunchConfig};
 
-use super::contract::{int, BLOCK, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode};
+use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, BLOCK};
 use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::trace::{self, CopyDir, EventKind};
@@ -178,8 +178,7 @@ impl<E: CudaFloat> Cuda<E> {
                 self.launched(r, "splitk_reduce_bias");
             }
             None => {
-                let r =
-                    self.k().splitk_reduce(cfg_1d(m * n), part.s(), int(splits), int(m * n), c.sm(), g.accumulate);
+                let r = self.k().splitk_reduce(cfg_1d(m * n), part.s(), int(splits), int(m * n), c.sm(), g.accumulate);
                 self.launched(r, "splitk_reduce");
             }
         }
