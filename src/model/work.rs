@@ -220,13 +220,14 @@ mod tests {
     }
 
     /// A stride-2 backward-data convolution with a 4 × 4 kernel runs four phases of 2 × 2 taps
-    /// each over 14² of the 28² input pixels: exactly the forward's multiply-adds, no zero tap.
+    /// each over 14² of the 28² input pixels: exactly the forward's multiply-adds, no zero tap
+    /// (16 images, so each phase's 16·196 pixels are whole tiles).
     /// A one-channel output pads M from 1 to 64 on the 64 × 64 tile (64× the work), to 16 on
     /// the 16 × 64 one.
     #[test]
     fn zero_taps_and_a_one_channel_tile() {
         let a = ConvArgs {
-            n: 4,
+            n: 16,
             c_in: 64,
             h: 28,
             w: 28,
@@ -240,17 +241,17 @@ mod tests {
             kc: 0,
         };
         let w = work_of(&launch(Kernel::ConvBwdData, [1, 1, 4], vec![Arg::Conv(a)]));
-        let pixels = 4.0 * 28.0 * 28.0;
+        let pixels = 16.0 * 28.0 * 28.0;
         assert_eq!(w.useful_flops, w.executed_flops);
         assert_eq!(w.executed_flops, 2.0 * 64.0 * pixels * 64.0 * 4.0);
         // A 3 × 3 kernel at stride 2: phase (0, 0) has 2 × 2 taps, (0, 1) 2 × 1, (1, 1) 1 × 1,
-        // 9 taps over the four phases of 196 pixels each, K = 64·taps whole tiles.
+        // 9 taps over the four phases of 16·196 pixels each, K = 64·taps whole tiles.
         let odd = ConvArgs { kh: 3, kw: 3, ..a };
         let w = work_of(&launch(Kernel::ConvBwdData, [1, 1, 4], vec![Arg::Conv(odd)]));
-        assert_eq!(w.executed_flops, 2.0 * 64.0 * (4.0 * 196.0) * 64.0 * 9.0);
+        assert_eq!(w.executed_flops, 2.0 * 64.0 * (16.0 * 196.0) * 64.0 * 9.0);
         let one = ConvArgs { c_out: 1, stride: 1, oh: 28, ow: 28, kh: 3, kw: 3, ..a };
         let fwd = |k| work_of(&launch(k, [1, 1, 1], vec![Arg::Conv(one), Arg::Null, Arg::Null, Arg::Null]));
-        // M: 1 → 64; N = 4·784 and K = 64·9 are whole tiles.
+        // M: 1 → 64; N = 16·784 and K = 64·9 are whole tiles.
         assert_eq!(fwd(Kernel::ConvFwd).executed_flops / fwd(Kernel::ConvFwd).useful_flops, 64.0);
         assert_eq!(fwd(Kernel::ConvFwdM16).executed_flops / fwd(Kernel::ConvFwdM16).useful_flops, 16.0);
     }

@@ -583,9 +583,42 @@ mod tests {
         assert!(d.contains("void adam_f64(AdamArgs<double> a, double* p, const double* g"), "{d}");
         let d = declarations("elementwise.cu");
         assert!(d.contains("void reduce_final_f32(const acc_t* part, int g, double scale, float* out);"), "{d}");
-        assert_eq!(
-            symbols_in("gemm.cu"),
-            ["gemm_f32", "gemm_f64", "gemm_splitk_f32", "gemm_splitk_f64", "splitk_reduce_f32", "splitk_reduce_f64"]
-        );
+        let gemm = symbols_in("gemm.cu");
+        assert_eq!(gemm[..4], ["gemm_f32", "gemm_f64", "gemm_splitk_f32", "gemm_splitk_f64"]);
+        assert!(gemm.contains(&"gemm_m16_f32".to_string()) && gemm.contains(&"splitk_reduce_bias_f64".to_string()));
+    }
+
+    /// The tile chooser on the shapes the GPU suite relies on to reach every tile shape, and
+    /// the block sizes that follow.
+    #[test]
+    fn tiles_fit_the_shape() {
+        // A one-channel output: 16 rows, not 64.
+        assert_eq!(choose_tile(&TILES, 1, 16 * 784, 288, 1), Tile::Short);
+        // 2 × 62 tiles of 64 × 64 fill the GPU: no small tiles.
+        assert_eq!(choose_tile(&TILES, 128, 3920, 4, 1), Tile::Square);
+        // A 20-wide latent head's output: 16 columns.
+        assert_eq!(choose_tile(&TILES, 8000, 10, 8, 1), Tile::Narrow);
+        // The MLP's 128 × 784 → 400 forward: 14 tiles of 64 × 64 would leave 118 SMs idle;
+        // split along K instead.
+        let (_, splits, _) = split_k(&TILES, 128, 400, 784, false);
+        assert!(splits > 1);
+        // Only the 64 × 64 tile where the tensor-core kernels run.
+        assert_eq!(choose_tile(&[Tile::Square], 1, 16 * 784, 288, 1), Tile::Square);
+        assert_eq!(block_threads(Kernel::GemmM16), 64);
+        assert_eq!(block_threads(Kernel::GemmTf32), 256);
+        assert_eq!(block_threads_of_symbol("conv2d_bwd_data_n16_f64"), Some(64));
+        assert_eq!(block_threads_of_symbol("adam_f32"), Some(BLOCK));
+    }
+
+    /// The phases of a stride-2, 3 × 3, pad-1 convolution of a 7 × 6 input (4 × 3 output):
+    /// rows yy = 2t − 1 (phase 0: yy = 1, 3, 5; taps p = 0, 2) and yy = 2t (phase 1: yy = 0, 2,
+    /// 4, 6; tap p = 1); columns likewise (phase 0: xx = 1, 3, 5; phase 1: xx = 0, 2, 4). Every
+    /// pixel is in exactly one phase and every tap in exactly one.
+    #[test]
+    fn conv_phases_partition_pixels_and_taps() {
+        let a = ConvArgs { n: 1, c_in: 1, h: 7, w: 6, c_out: 1, kh: 3, kw: 3, stride: 2, pad: 1, oh: 4, ow: 3, kc: 0 };
+        assert_eq!(conv_phases(&a), vec![(3 * 3, 2 * 2), (3 * 3, 2), (4 * 3, 2), (4 * 3, 1)]);
+        let total: (usize, usize) = conv_phases(&a).iter().fold((0, 0), |s, p| (s.0 + p.0, s.1 + p.1));
+        assert_eq!(total, (7 * 6, 9));
     }
 }
