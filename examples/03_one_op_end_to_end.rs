@@ -51,10 +51,17 @@ fn main() {
     println!("\nkernel table: {} in kernels/{}, parameters {:?}", spec.name, spec.file, spec.params);
     let decl = kernels::declarations(spec.file);
     println!("declared to NVRTC as: {}", decl.lines().find(|l| l.contains("conv2d_fwd_f32")).unwrap());
-    let cfg = kernels::cfg_tiles(d.c_out, d.n * d.oh * d.ow, 1);
+    // The tile shape is chosen from the GEMM's shape (64 × 64, or 16 × 64 / 64 × 16 for a small
+    // M or N), as the backend does at f32.
+    let (m, n, k) = (d.c_out, d.n * d.oh * d.ow, d.c_in * d.kh * d.kw);
+    let tile = kernels::choose_tile(&kernels::TILES, m, n, k, 1);
+    let cfg = kernels::cfg_tiles(tile, m, n, 1);
     println!(
-        "launch: grid {:?} of {} threads: one block per 64 output channels × 64 output pixels (implicit GEMM M = c_out = {}, N = n·oh·ow = {}, K = c_in·kh·kw = {})",
-        cfg.grid_dim, cfg.block_dim.0, d.c_out, d.n * d.oh * d.ow, d.c_in * d.kh * d.kw
+        "launch: grid {:?} of {} threads: one block per {} output channels × {} output pixels (implicit GEMM M = c_out = {m}, N = n·oh·ow = {n}, K = c_in·kh·kw = {k})",
+        cfg.grid_dim,
+        cfg.block_dim.0,
+        tile.m(),
+        tile.n()
     );
     let file = compile::FILES.iter().find(|f| f.name == spec.file).unwrap();
     let text = compile::program_source(file).unwrap();

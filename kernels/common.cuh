@@ -44,11 +44,16 @@ __device__ __forceinline__ double sqrt_t(double x) { return sqrt(x); }
 // ---- the tiled GEMM engine (used by gemm.cu and conv2d.cu) ----
 //
 // C[m, n] = Σ_{k in [k_begin, k_end)} A(m, k) · B(k, n), M × N outputs per grid.
-// A block of TILE_THREADS = 256 threads computes a TILE_M × TILE_N = 64 × 64 tile of C,
-// walking K in steps of TILE_K = 16 through shared memory. Thread (ty, tx) = (tid / 16,
-// tid % 16) owns the 4 × 4 register micro-tile of rows m0 + ty + 16·i and columns
-// n0 + tx + 16·j (i, j in 0..4): strided so that a warp reads 16 consecutive B columns
-// (no bank conflicts) and writes 16 consecutive C columns (coalesced).
+// A block computes a TM × TN tile of C with (TM/4)·(TN/4) threads, each owning a 4 × 4
+// register micro-tile, walking K in steps of TILE_K = 16 through shared memory. Three shapes
+// are instantiated (the host picks one per launch from the GEMM's shape, `choose_tile` in
+// src/backend/cuda/kernels.rs): 64 × 64 with TILE_THREADS = 256 threads, and for a small M
+// or N the 16 × 64 and 64 × 16 tiles with TILE_SMALL_THREADS = 64 threads, so one output
+// channel or a 20-wide latent head pads to 16 instead of 64. Thread (ty, tx) = (tid / TX,
+// tid % TX) with TX = TN/4, TY = TM/4 owns rows m0 + ty + TY·i and columns n0 + tx + TX·j
+// (i, j in 0..4): strided so that a warp reads consecutive B columns (no bank conflicts) and
+// writes consecutive C columns (coalesced). The micro-tile is 4 × 4 in every shape, so each
+// k-step does 16 FFMA per 8 shared loads whatever the tile.
 //
 // Operands are read through loader functors, so the same engine does plain GEMM with any
 // transposes (strided loads) and implicit-GEMM convolutions (index math in the loader):
@@ -56,20 +61,21 @@ __device__ __forceinline__ double sqrt_t(double x) { return sqrt(x); }
 // `k_fast` says which index is contiguous in memory, so consecutive threads load
 // consecutive addresses. Out-of-range elements (ragged M, N, K tails) load as 0 and the
 // loader is never called for them. The store functor is called once per in-range (m, n).
-// (TILE_M = TILE_N = 64, TILE_K = 16 and TILE_THREADS = 256 come from the contract; the
-// 16 × 16 thread grid and 4 × 4 micro-tiles below assume those values.)
-static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "tile_gemm assumes 64x64 tiles, 256 threads");
+static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "the 64x64 tile has 256 threads");
+static_assert(TILE_SMALL == 16 && TILE_SMALL_THREADS == 64, "the 16-wide tiles have 64 threads");
 
-template <typename T, class LA, class LB, class ST>
+template <typename T, int TM, int TN, class LA, class LB, class ST>
 __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
                                           const ST& st) {
+    constexpr int TX = TN / 4, TY = TM / 4, THREADS = TX * TY;
+    static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
     // +1 padding: the k-fast store pattern (consecutive threads → consecutive kk) hits
     // distinct banks.
-    __shared__ T As[TILE_K][TILE_M + 1];
-    __shared__ T Bs[TILE_K][TILE_N + 1];
+    __shared__ T As[TILE_K][TM + 1];
+    __shared__ T Bs[TILE_K][TN + 1];
     const int tid = threadIdx.x;
-    const int tx = tid % 16, ty = tid / 16;
-    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    const int tx = tid % TX, ty = tid / TX;
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     T acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -77,19 +83,19 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
         for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
 
     for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        // A tile: TILE_M × TILE_K elements, TILE_M·TILE_K / TILE_THREADS = 4 per thread.
-        for (int e = tid; e < TILE_M * TILE_K; e += TILE_THREADS) {
+        // A tile: TM × TILE_K elements, 4 per thread (TM·TILE_K / THREADS = 4 for every shape).
+        for (int e = tid; e < TM * TILE_K; e += THREADS) {
             int mm, kk;
             if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TILE_M; mm = e % TILE_M; }
+            else           { kk = e / TM; mm = e % TM; }
             const int gm = m0 + mm, gk = k0 + kk;
             As[kk][mm] = (gm < M && gk < k_end) ? la(gm, gk) : T(0);
         }
-        // B tile: TILE_K × TILE_N elements.
-        for (int e = tid; e < TILE_N * TILE_K; e += TILE_THREADS) {
+        // B tile: TILE_K × TN elements.
+        for (int e = tid; e < TN * TILE_K; e += THREADS) {
             int nn, kk;
             if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TILE_N; nn = e % TILE_N; }
+            else           { kk = e / TN; nn = e % TN; }
             const int gn = n0 + nn, gk = k0 + kk;
             Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
         }
@@ -98,9 +104,9 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
         for (int kk = 0; kk < TILE_K; ++kk) {
             T a[4], b[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + TY * i];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + TX * j];
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -112,10 +118,221 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            const int m = m0 + ty + TY * i, n = n0 + tx + TX * j;
             if (m < M && n < N) st(m, n, acc[i][j]);
         }
 }
+
+// Unsigned division by a divisor fixed for the whole launch, without a divide instruction per
+// element: q = (hi32(n·mul) + n) >> shift, the "round-up" method of Granlund and Montgomery
+// (PLDI 1994; Hacker's Delight, 2nd ed., 10-9), with shift = ⌈log2 d⌉ and
+// mul = ⌊2^32·(2^shift − d)/d⌋ + 1. Exact for 0 ≤ n < 2^31 and 1 ≤ d < 2^31 (then
+// hi32(n·mul) ≤ n, so the sum fits 32 bits); checked exhaustively for d < 5000 and n < 10^4
+// and on random n up to 2^31 − 1 when it was written, and by every convolution test. The
+// set-up costs one 64-bit division, made once per thread before the K loop.
+struct FastDiv {
+    unsigned d, mul, shift;
+    __device__ __forceinline__ explicit FastDiv(int divisor) {
+        d = (unsigned)divisor;
+        shift = 0;
+        while ((1u << shift) < d) ++shift;
+        mul = (unsigned)(((1ull << 32) * ((1ull << shift) - d)) / d + 1);
+    }
+    __device__ __forceinline__ int div(int n) const {
+        const unsigned hi = (unsigned)(((unsigned long long)mul * (unsigned)n) >> 32);
+        return (int)((hi + (unsigned)n) >> shift);
+    }
+};
+
+// ---- the tensor-core tile (--precision tf32 / bf16) ----
+//
+// The same 64 × 64 tile, loaders and stores as tile_gemm, on `mma.sync`: operands are rounded
+// as they are staged in shared memory (TF32: cvt.rna, nearest, ties away; BF16: cvt.rn,
+// nearest even), exactly as the CPU backend rounds them at that precision, and the products
+// are accumulated in f32. The 8 warps of 256 threads form a 2 × 4 grid, each warp owning a
+// 32 × 16 block of C: 2 × 2 accumulator fragments of 16 × 8, 16 floats per thread as the
+// 4 × 4 micro-tile of the FP32 engine. Fragments follow the PTX ISA's tables (see
+// kernels/README.md, "Tensor cores"); g = lane / 4, t = lane % 4.
+//
+// NVRTC has no mma.h, so the instructions are inline PTX; on the emulated device
+// (VAECUDA_EMULATED) their host bodies.
+#define PREC_TF32 0
+#define PREC_BF16 1
+#ifdef VAECUDA_EMULATED
+__device__ __forceinline__ unsigned cvt_tf32(float x) { return emu_cvt_rna_tf32(x); }
+// The bf16 of x in the upper half of a word (the lower half zero).
+__device__ __forceinline__ unsigned cvt_bf16_hi(float x) { return emu_cvt_rn_bf16x2(x, 0.0f); }
+__device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    emu_mma_m16n8k8_tf32(d, a, b, c);
+}
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    emu_mma_m16n8k16_bf16(d, a, b, c);
+}
+#else
+__device__ __forceinline__ unsigned cvt_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ unsigned cvt_bf16_hi(float x) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x), "f"(0.0f));
+    return r;
+}
+__device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%11,%12,%13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                   "f"(c[2]), "f"(c[3]));
+}
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%11,%12,%13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                   "f"(c[2]), "f"(c[3]));
+}
+#endif
+
+// An operand as staged: TF32 bits, or the bf16 in the upper half.
+template <int PREC>
+__device__ __forceinline__ unsigned stage_operand(float x) {
+    return PREC == PREC_TF32 ? cvt_tf32(x) : cvt_bf16_hi(x);
+}
+// Two staged bf16 packed into one register, the lower-numbered element (lo) in the low half.
+__device__ __forceinline__ unsigned pack_bf16(unsigned lo, unsigned hi) { return (hi & 0xffff0000u) | (lo >> 16); }
+
+// Shared rows of the tensor-core tile: 64 + 8 words, so the fragment reads (lane (g, t) at
+// row t, column g) fall in 32 distinct banks (8t + g).
+#define TC_PITCH (TILE_M + 8)
+
+template <int PREC, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                              const ST& st) {
+    __shared__ unsigned As[TILE_K][TC_PITCH];
+    __shared__ unsigned Bs[TILE_K][TC_PITCH];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int wm = (warp / 4) * 32, wn = (warp % 4) * 16;  // this warp's 32 × 16 block of the tile
+    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    float acc[2][2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
+        for (int e = tid; e < TILE_M * TILE_K; e += TILE_THREADS) {
+            int mm, kk;
+            if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
+            else           { kk = e / TILE_M; mm = e % TILE_M; }
+            const int gm = m0 + mm, gk = k0 + kk;
+            const bool inside = gm < M && gk < k_end;
+            As[kk][mm] = stage_operand<PREC>(inside ? la(gm, gk) : 0.0f);
+        }
+        for (int e = tid; e < TILE_N * TILE_K; e += TILE_THREADS) {
+            int nn, kk;
+            if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
+            else           { kk = e / TILE_N; nn = e % TILE_N; }
+            const int gn = n0 + nn, gk = k0 + kk;
+            const bool inside = gn < N && gk < k_end;
+            Bs[kk][nn] = stage_operand<PREC>(inside ? lb(gk, gn) : 0.0f);
+        }
+        __syncthreads();
+        if (PREC == PREC_TF32) {
+#pragma unroll
+            for (int ks = 0; ks < TILE_K; ks += 8) {
+                unsigned a[2][4], b[2][2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int r = wm + 16 * i + g;
+                    a[i][0] = As[ks + t][r];          // A[g][t]
+                    a[i][1] = As[ks + t][r + 8];      // A[g+8][t]
+                    a[i][2] = As[ks + t + 4][r];      // A[g][t+4]
+                    a[i][3] = As[ks + t + 4][r + 8];  // A[g+8][t+4]
+                }
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int c = wn + 8 * j + g;
+                    b[j][0] = Bs[ks + t][c];      // B[t][g]
+                    b[j][1] = Bs[ks + t + 4][c];  // B[t+4][g]
+                }
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) mma_tf32(acc[i][j], a[i], b[j], acc[i][j]);
+            }
+        } else {
+            unsigned a[2][4], b[2][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = wm + 16 * i + g;
+                a[i][0] = pack_bf16(As[2 * t][r], As[2 * t + 1][r]);              // A[g][2t], A[g][2t+1]
+                a[i][1] = pack_bf16(As[2 * t][r + 8], As[2 * t + 1][r + 8]);      // rows g+8
+                a[i][2] = pack_bf16(As[2 * t + 8][r], As[2 * t + 9][r]);          // columns 2t+8, 2t+9
+                a[i][3] = pack_bf16(As[2 * t + 8][r + 8], As[2 * t + 9][r + 8]);  // both
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int c = wn + 8 * j + g;
+                b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);      // B[2t][g], B[2t+1][g]
+                b[j][1] = pack_bf16(Bs[2 * t + 8][c], Bs[2 * t + 9][c]);  // rows 2t+8, 2t+9
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) mma_bf16(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    // c0..c3 of fragment (i, j): C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int m = m0 + wm + 16 * i + g + 8 * (r / 2), n = n0 + wn + 8 * j + 2 * t + r % 2;
+                if (m < M && n < N) st(m, n, acc[i][j][r]);
+            }
+}
+
+// The FP32/FP64 tile engine of one tile shape, as a type the kernel templates take (so one
+// template serves every tile shape and the tensor-core engines).
+template <typename T, int TM_, int TN_>
+struct FmaEngine {
+    static constexpr int TM = TM_, TN = TN_;
+    template <class LA, class LB, class ST>
+    static __device__ __forceinline__ void run(int M, int N, int kb, int ke, const LA& la, const LB& lb,
+                                               const ST& st) {
+        tile_gemm<T, TM_, TN_>(M, N, kb, ke, la, lb, st);
+    }
+};
+
+// The tile engine a tensor-core kernel runs: mma.sync for float; f64 has no tensor-core path
+// here (the table instantiates every kernel for both types, and the backend launches these
+// only for f32 at --precision tf32/bf16), so its symbol runs the exact 64 × 64 engine.
+template <typename T, int PREC>
+struct TcEngine {
+    static constexpr int TM = TILE_M, TN = TILE_N;
+    template <class LA, class LB, class ST>
+    static __device__ __forceinline__ void run(int M, int N, int kb, int ke, const LA& la, const LB& lb,
+                                               const ST& st) {
+        tile_gemm<T, TILE_M, TILE_N>(M, N, kb, ke, la, lb, st);
+    }
+};
+template <int PREC>
+struct TcEngine<float, PREC> {
+    static constexpr int TM = TILE_M, TN = TILE_N;
+    template <class LA, class LB, class ST>
+    static __device__ __forceinline__ void run(int M, int N, int kb, int ke, const LA& la, const LB& lb,
+                                               const ST& st) {
+        tile_gemm_mma<PREC>(M, N, kb, ke, la, lb, st);
+    }
+};
 
 // The K range of split `z` when K is cut into chunks of kc (the last one ragged).
 __device__ __forceinline__ void split_range(int K, int kc, int z, int* kb, int* ke) {

@@ -92,6 +92,27 @@ impl Both {
     }
 }
 
+/// Runs `f` with the launch trace on and returns the f32 kernel symbols it launched
+/// (`gemm_m16_f32`), so a test can require that its shapes reach every tile shape.
+fn launched(f: impl FnOnce()) -> std::collections::BTreeSet<String> {
+    use vaecuda::backend::cuda::kernels::KERNELS;
+    use vaecuda::backend::cuda::trace::{record, EventKind};
+    let ((), events) = record(f);
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Launch(l) => Some(format!("{}_f32", KERNELS[l.kernel as usize].name)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Fails unless every kernel of `want` (base names) is in `got`.
+fn require_launched(test: &str, got: &std::collections::BTreeSet<String>, want: &[&str]) {
+    let missing: Vec<_> = want.iter().filter(|w| !got.contains(&format!("{w}_f32"))).collect();
+    assert!(missing.is_empty(), "{test}: its shapes no longer reach {missing:?} (launched {got:?})");
+}
+
 fn both() -> Option<Both> {
     Some(Both { cpu: Cpu::default(), gpu: gpu32()?, rng: Rng::new(2024), fails: vec![] })
 }
@@ -103,8 +124,33 @@ fn linear_matches_cpu() {
     // (2000, 1030, 3) takes the split-K path (gemm_splitk + splitk_reduce) in the forward
     // without bias (2 chunks, overwriting a poisoned output) and in backward-weight (3 chunks,
     // accumulating); no other shape here reaches it.
-    let shapes = [(1, 3, 2), (3, 5, 7), (130, 65, 67), (128, 784, 400), (128, 400, 20), (17, 1, 33), (2000, 1030, 3)];
-    for &(n, d_in, d_out) in &shapes {
+    // The tile shapes and splits come from the shape (`split_k`): the MLP's 128 × 784 → 400
+    // forward splits K with its bias (`splitk_reduce_bias`), its 20-wide heads take the
+    // 64 × 16 tile and their weight gradients (M = 20) the 16 × 64 one, and a 1000 × 1000
+    // output of a short K fills the GPU with 64 × 64 tiles unsplit, an 8000 × 10 one with
+    // 64 × 16 tiles; the launches are traced and each required below.
+    let shapes = [
+        (1, 3, 2),
+        (3, 5, 7),
+        (130, 65, 67),
+        (128, 784, 400),
+        (128, 400, 20),
+        (17, 1, 33),
+        (2000, 1030, 3),
+        (1000, 16, 1000),
+        (8000, 8, 10),
+    ];
+    let got = launched(|| linear_cases(&mut t, &shapes));
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+    require_launched(
+        "linear_matches_cpu",
+        &got,
+        &["gemm", "gemm_m16", "gemm_n16", "gemm_splitk", "splitk_reduce", "splitk_reduce_bias"],
+    );
+}
+
+fn linear_cases(t: &mut Both, shapes: &[(usize, usize, usize)]) {
+    for &(n, d_in, d_out) in shapes {
         let d = LinearDims { n, d_in, d_out };
         let tag = format!("n{n} {d_in}->{d_out}");
         let x = t.input(n * d_in, -1.0, 1.0);
@@ -130,7 +176,6 @@ fn linear_matches_cpu() {
         t.gpu.bias_backward(&dy.1, &mut db.1, n, d_out, 1);
         t.cmp(&format!("bias_backward {tag}"), &db, n);
     }
-    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
 }
 
 #[test]
@@ -153,8 +198,28 @@ fn conv2d_matches_cpu() {
         (16, 32, 28, 28, 64, 3, 3, 2, 1),
         (16, 64, 14, 14, 128, 3, 3, 2, 1),
         (16, 32, 28, 28, 1, 3, 3, 1, 1),
+        // Phases of a stride-2 backward-data with 4 × 4 taps on odd sizes (ragged phases),
+        // and the conv VAE's one-channel transposed output (backward-data with c_in = 1).
+        (4, 3, 9, 7, 8, 4, 4, 2, 1),
+        (8, 1, 28, 28, 32, 4, 4, 2, 1),
+        // 1 × 1 convolutions whose forward (M = 128 channels out) and backward-data (M = 128
+        // in) have enough 64 × 64 tiles (2 × 62) to fill the GPU without small ones.
+        (20, 4, 14, 14, 128, 1, 1, 1, 0),
+        (20, 128, 14, 14, 4, 1, 1, 1, 0),
     ];
-    for &(n, c_in, h, w, c_out, kh, kw, s, p) in &shapes {
+    let got = launched(|| conv_cases(&mut t, &shapes));
+    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+    require_launched(
+        "conv2d_matches_cpu",
+        &got,
+        &["conv2d_fwd", "conv2d_fwd_m16", "conv2d_bwd_data", "conv2d_bwd_data_m16", "conv2d_bwd_weight"],
+    );
+}
+
+type ConvShape = (usize, usize, usize, usize, usize, usize, usize, usize, usize);
+
+fn conv_cases(t: &mut Both, shapes: &[ConvShape]) {
+    for &(n, c_in, h, w, c_out, kh, kw, s, p) in shapes {
         let d = Conv2dDims::new(n, c_in, h, w, c_out, kh, kw, s, p);
         let k = kh * kw;
         let tag = format!("n{n} {c_in}x{h}x{w}->{c_out} k{kh}x{kw} s{s} p{p}");
@@ -186,7 +251,44 @@ fn conv2d_matches_cpu() {
         t.gpu.bias_backward(&dy.1, &mut db.1, n, c_out, l);
         t.cmp(&format!("bias_backward {tag}"), &db, n * l);
     }
-    assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+/// The tensor-core kernels (`--precision tf32` and `bf16`) against the CPU backend at the same
+/// precision, which rounds the operands exactly as they are staged (TF32: nearest, ties away,
+/// as `cvt.rna`; BF16: nearest even, as `cvt.rn`). The products of rounded operands are exact
+/// in f32 on both sides (11 + 11 and 8 + 8 significant bits), so only the order and grouping
+/// of the f32 sums differ (an mma adds 8 or 16 products and rounds once; on a GPU its internal
+/// truncation costs a few ulps of the largest addend more): the f32 bound RTOL·√terms holds,
+/// while a fragment read from the wrong element, an unrounded operand or a wrong precision
+/// fails by orders of magnitude (a TF32 rounding alone is 2^-11 relative, ~50× RTOL).
+#[test]
+fn tensor_core_products_match_cpu_at_their_precision() {
+    use vaecuda::backend::Precision;
+    for (p, tag) in [(Precision::Tf32, "tf32"), (Precision::Bf16, "bf16")] {
+        let Some(gpu) = gpu32() else { return };
+        let mut t = Both { cpu: Cpu::with_precision(p), gpu: gpu.with_precision(p), rng: Rng::new(77), fails: vec![] };
+        // Ragged shapes, a split forward with bias (64 × 512 → 64: one tile, K in chunks), a
+        // 20-wide head. Small: the emulated mma is slow.
+        let lin = [(3, 5, 7), (130, 65, 67), (64, 512, 64), (128, 100, 20)];
+        let conv: [ConvShape; 4] = [
+            (2, 3, 7, 6, 2, 3, 3, 2, 1),
+            (3, 5, 9, 11, 70, 3, 3, 1, 1),
+            (4, 3, 9, 7, 8, 4, 4, 2, 1),
+            (4, 8, 14, 14, 1, 3, 3, 1, 1),
+        ];
+        let got = launched(|| {
+            linear_cases(&mut t, &lin);
+            conv_cases(&mut t, &conv);
+        });
+        assert!(t.fails.is_empty(), "{tag}:\n{}", t.fails.join("\n"));
+        let want: Vec<String> = ["gemm", "gemm_splitk", "conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"]
+            .iter()
+            .map(|k| format!("{k}_{tag}"))
+            .collect();
+        require_launched(tag, &got, &want.iter().map(String::as_str).collect::<Vec<_>>());
+        // No FMA tile kernel runs at a tensor-core precision.
+        assert!(!got.contains("gemm_f32") && !got.contains("conv2d_fwd_f32"), "{tag}: {got:?}");
+    }
 }
 
 #[test]
@@ -668,7 +770,7 @@ fn broken_sources(tag: &str, file: &str, from: &str, to: &str) -> std::path::Pat
     dir
 }
 
-/// Four bugs planted on purpose, each of which the suite must catch on the emulated device
+/// Nine bugs planted on purpose, each of which the suite must catch on the emulated device
 /// (and each a bug that on a GPU would show only as wrong numbers, if at all).
 #[test]
 fn the_suite_catches_broken_kernels() {
@@ -695,7 +797,8 @@ fn the_suite_catches_broken_kernels() {
         "tile loader off by one",
         "linear_matches_cpu",
         &[("VAECUDA_KERNEL_SOURCES", &d)],
-        &["illegal memory access", "kernel gemm_f32", "past the end of"],
+        // Whichever tile shape the first shape takes reads past the end first.
+        &["illegal memory access", "kernel gemm", "past the end of"],
     );
     // The barrier between loading the tiles and reading them, removed.
     let barrier =
@@ -723,6 +826,66 @@ fn the_suite_catches_broken_kernels() {
         "linear_matches_cpu",
         &[("VAECUDA_EMU_MUTATE", "short-grid:gemm_f32")],
         &["linear_forward", "NaN"],
+    );
+    // Phase-split backward-data with the taps of a phase at the wrong offset: p = φ + u
+    // instead of φ + s·u (the same at stride 1, so only the strided cases can catch it).
+    let dir = broken_sources(
+        "phase",
+        "conv2d.cu",
+        "const int p = ph.y.f + a.stride * u, q = ph.x.f + a.stride * v;",
+        "const int p = ph.y.f + u, q = ph.x.f + a.stride * v;",
+    );
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "a wrong tap offset in a backward-data phase",
+        "conv2d_matches_cpu",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["conv2d_backward_data", "s2"],
+    );
+    // Split-K with a bias that adds the bias once per chunk instead of once.
+    let dir = broken_sources(
+        "bias-per-chunk",
+        "gemm.cu",
+        "s += (acc_t)part[z * len + i];\n            c[i] = (T)((T)s + bias[col]);",
+        "s += (acc_t)part[z * len + i] + bias[col];\n            c[i] = (T)s;",
+    );
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "split-K adding the bias once per chunk",
+        "linear_matches_cpu",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["linear_forward bias=true"],
+    );
+    // A small-tile launch one block short.
+    check(
+        "a 64 x 16 GEMM launch one block short",
+        "linear_matches_cpu",
+        &[("VAECUDA_EMU_MUTATE", "short-grid:gemm_n16_f32")],
+        &["NaN"],
+    );
+    // A TF32 fragment element read by position: a2 (A[g][t+4]) given a1's element (A[g+8][t]).
+    let dir =
+        broken_sources("tf32-fragment", "common.cuh", "a[i][2] = As[ks + t + 4][r];", "a[i][2] = As[ks + t][r + 8];");
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "a TF32 fragment element read by position",
+        "tensor_core_products_match_cpu_at_their_precision",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["tf32:"],
+    );
+    // A BF16 register packed the wrong way round (the lower-numbered element in the high half).
+    let dir = broken_sources(
+        "bf16-pack",
+        "common.cuh",
+        "b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);",
+        "b[j][0] = pack_bf16(Bs[2 * t + 1][c], Bs[2 * t][c]);",
+    );
+    let d = dir.to_string_lossy().to_string();
+    check(
+        "a BF16 pair packed the wrong way round",
+        "tensor_core_products_match_cpu_at_their_precision",
+        &[("VAECUDA_KERNEL_SOURCES", &d)],
+        &["bf16:"],
     );
     assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
 }

@@ -65,10 +65,11 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
     device: DeviceChoice,
     /// Precision of the matrix products (linear layers and convolutions): f32, or tf32/bf16
-    /// as tensor cores round their operands (products summed in f32). On the CPU, tf32 and
-    /// bf16 are emulated, operands rounded then multiplied exactly, to measure their quality
-    /// without a GPU (slower than f32). The default is f32 because it is exact and, until the
-    /// CUDA engine has tensor-core kernels, the only precision it runs.
+    /// as tensor cores round their operands (products summed in f32). On a GPU (and the
+    /// emulated device) tf32 and bf16 run the products on the tensor cores; on the CPU they
+    /// are emulated, operands rounded then multiplied exactly, to measure their quality
+    /// without a GPU (slower than f32). The default is f32 because it is exact: a run's
+    /// numbers do not depend on the precision a device happens to offer.
     #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     #[command(subcommand)]
@@ -161,18 +162,11 @@ pub enum Opened {
 }
 
 fn open_device(choice: DeviceChoice, precision: Precision) -> Result<Opened> {
-    let opened = open_backend(choice, precision)?;
-    if let (Opened::Cuda(_), p) = (&opened, precision) {
-        if p != Precision::F32 {
-            bail!(
-                "--precision {} needs tensor-core kernels, which the CUDA engine does not have yet; \
-                 use --precision f32 on the GPU, or --device cpu, where {} is emulated",
-                p.name(),
-                p.name()
-            );
-        }
-    }
-    Ok(opened)
+    Ok(match open_backend(choice, precision)? {
+        // TF32 and BF16 run the CUDA engine's matrix products on the tensor cores.
+        Opened::Cuda(gpu) => Opened::Cuda(gpu.with_precision(precision)),
+        cpu => cpu,
+    })
 }
 
 fn open_backend(choice: DeviceChoice, precision: Precision) -> Result<Opened> {

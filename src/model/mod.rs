@@ -23,15 +23,20 @@
 //! o      = blocks per SM        the least of 2048/threads, 32, 65536/(registers·threads), 228 KB/shared
 //! waves  = ⌈B / (S · o)⌉        S = 132 SMs (reported; the time below does not need it)
 //! fill   = B / (S · ⌈B / S⌉)    the busiest SM runs ⌈B/S⌉ blocks; the share of SM time kept busy
-//! η      = FFMA share of the kernel's hottest loop (tile kernels; 1 for the others)
+//! η      = FFMA share of the kernel's hottest loop (tile kernels; 1 for the others); for a
+//!          tensor-core kernel, min(1, H·c/I) of its hottest mma loop (H mma of I
+//!          instructions, c = clocks one mma holds a partition's tensor unit, from the peaks)
+//! issue  = min(1, w / 4)        w = warps on the busiest SM: min(⌈B/S⌉, o) blocks of the
+//!                               launch's warps; an SM's four schedulers need four warps
 //!
 //! t_roof = max(F/P + F64/P64,      Q/BW)     the roofline
 //! t_eff  = max(F/(η·P) + F64/P64,  Q/BW)     useful work at the kernel's efficiency
 //! t_pad  = max(Fx/(η·P) + F64/P64, Q/BW)     plus tile padding and zero taps
-//! t      = t_pad / fill + g                  plus idle SMs, plus the gap between kernels
+//! t      = t_pad / (fill · issue) + g        plus idle SMs and schedulers, plus the gap
 //! ```
 //!
-//! with `P` the FP32 peak (67 TFLOP/s; FP64 kernels use `P64` = 34), `BW` the memory bandwidth
+//! with `P` the FP32 peak (67 TFLOP/s; FP64 kernels use `P64` = 34; tensor-core kernels the
+//! TF32 peak, 494.5, or the BF16 one, 989.5), `BW` the memory bandwidth
 //! (4.8 TB/s) and `g` the device gap per kernel (0.9 µs eager, 0.5 µs in a graph). A memset of
 //! `Q` bytes costs `Q/BW + g`, a copy its bytes over PCIe (or half the bandwidth on the device)
 //! plus `g`. The host issues every launch, memset and copy in `h` = 4 µs while the device runs
@@ -44,7 +49,7 @@
 //! ```
 //!
 //! The breakdown the report prints is `Σ t_roof` (roofline), `Σ (t_eff − t_roof)` (efficiency),
-//! `Σ (t_pad − t_eff)` (padding and zero taps), `Σ (t_pad/fill − t_pad)` (idle SMs), and the
+//! `Σ (t_pad − t_eff)` (padding and zero taps), `Σ (t_pad/(fill·issue) − t_pad)` (idle SMs and schedulers), and the
 //! gaps, memsets, copies, waits and the host's excess over the device (launch and host
 //! overhead); they add up to the eager step.
 //!

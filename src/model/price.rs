@@ -7,7 +7,7 @@ use super::cubin::KernelFacts;
 use super::machine::Machine;
 use super::sass::SassFacts;
 use super::work::{work_of, Work};
-use crate::backend::cuda::kernels::KERNELS;
+use crate::backend::cuda::kernels::{Engine, KERNELS};
 use crate::backend::cuda::trace::{CopyDir, Event, EventKind};
 
 /// FFMA share of the tile engine's inner step as written in `kernels/common.cuh`, used when
@@ -15,6 +15,12 @@ use crate::backend::cuda::trace::{CopyDir, Event, EventKind};
 /// memory and does 4 × 4 FFMA, 16 of 24 instructions (address arithmetic, global loads and
 /// barriers not counted, so the SASS share is lower).
 pub const TILE_FMA_SHARE_FROM_SOURCE: f64 = 16.0 / 24.0;
+
+/// Warp schedulers of one SM: an sm_80/sm_90 SM is four processing blocks, each issuing for its
+/// own warps (NVIDIA H100 Tensor Core GPU Architecture whitepaper, 2022, "H100 SM
+/// architecture"; the A100 whitepaper, 2020, the same for sm_80). An SM that holds fewer
+/// than four warps leaves schedulers idle: it issues at (warps / 4) of its rate at best.
+pub const SCHEDULERS_PER_SM: u32 = 4;
 
 /// What the model knows of one kernel function on the priced architecture.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -25,7 +31,34 @@ pub struct KernelModel {
     pub sass: Option<SassFacts>,
 }
 
+/// The tensor-pipe share of a tensor-core kernel's hottest loop assumed where no disassembler
+/// is installed: a guess (half the tensor peak), not derived; under CI nvdisasm is installed
+/// and the SASS decides.
+pub const TENSOR_SHARE_WITHOUT_SASS: f64 = 0.5;
+
 impl KernelModel {
+    /// η of a tensor-core kernel: the share of the tensor peak its hottest loop allows. Each
+    /// warp instruction takes one issue slot of its SM partition; one `mma.sync` keeps the
+    /// partition's tensor unit busy for (its FLOPs) / (the unit's FLOPs per clock) clocks, and
+    /// that rate is the FP32 one (32 FMA = 64 FLOPs per partition per clock, see sass.rs)
+    /// scaled by the datasheet's peaks: `64 · peak / fp32_flops`. So a loop of I instructions
+    /// with H of them mma reaches min(1, H · clocks per mma / I) of the peak. An m16n8k8 TF32
+    /// mma is 2·16·8·8 = 2048 FLOPs, an m16n8k16 BF16 one 4096.
+    pub fn tensor_efficiency(&self, engine: Engine, m: &Machine) -> f64 {
+        let (flops_per_mma, peak) = match engine {
+            Engine::Tf32 => (2048.0, m.tf32_flops),
+            Engine::Bf16 => (4096.0, m.bf16_flops),
+            Engine::Fma => return 1.0,
+        };
+        let clocks_per_mma = flops_per_mma / (64.0 * peak / m.fp32_flops);
+        match &self.sass {
+            Some(s) if s.loop_tensor > 0 => {
+                (s.loop_tensor as f64 * clocks_per_mma / s.tensor_loop_instructions as f64).min(1.0)
+            }
+            _ => TENSOR_SHARE_WITHOUT_SASS,
+        }
+    }
+
     /// η: the share of the FP32 peak the kernel's instruction mix allows (tile kernels: the
     /// FFMA share of the hottest loop; 1 for the others, which are priced by their bytes).
     pub fn efficiency(&self, tiled: bool) -> f64 {
@@ -133,7 +166,12 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 let name = format!("{}_{}", spec.name, if l.elem_bytes == 8 { "f64" } else { "f32" });
                 let km = models.get(&name).unwrap_or_else(|| panic!("no CUBIN facts for {name}"));
                 let work = work_of(l);
-                let eta = km.efficiency(work.tiled);
+                // Tensor-core kernels run at the TF32 or BF16 peak, at their own η.
+                let engine = Engine::of(l.kernel);
+                let eta = match engine {
+                    Engine::Fma => km.efficiency(work.tiled),
+                    tc => km.tensor_efficiency(tc, m),
+                };
                 let o =
                     m.sm.blocks_per_sm(
                         l.threads_per_block(),
@@ -145,13 +183,24 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 let waves = blocks.div_ceil(m.sms as u64 * o as u64);
                 // The busiest SM runs ⌈B/S⌉ blocks; the others idle for part of that time.
                 let fill = blocks as f64 / (m.sms as u64 * blocks.div_ceil(m.sms as u64)) as f64;
-                let p32 = if l.elem_bytes == 8 { m.fp64_flops } else { m.fp32_flops };
+                let p32 = match (engine, l.elem_bytes) {
+                    (_, 8) => m.fp64_flops,
+                    (Engine::Tf32, _) => m.tf32_flops,
+                    (Engine::Bf16, _) => m.bf16_flops,
+                    (Engine::Fma, _) => m.fp32_flops,
+                };
                 let fp64 = work.fp64_flops / m.fp64_flops;
                 let mem = work.bytes / m.dram_bytes_per_s;
                 let roof = (work.useful_flops / p32 + fp64).max(mem);
                 let eff = (work.useful_flops / (p32 * eta) + fp64).max(mem);
                 let pad = (work.executed_flops / (p32 * eta) + fp64).max(mem);
-                let filled = pad / fill;
+                // The busiest SM holds ⌈B/S⌉ blocks (at most o at once); with fewer than four
+                // warps among them it cannot issue at its full rate (the small tiles' lone
+                // two-warp blocks; every 256-thread block has eight).
+                let warps =
+                    (blocks.div_ceil(m.sms as u64).min(o as u64) as u32 * l.threads_per_block().div_ceil(32)).max(1);
+                let issue = (warps as f64 / SCHEDULERS_PER_SM as f64).min(1.0);
+                let filled = pad / fill / issue;
                 let cost = Cost {
                     roofline: roof,
                     efficiency: eff - roof,

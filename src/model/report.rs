@@ -244,13 +244,13 @@ impl fmt::Display for ModelReport {
             }
             writeln!(
                 f,
-                "  {:<22} {:>5} {:>12} {:>3} {:>6} {:>9} {:>10} {:>12} {:>7}",
+                "  {:<25} {:>5} {:>12} {:>3} {:>6} {:>9} {:>10} {:>12} {:>7}",
                 "kernel", "calls", "blocks", "o", "fill%", "η", "exec/use", "modelled µs", "share"
             )?;
             for r in kernel_rows(&a.step) {
                 writeln!(
                     f,
-                    "  {:<22} {:>5} {:>12} {:>3} {:>6.1} {:>9} {:>10.2} {:>12.1} {:>6.1}%",
+                    "  {:<25} {:>5} {:>12} {:>3} {:>6.1} {:>9} {:>10.2} {:>12.1} {:>6.1}%",
                     r.kernel,
                     r.calls,
                     if r.min_blocks == r.max_blocks {
@@ -280,17 +280,18 @@ impl fmt::Display for StaticTable<'_> {
         let limits = super::machine::SmLimits::of(&s.arch);
         writeln!(
             f,
-            "static facts ({} CUBIN; o = blocks per SM at 256 threads; loop FMA = FFMA+DFMA share of the hottest loop):",
+            "static facts ({} CUBIN; o = blocks per SM at the kernel's block size, 256 threads or a small tile's 64; loop FMA = FFMA+DFMA share of the hottest loop):",
             s.arch
         )?;
         writeln!(
             f,
-            "  {:<22} {:>4} {:>6} {:>3} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>6}",
+            "  {:<25} {:>4} {:>6} {:>3} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>6}",
             "kernel", "regs", "bounds", "o", "smem", "local", "spills", "loop FMA", "LDG.128", "LDS.128", "tensor"
         )?;
         for k in s.kernels.values().filter(|k| k.facts.name.ends_with("_f32")) {
             let x = &k.facts;
-            let o = limits.map_or(0, |l| l.blocks_per_sm(256, x.registers, x.shared_bytes));
+            let threads = crate::backend::cuda::kernels::block_threads_of_symbol(&x.name).unwrap_or(256);
+            let o = limits.map_or(0, |l| l.blocks_per_sm(threads, x.registers, x.shared_bytes));
             let (share, ldg, lds, tensor) = match &k.sass {
                 Some(q) => (
                     format!("{:.3}", q.loop_fma_share()),
@@ -302,7 +303,7 @@ impl fmt::Display for StaticTable<'_> {
             };
             writeln!(
                 f,
-                "  {:<22} {:>4} {:>6} {:>3} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>6}",
+                "  {:<25} {:>4} {:>6} {:>3} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>6}",
                 x.name,
                 x.registers,
                 x.max_threads.map_or("-".to_string(), |t| t.to_string()),

@@ -38,6 +38,10 @@ pub struct SassFacts {
     pub loop_instructions: u32,
     /// FFMA and DFMA in that loop.
     pub loop_fma: u32,
+    /// Instructions in the loop holding the most tensor-core instructions (0 when none does).
+    pub tensor_loop_instructions: u32,
+    /// Tensor-core instructions in that loop.
+    pub loop_tensor: u32,
 }
 
 impl SassFacts {
@@ -137,6 +141,8 @@ pub fn parse(text: &str) -> BTreeMap<String, SassFacts> {
 fn facts(instrs: &[Instr], labels: &BTreeMap<String, u32>) -> SassFacts {
     let base = |op: &str| op.split('.').next().unwrap_or("").to_string();
     let is_fma = |op: &str| matches!(base(op).as_str(), "FFMA" | "DFMA");
+    let is_tensor =
+        |op: &str| matches!(base(op).as_str(), "HMMA" | "HGMMA" | "IMMA" | "IGMMA" | "DMMA" | "BMMA" | "QGMMA");
     let mut f = SassFacts::default();
     for i in instrs.iter().filter(|i| base(&i.opcode) != "NOP") {
         f.instructions += 1;
@@ -145,7 +151,7 @@ fn facts(instrs: &[Instr], labels: &BTreeMap<String, u32>) -> SassFacts {
         match b.as_str() {
             "FFMA" => f.ffma += 1,
             "DFMA" => f.dfma += 1,
-            "HMMA" | "HGMMA" | "IMMA" | "IGMMA" | "DMMA" | "BMMA" | "QGMMA" => f.tensor += 1,
+            _ if is_tensor(&i.opcode) => f.tensor += 1,
             "LDG" => {
                 f.ldg += 1;
                 f.ldg128 += wide as u32;
@@ -170,6 +176,10 @@ fn facts(instrs: &[Instr], labels: &BTreeMap<String, u32>) -> SassFacts {
         let n = body.len() as u32;
         if fma > f.loop_fma || (fma == f.loop_fma && fma > 0 && n < f.loop_instructions) {
             (f.loop_fma, f.loop_instructions) = (fma, n);
+        }
+        let tensor = body.iter().filter(|i| is_tensor(&i.opcode)).count() as u32;
+        if tensor > f.loop_tensor || (tensor == f.loop_tensor && tensor > 0 && n < f.tensor_loop_instructions) {
+            (f.loop_tensor, f.tensor_loop_instructions) = (tensor, n);
         }
     }
     f
@@ -197,6 +207,11 @@ k_f32:
 //--------------------- .text.m_f32              --------------------------
         /*0000*/                   HMMA.16816.F32 R0, R4, R8, R0 ;
         /*0010*/                   LDS.128 R4, [R2] ;
+.L_x_3:
+        /*0020*/                   LDS R4, [R2] ;
+        /*0030*/                   HMMA.1688.F32.TF32 R0, R4, R8, R0 ;
+        /*0040*/                   HMMA.1688.F32.TF32 R0, R4, R8, R0 ;
+        /*0050*/                   BRA `(.L_x_3) ;
 ";
 
     #[test]
@@ -208,6 +223,7 @@ k_f32:
         assert_eq!((k.loop_instructions, k.loop_fma), (4, 2));
         assert!((k.loop_fma_share() - 0.5).abs() < 1e-12);
         let m = &f["m_f32"];
-        assert_eq!((m.tensor, m.lds128, m.loop_instructions), (1, 1, 0));
+        assert_eq!((m.tensor, m.lds128, m.loop_instructions), (3, 1, 0));
+        assert_eq!((m.loop_tensor, m.tensor_loop_instructions), (2, 4));
     }
 }

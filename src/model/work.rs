@@ -3,16 +3,18 @@
 //! bytes it must move through device memory (each input read once, each output written once;
 //! an output the kernel adds into is read and written).
 //!
-//! Tile kernels (`gemm`, `gemm_splitk`, `conv2d_*`) run the 64 × 64 × 16 engine of
+//! Tile kernels (`gemm`, `gemm_splitk`, `conv2d_*`, each in the tile shapes of
+//! [`Tile`]: 64 × 64, 16 × 64, 64 × 16, by K steps of 16) run the engine of
 //! `kernels/common.cuh` over an implicit GEMM of M × N × K: they execute every multiply-add of
-//! M, N and each K chunk rounded up to whole tiles (tile padding), and the gather-form
-//! backward-data convolution multiplies every tap of the kernel window, of which a stride-s
-//! convolution uses one in s² (zero taps). Element-wise and reduction kernels are counted per
+//! M, N and each K chunk rounded up to whole tiles (tile padding). The backward-data
+//! convolution runs one GEMM per output phase (stride² of them), each over its own pixels
+//! and taps, so it multiplies no zero tap except where the kernel's taps do not divide evenly
+//! among the phases (its rows and taps of each phase are rounded up to tiles separately). Element-wise and reduction kernels are counted per
 //! element from their source; a transcendental function (`exp`, `log`, `tanh`) counts as
 //! [`TRANSCENDENTAL_FLOPS`] operations. These kernels are memory-bound at any such count.
 
-use crate::backend::cuda::contract::{ConvArgs, TILE_K, TILE_M, TILE_N};
-use crate::backend::cuda::kernels::Kernel;
+use crate::backend::cuda::contract::{ConvArgs, TILE_K};
+use crate::backend::cuda::kernels::{conv_phases, Kernel, Tile};
 use crate::backend::cuda::trace::{Arg, Launch};
 
 /// Operations one transcendental function is counted as: a modelling choice (libdevice's
@@ -46,13 +48,26 @@ fn present(l: &Launch, i: usize) -> bool {
     matches!(l.args.get(i), Some(Arg::Buf { .. }))
 }
 
-/// FLOPs a 64 × 64-tiled product executes: M and N rounded up to tiles, and each of `splits`
-/// chunks of `kc` along K (the last one ragged) rounded up to TILE_K.
-fn tiled_flops(m: f64, n: f64, k: f64, kc: f64, splits: f64) -> f64 {
+/// FLOPs a product tiled by `tile` executes: M and N rounded up to tiles, and each of
+/// `splits` chunks of `kc` along K (the last one ragged) rounded up to TILE_K.
+fn tiled_flops(tile: Tile, m: f64, n: f64, k: f64, kc: f64, splits: f64) -> f64 {
     let up = |v: f64, t: usize| (v / t as f64).ceil() * t as f64;
     let last = k - (splits - 1.0) * kc;
     let k_exec = (splits - 1.0) * up(kc, TILE_K) + up(last.max(0.0), TILE_K);
-    2.0 * up(m, TILE_M) * up(n, TILE_N) * k_exec
+    2.0 * up(m, tile.m()) * up(n, tile.n()) * k_exec
+}
+
+/// The kernel a tile-shape variant is of (`gemm_m16` → `gemm`), the others unchanged.
+fn base_kernel(k: Kernel) -> Kernel {
+    use Kernel::*;
+    match k {
+        GemmM16 | GemmN16 | GemmTf32 | GemmBf16 => Gemm,
+        GemmSplitKM16 | GemmSplitKN16 | GemmSplitKTf32 | GemmSplitKBf16 => GemmSplitK,
+        ConvFwdM16 | ConvFwdN16 | ConvFwdTf32 | ConvFwdBf16 => ConvFwd,
+        ConvBwdDataM16 | ConvBwdDataN16 | ConvBwdDataTf32 | ConvBwdDataBf16 => ConvBwdData,
+        ConvBwdWeightM16 | ConvBwdWeightN16 | ConvBwdWeightTf32 | ConvBwdWeightBf16 => ConvBwdWeight,
+        other => other,
+    }
 }
 
 fn conv_dims(a: &ConvArgs) -> [f64; 11] {
@@ -72,14 +87,15 @@ pub fn work_of(l: &Launch) -> Work {
         tiled: false,
     };
     let t = TRANSCENDENTAL_FLOPS;
-    match (l.kernel, l.args.first()) {
+    let tile = Tile::of(l.kernel).unwrap_or(Tile::Square);
+    match (base_kernel(l.kernel), l.args.first()) {
         (Kernel::Gemm, Some(Arg::Gemm(g))) => {
             let (m, n, k) = (g.m as f64, g.n as f64, g.k as f64);
             let useful = 2.0 * m * n * k;
             let bias = if present(l, 4) { n.max(m) } else { 0.0 };
             Work {
                 useful_flops: useful,
-                executed_flops: tiled_flops(m, n, k, k, 1.0),
+                executed_flops: tiled_flops(tile, m, n, k, k, 1.0),
                 fp64_flops: 0.0,
                 bytes: e * (m * k + k * n + m * n * (1.0 + g.accumulate as f64) + bias),
                 tiled: true,
@@ -89,7 +105,7 @@ pub fn work_of(l: &Launch) -> Work {
             let (m, n, k) = (g.m as f64, g.n as f64, g.k as f64);
             Work {
                 useful_flops: 2.0 * m * n * k,
-                executed_flops: tiled_flops(m, n, k, g.kc as f64, z),
+                executed_flops: tiled_flops(tile, m, n, k, g.kc as f64, z),
                 fp64_flops: 0.0,
                 bytes: e * (m * k + k * n + z * m * n),
                 tiled: true,
@@ -99,13 +115,17 @@ pub fn work_of(l: &Launch) -> Work {
             let (splits, len, acc) = (int(l, 1), int(l, 2), int(l, 4));
             Work { fp64_flops: splits * len, bytes: e * (splits * len + len * (1.0 + acc)), ..Work::default() }
         }
+        (Kernel::SplitKReduceBias, _) => {
+            let (splits, len, cols) = (int(l, 1), int(l, 2) * int(l, 3), int(l, 3));
+            Work { fp64_flops: splits * len, bytes: e * (splits * len + len + cols), ..Work::default() }
+        }
         (Kernel::ConvFwd, Some(Arg::Conv(a))) => {
             let [n, ci, h, w, co, kh, kw, _, oh, ow, _] = conv_dims(a);
             let (mm, nn, kk) = (co, n * oh * ow, ci * kh * kw);
             let bias = if present(l, 3) { co } else { 0.0 };
             Work {
                 useful_flops: 2.0 * mm * nn * kk,
-                executed_flops: tiled_flops(mm, nn, kk, kk, 1.0),
+                executed_flops: tiled_flops(tile, mm, nn, kk, kk, 1.0),
                 fp64_flops: 0.0,
                 bytes: e * (n * ci * h * w + co * kk + n * co * oh * ow + bias),
                 tiled: true,
@@ -113,12 +133,18 @@ pub fn work_of(l: &Launch) -> Work {
         }
         (Kernel::ConvBwdData, Some(Arg::Conv(a))) => {
             let [n, ci, h, w, co, kh, kw, _, oh, ow, _] = conv_dims(a);
-            // The op's multiply-adds are the forward's; the gather form visits every tap of
-            // every input pixel, (h·w)/(oh·ow) ≈ stride² times as many.
-            let (mm, nn, kk) = (ci, n * h * w, co * kh * kw);
+            // The op's multiply-adds are the forward's; each phase's GEMM multiplies its own
+            // pixels by its own taps (c_in × n·pixels × c_out·taps), padded to tiles.
+            let executed: f64 = conv_phases(a)
+                .iter()
+                .map(|&(pix, taps)| {
+                    let (nn, kk) = (n * pix as f64, co * taps as f64);
+                    tiled_flops(tile, ci, nn, kk, kk, 1.0)
+                })
+                .sum();
             Work {
                 useful_flops: 2.0 * co * (n * oh * ow) * (ci * kh * kw),
-                executed_flops: tiled_flops(mm, nn, kk, kk, 1.0),
+                executed_flops: executed,
                 fp64_flops: 0.0,
                 bytes: e * (n * co * oh * ow + co * ci * kh * kw + 2.0 * n * ci * h * w),
                 tiled: true,
@@ -129,7 +155,7 @@ pub fn work_of(l: &Launch) -> Work {
             let (mm, nn, kk) = (co, ci * kh * kw, n * oh * ow);
             Work {
                 useful_flops: 2.0 * mm * nn * kk,
-                executed_flops: tiled_flops(mm, nn, kk, kc, z),
+                executed_flops: tiled_flops(tile, mm, nn, kk, kc, z),
                 fp64_flops: 0.0,
                 bytes: e * (n * co * oh * ow + n * ci * h * w + z * mm * nn),
                 tiled: true,
@@ -193,12 +219,15 @@ mod tests {
         assert_eq!(w.bytes, 4.0 * (128.0 * 784.0 + 784.0 * 400.0 + 128.0 * 400.0));
     }
 
-    /// A stride-2 backward-data convolution executes 4× the forward's multiply-adds (28² input
-    /// pixels per 14² outputs), and a one-channel output pads M from 1 to 64: 64× the work.
+    /// A stride-2 backward-data convolution with a 4 × 4 kernel runs four phases of 2 × 2 taps
+    /// each over 14² of the 28² input pixels: exactly the forward's multiply-adds, no zero tap
+    /// (16 images, so each phase's 16·196 pixels are whole tiles).
+    /// A one-channel output pads M from 1 to 64 on the 64 × 64 tile (64× the work), to 16 on
+    /// the 16 × 64 one.
     #[test]
     fn zero_taps_and_a_one_channel_tile() {
         let a = ConvArgs {
-            n: 4,
+            n: 16,
             c_in: 64,
             h: 28,
             w: 28,
@@ -211,19 +240,25 @@ mod tests {
             ow: 14,
             kc: 0,
         };
-        let w = work_of(&launch(Kernel::ConvBwdData, [1, 1, 1], vec![Arg::Conv(a)]));
-        let pixels = 4.0 * 28.0 * 28.0;
-        assert_eq!(w.useful_flops * 4.0, w.executed_flops);
-        assert_eq!(w.executed_flops, 2.0 * 64.0 * pixels * 64.0 * 16.0);
+        let w = work_of(&launch(Kernel::ConvBwdData, [1, 1, 4], vec![Arg::Conv(a)]));
+        let pixels = 16.0 * 28.0 * 28.0;
+        assert_eq!(w.useful_flops, w.executed_flops);
+        assert_eq!(w.executed_flops, 2.0 * 64.0 * pixels * 64.0 * 4.0);
+        // A 3 × 3 kernel at stride 2: phase (0, 0) has 2 × 2 taps, (0, 1) 2 × 1, (1, 1) 1 × 1,
+        // 9 taps over the four phases of 16·196 pixels each, K = 64·taps whole tiles.
+        let odd = ConvArgs { kh: 3, kw: 3, ..a };
+        let w = work_of(&launch(Kernel::ConvBwdData, [1, 1, 4], vec![Arg::Conv(odd)]));
+        assert_eq!(w.executed_flops, 2.0 * 64.0 * (16.0 * 196.0) * 64.0 * 9.0);
         let one = ConvArgs { c_out: 1, stride: 1, oh: 28, ow: 28, kh: 3, kw: 3, ..a };
-        let w = work_of(&launch(Kernel::ConvFwd, [1, 1, 1], vec![Arg::Conv(one), Arg::Null, Arg::Null, Arg::Null]));
-        // M: 1 → 64; N = 4·784 and K = 64·9 are whole tiles.
-        assert_eq!(w.executed_flops / w.useful_flops, 64.0);
+        let fwd = |k| work_of(&launch(k, [1, 1, 1], vec![Arg::Conv(one), Arg::Null, Arg::Null, Arg::Null]));
+        // M: 1 → 64; N = 16·784 and K = 64·9 are whole tiles.
+        assert_eq!(fwd(Kernel::ConvFwd).executed_flops / fwd(Kernel::ConvFwd).useful_flops, 64.0);
+        assert_eq!(fwd(Kernel::ConvFwdM16).executed_flops / fwd(Kernel::ConvFwdM16).useful_flops, 16.0);
     }
 
     /// Split-K: 3 chunks of 512 over K = 1100 execute 512 + 512 + 80 (76 rounded up).
     #[test]
     fn split_k_chunks_round_up_separately() {
-        assert_eq!(tiled_flops(64.0, 64.0, 1100.0, 512.0, 3.0), 2.0 * 64.0 * 64.0 * (1024.0 + 80.0));
+        assert_eq!(tiled_flops(Tile::Square, 64.0, 64.0, 1100.0, 512.0, 3.0), 2.0 * 64.0 * 64.0 * (1024.0 + 80.0));
     }
 }

@@ -34,6 +34,16 @@ pub const TILE_THREADS: u32 = 256;
 /// registers at 65536 / (256 · 2) = 128. Without it ptxas picked 64 registers for
 /// `gemm_splitk_f32` on sm_90 and spilled (found by `tests/gpu_model.rs`).
 pub const TILE_MIN_BLOCKS: u32 = 2;
+/// The short side of the small tiles (16 × 64 for a small M, 64 × 16 for a small N; see
+/// `choose_tile` in `kernels.rs`): one output channel or a 20-wide latent head pads to 16
+/// rows or columns instead of 64.
+pub const TILE_SMALL: usize = 16;
+/// Threads of a small-tile block: `(16/4)·(64/4)`, one per 4 × 4 micro-tile as in the 64 × 64
+/// tile.
+pub const TILE_SMALL_THREADS: u32 = 64;
+/// Small-tile blocks one SM is designed to hold: eight (512 threads, as two 64 × 64 blocks),
+/// which caps registers at 65536 / (64 · 8) = 128, the 64 × 64 tile's cap.
+pub const TILE_SMALL_MIN_BLOCKS: u32 = 8;
 /// Blocks of the `__launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)` reduction kernels one SM is
 /// designed to hold: four (1024 threads, half the SM's, to hide memory latency); it caps
 /// registers at 64. Without a minimum ptxas chose 40 registers for `reparam_kl_fwd_f32` on
@@ -49,6 +59,9 @@ fn defines() -> Vec<(&'static str, String)> {
         ("TILE_K", TILE_K.to_string()),
         ("TILE_THREADS", TILE_THREADS.to_string()),
         ("TILE_MIN_BLOCKS", TILE_MIN_BLOCKS.to_string()),
+        ("TILE_SMALL", TILE_SMALL.to_string()),
+        ("TILE_SMALL_THREADS", TILE_SMALL_THREADS.to_string()),
+        ("TILE_SMALL_MIN_BLOCKS", TILE_SMALL_MIN_BLOCKS.to_string()),
         ("BLOCK_MIN_BLOCKS", BLOCK_MIN_BLOCKS.to_string()),
         // Debug formatting keeps the decimal point or exponent: a valid double literal.
         ("BCE_LOG_CLAMP", format!("({BCE_LOG_CLAMP:?})")),

@@ -13,7 +13,9 @@ use std::fmt::Write;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 
-use super::contract::{AdamArgs, BnArgs, ConvArgs, GemmArgs, BLOCK, TILE_K, TILE_M, TILE_N, TILE_THREADS};
+use super::contract::{
+    AdamArgs, BnArgs, ConvArgs, GemmArgs, BLOCK, TILE_K, TILE_M, TILE_N, TILE_SMALL, TILE_SMALL_THREADS, TILE_THREADS,
+};
 use super::{trace, CudaFloat};
 
 /// What one kernel parameter is, on both sides.
@@ -176,6 +178,9 @@ macro_rules! kernel_table {
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Kernel { $($(#[doc = concat!("`", stringify!($name), "` (kernels/", $file, ").")] $variant),*),* }
 
+        /// Every kernel, in table order ([`KERNELS`]'s order).
+        pub const ALL_KERNELS: &[Kernel] = &[$($(Kernel::$variant),*),*];
+
         /// One kernel of the table.
         #[derive(Debug)]
         pub struct KernelSpec {
@@ -229,12 +234,33 @@ kernel_table! {
     "gemm.cu" {
         Gemm gemm(g: Gemm, a: In, b: In, c: Out, bias: InOpt);
         GemmSplitK gemm_splitk(g: Gemm, a: In, b: In, part: Out);
+        GemmM16 gemm_m16(g: Gemm, a: In, b: In, c: Out, bias: InOpt);
+        GemmSplitKM16 gemm_splitk_m16(g: Gemm, a: In, b: In, part: Out);
+        GemmN16 gemm_n16(g: Gemm, a: In, b: In, c: Out, bias: InOpt);
+        GemmSplitKN16 gemm_splitk_n16(g: Gemm, a: In, b: In, part: Out);
+        GemmTf32 gemm_tf32(g: Gemm, a: In, b: In, c: Out, bias: InOpt);
+        GemmSplitKTf32 gemm_splitk_tf32(g: Gemm, a: In, b: In, part: Out);
+        GemmBf16 gemm_bf16(g: Gemm, a: In, b: In, c: Out, bias: InOpt);
+        GemmSplitKBf16 gemm_splitk_bf16(g: Gemm, a: In, b: In, part: Out);
         SplitKReduce splitk_reduce(part: In, splits: Int, len: Int, c: Out, accumulate: Int);
+        SplitKReduceBias splitk_reduce_bias(part: In, splits: Int, rows: Int, cols: Int, c: Out, bias: In);
     }
     "conv2d.cu" {
         ConvFwd conv2d_fwd(a: Conv, x: In, w: In, b: InOpt, y: Out);
         ConvBwdData conv2d_bwd_data(a: Conv, dy: In, w: In, dx: Out);
         ConvBwdWeight conv2d_bwd_weight(a: Conv, dy: In, x: In, part: Out);
+        ConvFwdM16 conv2d_fwd_m16(a: Conv, x: In, w: In, b: InOpt, y: Out);
+        ConvBwdDataM16 conv2d_bwd_data_m16(a: Conv, dy: In, w: In, dx: Out);
+        ConvBwdWeightM16 conv2d_bwd_weight_m16(a: Conv, dy: In, x: In, part: Out);
+        ConvFwdN16 conv2d_fwd_n16(a: Conv, x: In, w: In, b: InOpt, y: Out);
+        ConvBwdDataN16 conv2d_bwd_data_n16(a: Conv, dy: In, w: In, dx: Out);
+        ConvBwdWeightN16 conv2d_bwd_weight_n16(a: Conv, dy: In, x: In, part: Out);
+        ConvFwdTf32 conv2d_fwd_tf32(a: Conv, x: In, w: In, b: InOpt, y: Out);
+        ConvBwdDataTf32 conv2d_bwd_data_tf32(a: Conv, dy: In, w: In, dx: Out);
+        ConvBwdWeightTf32 conv2d_bwd_weight_tf32(a: Conv, dy: In, x: In, part: Out);
+        ConvFwdBf16 conv2d_fwd_bf16(a: Conv, x: In, w: In, b: InOpt, y: Out);
+        ConvBwdDataBf16 conv2d_bwd_data_bf16(a: Conv, dy: In, w: In, dx: Out);
+        ConvBwdWeightBf16 conv2d_bwd_weight_bf16(a: Conv, dy: In, x: In, part: Out);
     }
     "batchnorm.cu" {
         BnFwdTrain bn_fwd_train(a: Bn, x: In, gamma: In, beta: In, y: Out, save_mean: Out, save_invstd: Out,
@@ -333,27 +359,207 @@ pub fn cfg_blocks(blocks: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Tile grid of an M × N GEMM with `splits` K-chunks.
-pub fn cfg_tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
-    let (gx, gy) = (n.div_ceil(TILE_N), m.div_ceil(TILE_M));
-    assert!(gy <= 65535 && splits <= 65535, "GEMM grid too large");
+/// The engine of a tile kernel: FMA (f32 or f64 products) or tensor cores at TF32 or BF16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// FFMA/DFMA on the CUDA cores, exact products.
+    Fma,
+    /// `mma.sync` m16n8k8 TF32.
+    Tf32,
+    /// `mma.sync` m16n8k16 BF16.
+    Bf16,
+}
+
+impl Engine {
+    /// The engine of a kernel of the table (Fma for the kernels outside the tile engine).
+    pub fn of(k: Kernel) -> Engine {
+        use Kernel::*;
+        match k {
+            GemmTf32 | GemmSplitKTf32 | ConvFwdTf32 | ConvBwdDataTf32 | ConvBwdWeightTf32 => Engine::Tf32,
+            GemmBf16 | GemmSplitKBf16 | ConvFwdBf16 | ConvBwdDataBf16 | ConvBwdWeightBf16 => Engine::Bf16,
+            _ => Engine::Fma,
+        }
+    }
+}
+
+/// The output tile of a tile-engine kernel (`tile_gemm` in kernels/common.cuh): every kernel of
+/// `gemm.cu` and `conv2d.cu` but the reductions comes in these three shapes, the 64 × 64 one
+/// under the plain name and the others with the suffix `_m16` or `_n16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// 64 × 64, 256 threads.
+    Square,
+    /// 16 × 64 (a small M: one output channel, a latent head's weight gradient), 64 threads.
+    Short,
+    /// 64 × 16 (a small N: a latent head's output), 64 threads.
+    Narrow,
+}
+
+/// Every tile shape, in the order the tile chooser prefers on a tie.
+pub const TILES: [Tile; 3] = [Tile::Square, Tile::Short, Tile::Narrow];
+
+impl Tile {
+    /// Rows of C per block.
+    pub fn m(self) -> usize {
+        match self {
+            Tile::Square | Tile::Narrow => TILE_M,
+            Tile::Short => TILE_SMALL,
+        }
+    }
+    /// Columns of C per block.
+    pub fn n(self) -> usize {
+        match self {
+            Tile::Square | Tile::Short => TILE_N,
+            Tile::Narrow => TILE_SMALL,
+        }
+    }
+    /// Threads per block: one per 4 × 4 micro-tile.
+    pub fn threads(self) -> u32 {
+        match self {
+            Tile::Square => TILE_THREADS,
+            Tile::Short | Tile::Narrow => TILE_SMALL_THREADS,
+        }
+    }
+    /// The tile shape of a kernel of the table, None for the kernels outside the tile engine.
+    pub fn of(k: Kernel) -> Option<Tile> {
+        use Kernel::*;
+        match k {
+            Gemm | GemmSplitK | ConvFwd | ConvBwdData | ConvBwdWeight => Some(Tile::Square),
+            // The tensor-core kernels run the 64 × 64 tile too.
+            GemmTf32 | GemmSplitKTf32 | ConvFwdTf32 | ConvBwdDataTf32 | ConvBwdWeightTf32 => Some(Tile::Square),
+            GemmBf16 | GemmSplitKBf16 | ConvFwdBf16 | ConvBwdDataBf16 | ConvBwdWeightBf16 => Some(Tile::Square),
+            GemmM16 | GemmSplitKM16 | ConvFwdM16 | ConvBwdDataM16 | ConvBwdWeightM16 => Some(Tile::Short),
+            GemmN16 | GemmSplitKN16 | ConvFwdN16 | ConvBwdDataN16 | ConvBwdWeightN16 => Some(Tile::Narrow),
+            _ => None,
+        }
+    }
+}
+
+/// Threads per block every launch of `k` uses.
+pub fn block_threads(k: Kernel) -> u32 {
+    Tile::of(k).map_or(BLOCK, Tile::threads)
+}
+
+/// Threads per block every launch of the kernel whose symbol is `symbol` (`gemm_m16_f32`)
+/// uses; None for a symbol not in the table.
+pub fn block_threads_of_symbol(symbol: &str) -> Option<u32> {
+    KERNELS.iter().zip(ALL_KERNELS).find_map(|(spec, &k)| {
+        ELEMENT_TYPES.iter().any(|(suffix, _)| symbol == format!("{}_{suffix}", spec.name)).then(|| block_threads(k))
+    })
+}
+
+/// Tile grid of `batches` M × N GEMMs (split-K chunks or convolution phases along z).
+pub fn cfg_tiles(tile: Tile, m: usize, n: usize, batches: usize) -> LaunchConfig {
+    let (gx, gy) = (n.div_ceil(tile.n()), m.div_ceil(tile.m()));
+    assert!(gy <= 65535 && batches <= 65535, "GEMM grid too large");
     LaunchConfig {
-        grid_dim: (gx as u32, gy as u32, splits as u32),
-        block_dim: (TILE_THREADS, 1, 1),
+        grid_dim: (gx as u32, gy as u32, batches as u32),
+        block_dim: (tile.threads(), 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-/// How to cut a reduction of length k for an m × n output into deterministic chunks:
-/// (number of chunks, chunk length, a multiple of TILE_K). Depends on the dims only, never
-/// on the device, so results are the same bitwise on every GPU. Few output tiles and a long
-/// reduction (weight gradients over a batch) get more chunks, each at least 512 long.
-pub fn split_k(m: usize, n: usize, k: usize) -> (usize, usize) {
-    let tiles = m.div_ceil(TILE_M) * n.div_ceil(TILE_N);
-    let wanted = 256usize.div_ceil(tiles.max(1));
-    let splits = wanted.min((k / 512).max(1)).clamp(1, 64);
-    let kc = k.div_ceil(splits).max(1).next_multiple_of(TILE_K);
-    (k.div_ceil(kc).max(1), kc)
+/// The multiprocessors a grid should fill (the H200's 132, src/model/machine.rs). A constant,
+/// not the device's count: launch shapes, and so the order of every sum, depend on the
+/// problem's shape only, so results are bitwise the same on every GPU.
+pub const TARGET_SMS: usize = 132;
+
+/// Shortest split-K chunk: four k-steps, below which a chunk's tile loads and its partial's
+/// write and reread outweigh its multiply-adds.
+const MIN_CHUNK: usize = 4 * TILE_K;
+
+/// What a split's extra reduction launch costs, counted as multiply-adds of one SM so that
+/// it weighs against tile work: about 2 µs of launch gap and idle tail at the ~5·10^10
+/// multiply-adds per second one SM runs (67 TFLOP/s / 132 SMs / 2 per FMA at η ≈ 0.2). A
+/// rough constant that only decides between launch shapes (never results' correctness).
+const REDUCE_LAUNCH_FMAS: f64 = 1e5;
+/// Multiply-adds of one SM that moving one byte through device memory is worth in a reduction
+/// pass: 5·10^10 FMA/s per SM over 4.8 TB/s shared by 132 SMs (≈ 36 GB/s each).
+const FMAS_PER_BYTE: f64 = 1.4;
+
+/// What a small tile's extra operand staging costs, as a factor on its multiply-adds (see
+/// `tile_cost`): a rough weight that only decides between launch shapes.
+const SMALL_TILE_STAGING: f64 = 1.25;
+
+/// The cost, in multiply-adds of the busiest SM, of `batches` M × N GEMMs of depth `kc` each on
+/// `tile`: the blocks fill waves of TARGET_SMS, each block runs its padded tile; and a block
+/// of fewer than four warps cannot keep an SM's four schedulers busy, so a lone small tile
+/// (two warps) is counted at half the SM's rate at best.
+fn tile_cost(tile: Tile, m: usize, n: usize, kc: usize, batches: usize) -> f64 {
+    let blocks = m.div_ceil(tile.m()) * n.div_ceil(tile.n()) * batches;
+    // A small tile stages (16 + 64)·16 operands per 16·64·16 multiply-adds, 2.5 times the
+    // 64 × 64 tile's share of loads per multiply-add: counted as a quarter more time, so it
+    // is chosen only where it saves padding or fills idle SMs, not on a tie.
+    let staging = if tile == Tile::Square { 1.0 } else { SMALL_TILE_STAGING };
+    let per_block = staging * (tile.m() * tile.n() * kc.next_multiple_of(TILE_K).max(TILE_K)) as f64;
+    let warps = tile.threads() as usize / 32;
+    let lone_block = per_block * 4.0 / warps.min(4) as f64;
+    (blocks.div_ceil(TARGET_SMS).max(1) as f64 * per_block).max(lone_block)
+}
+
+/// The tile for an unsplit M × N × K product (or `batches` of them side by side), among
+/// `tiles` (the tensor-core kernels have the 64 × 64 one only): the shape whose busiest SM
+/// runs the fewest padded multiply-adds, 64 × 64 on a tie (its blocks keep
+/// more warps per SM). A function of the shape only.
+pub fn choose_tile(tiles: &[Tile], m: usize, n: usize, k: usize, batches: usize) -> Tile {
+    let mut best = (f64::INFINITY, Tile::Square);
+    for &t in tiles {
+        let c = tile_cost(t, m, n, k, batches);
+        if c < best.0 {
+            best = (c, t);
+        }
+    }
+    best.1
+}
+
+/// How to run an M × N product with a reduction of length k that may be split into
+/// deterministic chunks, on one of `tiles`: (tile, number of chunks, chunk length, a multiple of TILE_K). The
+/// chunks fill the TARGET_SMS multiprocessors where the work allows; each split pays one
+/// more launch (the in-order reduction) and its partials' traffic. Depends on the dims only,
+/// never on the device, so results are the same bitwise on every GPU. `always_reduce`: the
+/// caller runs the reduction pass even for one chunk (weight gradients accumulate through it).
+pub fn split_k(tiles: &[Tile], m: usize, n: usize, k: usize, always_reduce: bool) -> (Tile, usize, usize) {
+    let mut best = (f64::INFINITY, Tile::Square, 1, k.next_multiple_of(TILE_K).max(TILE_K));
+    for &t in tiles {
+        let max_splits = (k / MIN_CHUNK).clamp(1, 64);
+        for want in 1..=max_splits {
+            let kc = k.div_ceil(want).max(1).next_multiple_of(TILE_K);
+            let splits = k.div_ceil(kc).max(1);
+            if splits != want {
+                continue; // the same cut as a smaller count
+            }
+            let mut c = tile_cost(t, m, n, kc, splits);
+            if splits > 1 || always_reduce {
+                c += REDUCE_LAUNCH_FMAS + FMAS_PER_BYTE * (2 * splits + 1) as f64 * (m * n * 4) as f64 / 132.0;
+            }
+            if c < best.0 {
+                best = (c, t, splits, kc);
+            }
+        }
+    }
+    (best.1, best.2, best.3)
+}
+
+/// The s² output phases of a stride-s backward-data convolution (see conv2d.cu): for each,
+/// (pixels per image, taps) = (nh·nw, uh·uw). Grid z of `conv2d_bwd_data` is the phase, and
+/// its GEMM is c_in × (n·nh·nw) × (c_out·uh·uw). The same arithmetic as `PhaseAxis` there.
+pub fn conv_phases(a: &ConvArgs) -> Vec<(usize, usize)> {
+    let axis = |f: i32, size: i32, k: i32| {
+        let (s, pad) = (a.stride, a.pad);
+        let t0 = if f >= pad { 0 } else { (pad - f + s - 1) / s };
+        let t_end = if size + pad - f > 0 { (size + pad - f + s - 1) / s } else { 0 };
+        let taps = if k > f { (k - f + s - 1) / s } else { 0 };
+        ((t_end - t0).max(0) as usize, taps as usize)
+    };
+    let mut v = vec![];
+    for fy in 0..a.stride {
+        for fx in 0..a.stride {
+            let (ny, uy) = axis(fy, a.h, a.kh);
+            let (nx, ux) = axis(fx, a.w, a.kw);
+            v.push((ny * nx, uy * ux));
+        }
+    }
+    v
 }
 
 #[cfg(test)]
@@ -363,7 +569,7 @@ mod tests {
     #[test]
     fn split_k_covers_the_reduction() {
         for &(m, n, k) in &[(32, 9, 100352), (784, 400, 128), (1, 1, 1), (64, 64, 0), (20, 400, 128), (3, 5, 17)] {
-            let (s, kc) = split_k(m, n, k);
+            let (_, s, kc) = split_k(&TILES, m, n, k, false);
             assert!(s >= 1 && kc % TILE_K == 0 && kc >= 1);
             // Every chunk starts inside [0, k) (or there is one chunk) and together they cover it.
             assert!(s * kc >= k && (s == 1 || (s - 1) * kc < k), "{m}x{n}x{k}: {s} × {kc}");
@@ -377,9 +583,42 @@ mod tests {
         assert!(d.contains("void adam_f64(AdamArgs<double> a, double* p, const double* g"), "{d}");
         let d = declarations("elementwise.cu");
         assert!(d.contains("void reduce_final_f32(const acc_t* part, int g, double scale, float* out);"), "{d}");
-        assert_eq!(
-            symbols_in("gemm.cu"),
-            ["gemm_f32", "gemm_f64", "gemm_splitk_f32", "gemm_splitk_f64", "splitk_reduce_f32", "splitk_reduce_f64"]
-        );
+        let gemm = symbols_in("gemm.cu");
+        assert_eq!(gemm[..4], ["gemm_f32", "gemm_f64", "gemm_splitk_f32", "gemm_splitk_f64"]);
+        assert!(gemm.contains(&"gemm_m16_f32".to_string()) && gemm.contains(&"splitk_reduce_bias_f64".to_string()));
+    }
+
+    /// The tile chooser on the shapes the GPU suite relies on to reach every tile shape, and
+    /// the block sizes that follow.
+    #[test]
+    fn tiles_fit_the_shape() {
+        // A one-channel output: 16 rows, not 64.
+        assert_eq!(choose_tile(&TILES, 1, 16 * 784, 288, 1), Tile::Short);
+        // 2 × 62 tiles of 64 × 64 fill the GPU: no small tiles.
+        assert_eq!(choose_tile(&TILES, 128, 3920, 4, 1), Tile::Square);
+        // A 20-wide latent head's output: 16 columns.
+        assert_eq!(choose_tile(&TILES, 8000, 10, 8, 1), Tile::Narrow);
+        // The MLP's 128 × 784 → 400 forward: 14 tiles of 64 × 64 would leave 118 SMs idle;
+        // split along K instead.
+        let (_, splits, _) = split_k(&TILES, 128, 400, 784, false);
+        assert!(splits > 1);
+        // Only the 64 × 64 tile where the tensor-core kernels run.
+        assert_eq!(choose_tile(&[Tile::Square], 1, 16 * 784, 288, 1), Tile::Square);
+        assert_eq!(block_threads(Kernel::GemmM16), 64);
+        assert_eq!(block_threads(Kernel::GemmTf32), 256);
+        assert_eq!(block_threads_of_symbol("conv2d_bwd_data_n16_f64"), Some(64));
+        assert_eq!(block_threads_of_symbol("adam_f32"), Some(BLOCK));
+    }
+
+    /// The phases of a stride-2, 3 × 3, pad-1 convolution of a 7 × 6 input (4 × 3 output):
+    /// rows yy = 2t − 1 (phase 0: yy = 1, 3, 5; taps p = 0, 2) and yy = 2t (phase 1: yy = 0, 2,
+    /// 4, 6; tap p = 1); columns likewise (phase 0: xx = 1, 3, 5; phase 1: xx = 0, 2, 4). Every
+    /// pixel is in exactly one phase and every tap in exactly one.
+    #[test]
+    fn conv_phases_partition_pixels_and_taps() {
+        let a = ConvArgs { n: 1, c_in: 1, h: 7, w: 6, c_out: 1, kh: 3, kw: 3, stride: 2, pad: 1, oh: 4, ow: 3, kc: 0 };
+        assert_eq!(conv_phases(&a), vec![(3 * 3, 2 * 2), (3 * 3, 2), (4 * 3, 2), (4 * 3, 1)]);
+        let total: (usize, usize) = conv_phases(&a).iter().fold((0, 0), |s, p| (s.0 + p.0, s.1 + p.1));
+        assert_eq!(total, (7 * 6, 9));
     }
 }

@@ -64,11 +64,14 @@ struct Inner<E: CudaFloat> {
 /// Clones share the device, its stream, the loaded kernels and the memory pool.
 pub struct Cuda<E: CudaFloat> {
     inner: Arc<Inner<E>>,
+    /// The precision of the matrix products (`--precision`): f32 runs the FMA tile engine,
+    /// TF32 and BF16 the tensor-core kernels (f32 backends only).
+    precision: crate::backend::Precision,
 }
 
 impl<E: CudaFloat> Clone for Cuda<E> {
     fn clone(&self) -> Self {
-        Cuda { inner: self.inner.clone() }
+        Cuda { inner: self.inner.clone(), precision: self.precision }
     }
 }
 
@@ -134,7 +137,20 @@ impl<E: CudaFloat> Cuda<E> {
             idx: Mutex::new(None),
             info,
         };
-        Ok(Cuda { inner: Arc::new(inner) })
+        Ok(Cuda { inner: Arc::new(inner), precision: crate::backend::Precision::F32 })
+    }
+
+    /// This backend with its matrix products (linear layers, convolutions) at `precision`:
+    /// TF32 and BF16 run them on the tensor cores (`mma.sync`), operands rounded as the CPU
+    /// backend rounds them at that precision, sums in f32. Shares the device with `self`.
+    /// Panics for an f64 backend at a precision other than f32 (f64 exists to check gradients
+    /// exactly).
+    pub fn with_precision(&self, precision: crate::backend::Precision) -> Self {
+        assert!(
+            precision == crate::backend::Precision::F32 || std::mem::size_of::<E>() == 4,
+            "tensor-core precisions are for f32 backends"
+        );
+        Cuda { inner: self.inner.clone(), precision }
     }
 
     /// The GPU this backend runs on, as probed when it was opened.

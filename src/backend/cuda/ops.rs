@@ -2,14 +2,14 @@
 //! then makes one or two typed launches from the kernel table (`kernels.rs`). A failed launch or
 //! copy is raised as a [`GpuError`] (the trait's methods cannot return one).
 
-use cudarc::driver::{CudaSlice, DriverError};
+use cudarc::driver::{CudaSlice, DriverError, LaunchConfig};
 
-use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode};
-use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, reduce_blocks, split_k};
+use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, BLOCK};
+use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::trace::{self, CopyDir, EventKind};
 use super::{Cuda, CudaFloat};
-use crate::backend::{Backend, Recon};
+use crate::backend::{Backend, Precision, Recon};
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
 use crate::ops::conv2d::Conv2dDims;
@@ -91,6 +91,15 @@ fn present_mut<E: CudaFloat>(o: Option<&mut CudaBuf<E>>) -> Option<&mut CudaSlic
 }
 
 impl<E: CudaFloat> Cuda<E> {
+    /// The tile shapes the matrix products may use at this backend's precision: the
+    /// tensor-core kernels come in 64 × 64 only.
+    fn tiles(&self) -> &'static [Tile] {
+        match self.precision {
+            Precision::F32 => &TILES,
+            Precision::Tf32 | Precision::Bf16 => &[Tile::Square],
+        }
+    }
+
     /// Raises a failed launch of `kernel` (see `GpuError::raise`).
     fn launched(&self, r: Result<(), DriverError>, kernel: &str) {
         self.check(r, &format!("launching {kernel}_{}", E::NAME))
@@ -117,24 +126,62 @@ impl<E: CudaFloat> Cuda<E> {
         self.launched(self.k().reduce_final(cfg_blocks(1), part.s(), int(g), scale, out.sm()), "reduce_final");
     }
 
-    /// C (+)= A·B through strided operands; see kernels/gemm.cu. Long reductions with few
-    /// output tiles are split into deterministic chunks.
+    /// C (+)= A·B through strided operands; see kernels/gemm.cu. The tile shape and the
+    /// number of deterministic K chunks come from the shape (`split_k`): chunks when the
+    /// output tiles alone leave multiprocessors idle, with the bias (per column only: the
+    /// linear forward's) added once by the in-order reduction.
     fn gemm(&self, g: GemmArgs, a: &CudaBuf<E>, b: &CudaBuf<E>, c: &mut CudaBuf<E>, bias: Option<&CudaBuf<E>>) {
         let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
         if m == 0 || n == 0 {
             return;
         }
         assert!(c.len() >= m * n, "gemm: output too small");
-        let (splits, kc) = split_k(m, n, k);
-        if splits <= 1 || bias.is_some() {
-            let r = self.k().gemm(cfg_tiles(m, n, 1), g, a.s(), b.s(), c.sm(), bias.map(CudaBuf::s));
+        let (tile, splits, kc) = split_k(self.tiles(), m, n, k, false);
+        if splits <= 1 {
+            let (cfg, bias) = (cfg_tiles(tile, m, n, 1), bias.map(CudaBuf::s));
+            let k = self.k();
+            let r = match (self.precision, tile) {
+                (Precision::Tf32, _) => k.gemm_tf32(cfg, g, a.s(), b.s(), c.sm(), bias),
+                (Precision::Bf16, _) => k.gemm_bf16(cfg, g, a.s(), b.s(), c.sm(), bias),
+                (_, Tile::Square) => k.gemm(cfg, g, a.s(), b.s(), c.sm(), bias),
+                (_, Tile::Short) => k.gemm_m16(cfg, g, a.s(), b.s(), c.sm(), bias),
+                (_, Tile::Narrow) => k.gemm_n16(cfg, g, a.s(), b.s(), c.sm(), bias),
+            };
             return self.launched(r, "gemm");
         }
         let mut part = self.inner.pool.take(splits * m * n);
         let gs = GemmArgs { kc: int(kc), ..g };
-        self.launched(self.k().gemm_splitk(cfg_tiles(m, n, splits), gs, a.s(), b.s(), part.sm()), "gemm_splitk");
-        let r = self.k().splitk_reduce(cfg_1d(m * n), part.s(), int(splits), int(m * n), c.sm(), g.accumulate);
-        self.launched(r, "splitk_reduce");
+        let cfg = cfg_tiles(tile, m, n, splits);
+        let k = self.k();
+        let r = match (self.precision, tile) {
+            (Precision::Tf32, _) => k.gemm_splitk_tf32(cfg, gs, a.s(), b.s(), part.sm()),
+            (Precision::Bf16, _) => k.gemm_splitk_bf16(cfg, gs, a.s(), b.s(), part.sm()),
+            (_, Tile::Square) => k.gemm_splitk(cfg, gs, a.s(), b.s(), part.sm()),
+            (_, Tile::Short) => k.gemm_splitk_m16(cfg, gs, a.s(), b.s(), part.sm()),
+            (_, Tile::Narrow) => k.gemm_splitk_n16(cfg, gs, a.s(), b.s(), part.sm()),
+        };
+        self.launched(r, "gemm_splitk");
+        match bias {
+            Some(bias) => {
+                assert!(
+                    g.bias_mode == BiasMode::PerColumn.code() && g.accumulate == 0,
+                    "gemm: a split product adds a bias per column into an overwritten output only"
+                );
+                let (m_i, n_i) = (int(m), int(n));
+                // One row of columns per block row: rows along y, columns along x.
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(BLOCK as usize) as u32, m.min(65535) as u32, 1),
+                    block_dim: (BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let r = self.k().splitk_reduce_bias(cfg, part.s(), int(splits), m_i, n_i, c.sm(), bias.s());
+                self.launched(r, "splitk_reduce_bias");
+            }
+            None => {
+                let r = self.k().splitk_reduce(cfg_1d(m * n), part.s(), int(splits), int(m * n), c.sm(), g.accumulate);
+                self.launched(r, "splitk_reduce");
+            }
+        }
     }
 }
 
@@ -145,7 +192,20 @@ impl<E: CudaFloat> Backend for Cuda<E> {
 
     fn describe(&self) -> String {
         let g = &self.inner.info;
-        format!("{} (sm_{}{}, {} GiB)", g.name, g.compute_capability.0, g.compute_capability.1, g.memory_bytes >> 30)
+        let products = match self.precision {
+            Precision::F32 => String::new(),
+            p => format!(", matrix products on tensor cores at {}", p.name()),
+        };
+        format!(
+            "{} (sm_{}{}, {} GiB{products})",
+            g.name,
+            g.compute_capability.0,
+            g.compute_capability.1,
+            g.memory_bytes >> 30
+        )
+    }
+    fn precision(&self) -> Precision {
+        self.precision
     }
     fn synchronize(&self) {
         self.sync_or_raise();
@@ -370,8 +430,17 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         if d.y_len() == 0 {
             return;
         }
-        let cfg = cfg_tiles(d.c_out, d.n * d.oh * d.ow, 1);
-        let r = self.k().conv2d_fwd(cfg, ConvArgs::of(&d), x.s(), w.s(), b.map(CudaBuf::s), y.sm());
+        let (m, n) = (d.c_out, d.n * d.oh * d.ow);
+        let tile = choose_tile(self.tiles(), m, n, d.c_in * d.kh * d.kw, 1);
+        let (cfg, a, b) = (cfg_tiles(tile, m, n, 1), ConvArgs::of(&d), b.map(CudaBuf::s));
+        let k = self.k();
+        let r = match (self.precision, tile) {
+            (Precision::Tf32, _) => k.conv2d_fwd_tf32(cfg, a, x.s(), w.s(), b, y.sm()),
+            (Precision::Bf16, _) => k.conv2d_fwd_bf16(cfg, a, x.s(), w.s(), b, y.sm()),
+            (_, Tile::Square) => k.conv2d_fwd(cfg, a, x.s(), w.s(), b, y.sm()),
+            (_, Tile::Short) => k.conv2d_fwd_m16(cfg, a, x.s(), w.s(), b, y.sm()),
+            (_, Tile::Narrow) => k.conv2d_fwd_n16(cfg, a, x.s(), w.s(), b, y.sm()),
+        };
         self.launched(r, "conv2d_fwd");
     }
     fn conv2d_backward_data(&self, dy: &CudaBuf<E>, w: &CudaBuf<E>, dx: &mut CudaBuf<E>, d: Conv2dDims) {
@@ -383,8 +452,23 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         if d.x_len() == 0 {
             return;
         }
-        let cfg = cfg_tiles(d.c_in, d.n * d.h * d.w, 1);
-        self.launched(self.k().conv2d_bwd_data(cfg, ConvArgs::of(&d), dy.s(), w.s(), dx.sm()), "conv2d_bwd_data");
+        // One GEMM per output phase (grid z), each over its own pixels and taps; the grid
+        // covers the largest, and the tile is chosen for the phases' shapes together.
+        let a = ConvArgs::of(&d);
+        let phases = conv_phases(&a);
+        let (pixels, taps) = phases.iter().fold((0, 0), |(p, t), &(pp, tt)| (p.max(pp), t.max(tt)));
+        let n = d.n * pixels;
+        let tile = choose_tile(self.tiles(), d.c_in, n, d.c_out * taps, phases.len());
+        let cfg = cfg_tiles(tile, d.c_in, n.max(1), phases.len());
+        let k = self.k();
+        let r = match (self.precision, tile) {
+            (Precision::Tf32, _) => k.conv2d_bwd_data_tf32(cfg, a, dy.s(), w.s(), dx.sm()),
+            (Precision::Bf16, _) => k.conv2d_bwd_data_bf16(cfg, a, dy.s(), w.s(), dx.sm()),
+            (_, Tile::Square) => k.conv2d_bwd_data(cfg, a, dy.s(), w.s(), dx.sm()),
+            (_, Tile::Short) => k.conv2d_bwd_data_m16(cfg, a, dy.s(), w.s(), dx.sm()),
+            (_, Tile::Narrow) => k.conv2d_bwd_data_n16(cfg, a, dy.s(), w.s(), dx.sm()),
+        };
+        self.launched(r, "conv2d_bwd_data");
     }
     fn conv2d_backward_weight(&self, dy: &CudaBuf<E>, x: &CudaBuf<E>, dw: &mut CudaBuf<E>, d: Conv2dDims) {
         let _op = trace::op("conv2d_backward_weight", || conv_shape(&d));
@@ -396,10 +480,18 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         if m * n == 0 || k == 0 {
             return;
         }
-        let (splits, kc) = split_k(m, n, k);
+        let (tile, splits, kc) = split_k(self.tiles(), m, n, k, true);
         let a = ConvArgs { kc: int(kc), ..ConvArgs::of(&d) };
         let mut part = self.inner.pool.take(splits * m * n);
-        let r = self.k().conv2d_bwd_weight(cfg_tiles(m, n, splits), a, dy.s(), x.s(), part.sm());
+        let cfg = cfg_tiles(tile, m, n, splits);
+        let kn = self.k();
+        let r = match (self.precision, tile) {
+            (Precision::Tf32, _) => kn.conv2d_bwd_weight_tf32(cfg, a, dy.s(), x.s(), part.sm()),
+            (Precision::Bf16, _) => kn.conv2d_bwd_weight_bf16(cfg, a, dy.s(), x.s(), part.sm()),
+            (_, Tile::Square) => kn.conv2d_bwd_weight(cfg, a, dy.s(), x.s(), part.sm()),
+            (_, Tile::Short) => kn.conv2d_bwd_weight_m16(cfg, a, dy.s(), x.s(), part.sm()),
+            (_, Tile::Narrow) => kn.conv2d_bwd_weight_n16(cfg, a, dy.s(), x.s(), part.sm()),
+        };
         self.launched(r, "conv2d_bwd_weight");
         let r = self.k().splitk_reduce(cfg_1d(m * n), part.s(), int(splits), int(m * n), dw.sm(), 1);
         self.launched(r, "splitk_reduce");
