@@ -18,7 +18,7 @@ use vaecuda::eval::{elbo, EVAL_SEED};
 use vaecuda::nn::{Arch, ModelConfig, Vae};
 use vaecuda::ops::{self, Reduction};
 use vaecuda::optim::{Adam, AdamConfig};
-use vaecuda::rng::Rng;
+use vaecuda::rng::{NoiseStream, Rng};
 use vaecuda::{Cpu, Float, ParamStore, Tape, Tensor};
 
 fn main() -> anyhow::Result<()> {
@@ -41,14 +41,17 @@ fn main() -> anyhow::Result<()> {
     };
     println!("{} parameters: {:?}", store.trainable_count(), store.names);
     let mut adam = Adam::new(AdamConfig::default(), &be, &store);
-    let (mut noise, mut order) = (Rng::new(seed ^ 0x05EE_D0FA_015E), Rng::new(seed ^ 0xDA7A_5EED));
+    let (mut noise, mut order) = (NoiseStream::new(seed ^ 0x05EE_D0FA_015E), Rng::new(seed ^ 0xDA7A_5EED));
 
     let (mut recon_sum, mut kl_sum) = (0.0, 0.0);
     let start = std::time::Instant::now();
     for idx in train.epoch_batches(batch, Some(&mut order)) {
         let n = idx.len();
         let x = train.batch(&be, &idx);
-        let eps: Vec<f32> = (0..n * config.latent).map(|_| noise.normal() as f32).collect();
+        // The batch's draw of the counter-based noise (what `vae train` draws on the device).
+        let draw = noise.next_draw();
+        let eps: Vec<f32> =
+            (0..n * config.latent).map(|e| NoiseStream::value(noise.key, draw, e as u64) as f32).collect();
         store.zero_grads(&be);
         let mut tape = Tape::new(&be, &mut store, true);
         let (x, eps) = (tape.input(x), tape.input(Tensor::from_host(&be, &[n, config.latent], &eps)));
@@ -75,8 +78,9 @@ fn main() -> anyhow::Result<()> {
         recon_sum += tape.to_host(recon)[0].f64();
         kl_sum += tape.to_host(kl)[0].f64();
         tape.backward(loss); // every parameter's gradient, summed over the batch
+        let guard = tape.value(loss).buf.clone(); // Adam skips the step if the loss is not finite
         drop(tape);
-        adam.step(&be, &mut store);
+        adam.step(&be, &mut store, &guard);
     }
     let seconds = start.elapsed().as_secs_f64();
     let (recon, kl) = (recon_sum / train.len as f64, kl_sum / train.len as f64);

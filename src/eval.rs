@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use crate::backend::{Backend, Recon};
 use crate::data::DeviceData;
 use crate::nn::Vae;
-use crate::rng::Rng;
+use crate::rng::{NoiseStream, Rng};
 use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
 use crate::train::{BatchLoss, EpochSums, LossConfig};
@@ -26,9 +26,11 @@ pub struct Model<B: Backend> {
     pub store: ParamStore<B>,
 }
 
-fn normals<B: Backend>(be: &B, rng: &mut Rng, shape: &[usize]) -> Tensor<B> {
-    let v: Vec<B::E> = (0..shape.iter().product::<usize>()).map(|_| B::E::of(rng.normal())).collect();
-    Tensor::from_host(be, shape, &v)
+/// The next draw of `noise` as a tensor of `shape`, computed on the backend's device.
+fn normals<B: Backend>(be: &B, noise: &mut NoiseStream, shape: &[usize]) -> Tensor<B> {
+    let mut buf = be.empty(shape.iter().product());
+    be.normal_noise(noise.key, noise.next_draw(), &mut buf);
+    Tensor { shape: shape.to_vec(), buf }
 }
 
 impl<B: Backend> Model<B> {
@@ -163,13 +165,13 @@ pub fn evaluate<B: Backend>(
     batch: usize,
     seed: u64,
 ) -> EpochSums {
-    let mut rng = Rng::new(seed);
+    let mut noise = NoiseStream::new(seed);
     let mut sums = EpochSums::default();
     let z = vae.config.latent;
     let image_len = vae.config.image_len();
     for idx in data.epoch_batches(batch, None) {
         let x = data.batch(be, &idx);
-        let eps = normals(be, &mut rng, &[idx.len(), z]);
+        let eps = normals(be, &mut noise, &[idx.len(), z]);
         let mut tape = Tape::no_grad(be, store);
         let (xv, ev) = (tape.input(x), tape.input(eps));
         let l = vae.loss(&mut tape, xv, ev, objective, kl_weight);

@@ -1,7 +1,7 @@
 //! Adam/AdamW over every trainable tensor of a [`ParamStore`]; the per-element math is in
 //! `ops::adam` (CPU) and `kernels/adam.cu` (GPU).
 
-use crate::backend::Backend;
+use crate::backend::{AdamTensor, Backend};
 use crate::ops::adam::AdamStep;
 use crate::tape::ParamStore;
 
@@ -56,15 +56,25 @@ impl<B: Backend> Adam<B> {
         Adam { config, step: 0, m: moments(), v: moments() }
     }
 
-    /// Applies one update to every trainable parameter that has a gradient.
-    pub fn step(&mut self, backend: &B, store: &mut ParamStore<B>) {
+    /// Applies one update to every trainable parameter that has a gradient, unless
+    /// `guard[0]` (the step's loss, on the device) is NaN or infinite: then nothing changes,
+    /// decided on the device without waiting for the loss (one launch on CUDA). The step
+    /// count advances either way; a caller that then reads a non-finite loss takes it back
+    /// (see [`crate::train::Trainer::step`]).
+    pub fn step(&mut self, backend: &B, store: &mut ParamStore<B>, guard: &B::Buf) {
         self.step += 1;
         let c = self.config;
         let s = AdamStep::new(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled, self.step);
-        for i in 0..store.len() {
-            if let (Some(g), Some(m), Some(v)) = (&store.grads[i], &mut self.m[i], &mut self.v[i]) {
-                backend.adam_step(&mut store.values[i].buf, &g.buf, m, v, s);
-            }
-        }
+        let mut tensors: Vec<AdamTensor<'_, B>> = store
+            .values
+            .iter_mut()
+            .zip(&store.grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .filter_map(|((p, g), (m, v))| match (g, m, v) {
+                (Some(g), Some(m), Some(v)) => Some(AdamTensor { param: &mut p.buf, grad: &g.buf, m, v }),
+                _ => None,
+            })
+            .collect();
+        backend.adam_step_all(&mut tensors, s, guard);
     }
 }

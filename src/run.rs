@@ -31,7 +31,7 @@ use crate::data::Source;
 use crate::failpoint;
 use crate::nn::{ModelConfig, OutputActivation};
 use crate::optim::AdamConfig;
-use crate::rng::Rng;
+use crate::rng::{NoiseStream, Rng};
 use crate::train::{EpochSums, LossConfig, TermReduction, Trainer};
 
 /// The reconstruction term a run trains with (the `--recon` flag).
@@ -258,7 +258,7 @@ pub struct Progress {
     pub best_epoch: usize,
     /// Epochs since the monitored objective last improved.
     pub bad_epochs: usize,
-    /// The noise generator's state now.
+    /// The noise stream's state now: its key and the draws made ([`NoiseStream::state`]).
     noise_rng: Vec<u64>,
     /// The data-order generator's state at the start of epoch `epoch + 1` (each epoch draws
     /// its order from it first).
@@ -338,7 +338,7 @@ impl Progress {
     }
     /// Records a finished epoch, its monitored objective and the random streams after it;
     /// says whether the objective improved (the best checkpoint is then replaced).
-    pub fn finish_epoch(&mut self, epoch: usize, monitored: f64, noise: &Rng, data: &Rng) -> bool {
+    pub fn finish_epoch(&mut self, epoch: usize, monitored: f64, noise: &NoiseStream, data: &Rng) -> bool {
         let improved = monitored < self.best_test();
         if improved {
             self.best_test_bits = monitored.to_bits();
@@ -355,7 +355,7 @@ impl Progress {
     }
     /// The progress of a run stopped `partial` into the epoch after `self.epoch`: the noise
     /// generator as it is now, the data order as it was at the epoch's start.
-    pub fn stopped_in_epoch(&self, partial: PartialEpoch, noise: &Rng, data_at_epoch_start: &Rng) -> Self {
+    pub fn stopped_in_epoch(&self, partial: PartialEpoch, noise: &NoiseStream, data_at_epoch_start: &Rng) -> Self {
         Progress {
             noise_rng: noise.state(),
             data_rng: data_at_epoch_start.state(),
@@ -363,10 +363,13 @@ impl Progress {
             ..self.clone()
         }
     }
-    /// The noise and data-order generators as they were saved.
-    pub fn rngs(&self) -> Result<(Rng, Rng)> {
+    /// The noise stream and the data-order generator as they were saved. A training state
+    /// from before the noise was counter-based holds a generator's state instead, which is
+    /// refused: the run cannot be continued exactly.
+    pub fn rngs(&self) -> Result<(NoiseStream, Rng)> {
         Ok((
-            Rng::from_state(&self.noise_rng).context("bad noise RNG state")?,
+            NoiseStream::from_state(&self.noise_rng)
+                .context("bad noise state (a training state from before the noise was drawn on the device?)")?,
             Rng::from_state(&self.data_rng).context("bad data RNG state")?,
         ))
     }

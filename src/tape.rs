@@ -82,9 +82,8 @@ impl<B: Backend> ParamStore<B> {
     }
     /// Sets every existing gradient to zero (buffers are kept, so a step allocates nothing).
     pub fn zero_grads(&mut self, backend: &B) {
-        for g in self.grads.iter_mut().flatten() {
-            backend.fill(&mut g.buf, B::E::of(0.0));
-        }
+        let mut bufs: Vec<&mut B::Buf> = self.grads.iter_mut().flatten().map(|g| &mut g.buf).collect();
+        backend.zero_all(&mut bufs);
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::nn::{ModelConfig, Vae};
 use crate::optim::{Adam, AdamConfig};
-use crate::rng::Rng;
+use crate::rng::NoiseStream;
 use crate::tape::{ParamStore, Tape};
 use crate::tensor::{Float, Tensor};
 use serde::{Deserialize, Serialize};
@@ -120,8 +120,8 @@ pub struct Trainer<B: Backend> {
     pub adam: Adam<B>,
     /// The objective.
     pub loss: LossConfig,
-    /// Source of the reparameterization noise.
-    pub noise: Rng,
+    /// The reparameterization noise: a counter-based stream the backend draws from in place.
+    pub noise: NoiseStream,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -131,14 +131,16 @@ impl<B: Backend> Trainer<B> {
         let mut store = ParamStore::default();
         let model = Vae::new(config, &mut store, &backend, seed);
         let adam = Adam::new(adam, &backend, &store);
-        Trainer { backend, model, store, adam, loss, noise: Rng::new(seed ^ 0x05EE_D0FA_015E) }
+        Trainer { backend, model, store, adam, loss, noise: NoiseStream::new(seed ^ 0x05EE_D0FA_015E) }
     }
 
-    /// Standard-normal noise [n, z] for the reparameterization.
+    /// Standard-normal noise [n, z] for the reparameterization: the stream's next draw,
+    /// computed where the tensors live (on the device, nothing copied).
     pub fn draw_noise(&mut self, n: usize) -> Tensor<B> {
         let z = self.model.config.latent;
-        let eps: Vec<B::E> = (0..n * z).map(|_| B::E::of(self.noise.normal())).collect();
-        Tensor::from_host(&self.backend, &[n, z], &eps)
+        let mut buf = self.backend.empty(n * z);
+        self.backend.normal_noise(self.noise.key, self.noise.next_draw(), &mut buf);
+        Tensor { shape: vec![n, z], buf }
     }
 
     /// Forward, backward and one Adam update on a batch x [n, c, h, w].
@@ -156,18 +158,23 @@ impl<B: Backend> Trainer<B> {
         kl_weight: f64,
     ) -> Result<BatchLoss, NonFiniteLoss> {
         self.store.zero_grads(&self.backend);
-        let stats = {
+        // The loss is not looked at inside the step: Adam skips a non-finite one on the
+        // device, and the host reads the three scalars once, after the step.
+        let losses = {
             let mut tape = Tape::new(&self.backend, &mut self.store, true);
             let (xv, ev) = (tape.input(x), tape.input(eps));
             let l = self.model.loss(&mut tape, xv, ev, &self.loss, kl_weight);
-            let stats = read_loss(&tape, l);
-            if !stats.loss.is_finite() {
-                return Err(NonFiniteLoss { step: self.adam.step + 1, loss: stats.loss });
-            }
+            let losses = pack_loss(&tape, l);
             tape.backward(l.loss);
-            stats
+            losses
         };
-        self.adam.step(&self.backend, &mut self.store);
+        self.adam.step(&self.backend, &mut self.store, &losses);
+        let stats = read_packed_loss(&self.backend, &losses);
+        if !stats.loss.is_finite() {
+            // Not applied (see `Adam::step`): the count goes back to the last applied step.
+            self.adam.step -= 1;
+            return Err(NonFiniteLoss { step: self.adam.step + 1, loss: stats.loss });
+        }
         Ok(stats)
     }
 
@@ -224,11 +231,21 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-/// The three scalars of a loss on the host (the step's blocking reads).
+/// The three scalars of a loss side by side in one device buffer: `[loss, recon, kl]`.
+pub(crate) fn pack_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> B::Buf {
+    let be = &tape.backend;
+    let mut out = be.empty(3);
+    be.pack_scalars(&[&tape.value(l.loss).buf, &tape.value(l.recon).buf, &tape.value(l.kl).buf], &mut out);
+    out
+}
+
+/// The packed scalars of [`pack_loss`] on the host: the one read that waits for the device.
+pub(crate) fn read_packed_loss<B: Backend>(be: &B, packed: &B::Buf) -> BatchLoss {
+    let v = be.download(packed);
+    BatchLoss { loss: v[0].f64(), recon: v[1].f64(), kl: v[2].f64() }
+}
+
+/// The three scalars of a loss on the host, in one read.
 pub(crate) fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
-    BatchLoss {
-        loss: tape.to_host(l.loss)[0].f64(),
-        recon: tape.to_host(l.recon)[0].f64(),
-        kl: tape.to_host(l.kl)[0].f64(),
-    }
+    read_packed_loss(&tape.backend, &pack_loss(tape, l))
 }

@@ -61,6 +61,14 @@
 #define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 
+// CUDA's sincospi (sin πx and cos πx; the host's libm has none): computed here as sin and cos
+// of π·x rounded to double. A GPU reduces the argument exactly, so its results may differ
+// from these in the last bit of the double (see "What it cannot show" in kernels/README.md).
+inline void sincospi(double x, double* s, double* c) {
+    *s = sin(3.141592653589793 * x);
+    *c = cos(3.141592653589793 * x);
+}
+
 // CUDA's integer and floating min/max overloads.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

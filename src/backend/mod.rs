@@ -16,6 +16,7 @@ pub mod shapes;
 pub use precision::Precision;
 pub use shapes::{AdamStep, BatchNormDims, Conv2dDims, LinearDims, Unary};
 
+use crate::rng::NoiseStream;
 use crate::tensor::Float;
 
 /// The reconstruction losses the trait's loss methods take (their math is in `ops::loss`).
@@ -232,4 +233,48 @@ pub trait Backend: Clone + 'static {
     // ---- optimizer ----
     /// One Adam/AdamW update of a parameter tensor in place.
     fn adam_step(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, s: AdamStep);
+    /// [`Backend::adam_step`] on every tensor of `tensors`, unless `guard[0]` (the step's
+    /// loss) is NaN or infinite, in which case nothing changes. Decided on the device, so the
+    /// step need not wait for the loss to decide; the caller reads the loss afterwards and
+    /// reports. The CUDA backend makes one launch for all tensors.
+    fn adam_step_all(&self, tensors: &mut [AdamTensor<'_, Self>], s: AdamStep, guard: &Self::Buf) {
+        if self.download(guard).first().is_some_and(|l| l.f64().is_finite()) {
+            for t in tensors.iter_mut() {
+                self.adam_step(t.param, t.grad, t.m, t.v, s);
+            }
+        }
+    }
+    /// Sets every element of every buffer to zero (a step's gradients, before its backward
+    /// adds into them). The CUDA backend makes one launch for all.
+    fn zero_all(&self, bufs: &mut [&mut Self::Buf]) {
+        for b in bufs.iter_mut() {
+            self.fill(b, Self::E::of(0.0));
+        }
+    }
+    /// Standard-normal noise: `out[e]` = [`NoiseStream::value`]`(key, draw, e)` rounded to
+    /// `E`, for every element (the reparameterization noise of draw `draw`). The CUDA backend
+    /// draws it on the device, with the same integer arithmetic.
+    fn normal_noise(&self, key: [u32; 2], draw: u64, out: &mut Self::Buf) {
+        let n = self.len(out) as u64;
+        let v: Vec<Self::E> = (0..n).map(|e| Self::E::of(NoiseStream::value(key, draw, e))).collect();
+        *out = self.upload(&v);
+    }
+    /// `out[i] = parts[i][0]`: scalars from several buffers side by side, so the host reads
+    /// them in one copy (a step's loss and its two terms).
+    fn pack_scalars(&self, parts: &[&Self::Buf], out: &mut Self::Buf) {
+        let v: Vec<Self::E> = parts.iter().map(|p| self.download(p)[0]).collect();
+        *out = self.upload(&v);
+    }
+}
+
+/// The operands of one parameter tensor's Adam update (see [`Backend::adam_step_all`]).
+pub struct AdamTensor<'a, B: Backend> {
+    /// The parameter, updated in place.
+    pub param: &'a mut B::Buf,
+    /// Its gradient.
+    pub grad: &'a B::Buf,
+    /// Its first moment, updated in place.
+    pub m: &'a mut B::Buf,
+    /// Its second moment, updated in place.
+    pub v: &'a mut B::Buf,
 }

@@ -195,6 +195,15 @@ pub fn work_of(l: &Launch) -> Work {
         (Kernel::LossFwd, _) => ew(int(l, 3), 2.0, 0.0, 6.0 + 2.0 * t),
         (Kernel::LossBwd, _) => ew(int(l, 5), 4.0, 0.0, 6.0),
         (Kernel::Adam, Some(Arg::Adam { n })) => ew(*n as f64, 7.0, 12.0 + t, 0.0),
+        // All tensors' elements as for `adam`; the table and the constants are a few hundred
+        // bytes, left out.
+        (Kernel::AdamMulti, _) => ew(int(l, 3), 7.0, 12.0 + t, 0.0),
+        (Kernel::ZeroMulti, _) => ew(int(l, 2), 1.0, 0.0, 0.0),
+        (Kernel::Pack3, _) => ew(1.0, 6.0, 0.0, 0.0),
+        // Per value: half a Philox call (ten rounds of two 32-bit multiplies and a few logic
+        // ops, counted as 8 integer ops each) and half of Box–Muller's log, sqrt, cos and sin
+        // in double.
+        (Kernel::PhiloxNormal, _) => ew(int(l, 1), 1.0, 40.0, 2.0 * t),
         (k, a) => panic!("a {k:?} launch whose first argument is {a:?}: the kernel table and the model disagree"),
     }
 }

@@ -38,6 +38,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "elementwise.cu", source: include_str!("../../../kernels/elementwise.cu") },
     KernelFile { name: "vae_loss.cu", source: include_str!("../../../kernels/vae_loss.cu") },
     KernelFile { name: "adam.cu", source: include_str!("../../../kernels/adam.cu") },
+    KernelFile { name: "rng.cu", source: include_str!("../../../kernels/rng.cu") },
 ];
 
 /// Options every program is compiled with (besides the architecture).

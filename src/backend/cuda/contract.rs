@@ -50,6 +50,17 @@ pub const TILE_SMALL_MIN_BLOCKS: u32 = 8;
 /// sm_90 and spilled around the double-precision `exp`.
 pub const BLOCK_MIN_BLOCKS: u32 = 4;
 
+/// Elements one block of the multi-tensor kernels (`adam_multi`, `zero_multi`) handles: each
+/// tensor of their table is cut into chunks of this many, one block per chunk, so a launch
+/// over every parameter of a model fills the GPU in proportion to its elements, whatever the
+/// sizes of the tensors (four per thread of a [`BLOCK`]).
+pub const MULTI_CHUNK: usize = 4 * BLOCK as usize;
+/// 64-bit words per tensor in `adam_multi`'s table: first block, length, then the device
+/// addresses of the parameter, its gradient and its two moments.
+pub const ADAM_TABLE_WORDS: usize = 6;
+/// 64-bit words per tensor in `zero_multi`'s table: first block, length, address.
+pub const ZERO_TABLE_WORDS: usize = 3;
+
 /// The `#define`s of the prelude: every constant both sides use.
 fn defines() -> Vec<(&'static str, String)> {
     vec![
@@ -68,6 +79,9 @@ fn defines() -> Vec<(&'static str, String)> {
         ("BCE_GRAD_EPS", format!("({BCE_GRAD_EPS:?})")),
         // The u8 pixel value that maps to 1.0 (`gather_rows_u8`).
         ("PIXEL_MAX", PIXEL_MAX.to_string()),
+        ("MULTI_CHUNK", MULTI_CHUNK.to_string()),
+        ("ADAM_TABLE_WORDS", ADAM_TABLE_WORDS.to_string()),
+        ("ZERO_TABLE_WORDS", ZERO_TABLE_WORDS.to_string()),
     ]
 }
 

@@ -35,6 +35,8 @@ macro_rules! rust_param {
     (Conv) => { ConvArgs };
     (Bn) => { BnArgs };
     (Adam) => { AdamArgs<E> };
+    (InAdam) => { &CudaSlice<AdamArgs<E>> };
+    (InWords) => { &CudaSlice<u64> };
 }
 macro_rules! c_param {
     (In) => {
@@ -82,6 +84,12 @@ macro_rules! c_param {
     (Adam) => {
         "AdamArgs<T>"
     };
+    (InAdam) => {
+        "const AdamArgs<T>*"
+    };
+    (InWords) => {
+        "const unsigned long long*"
+    };
 }
 /// Pushes one argument: device slices by their pointer, absent optional ones as a null pointer
 /// (the kernels test for it and never touch it), values by reference.
@@ -102,6 +110,12 @@ macro_rules! push_param {
         $b.arg($p)
     };
     ($b:ident, $null:ident, InBytes, $p:ident) => {
+        $b.arg($p)
+    };
+    ($b:ident, $null:ident, InAdam, $p:ident) => {
+        $b.arg($p)
+    };
+    ($b:ident, $null:ident, InWords, $p:ident) => {
         $b.arg($p)
     };
     ($b:ident, $null:ident, InOpt, $p:ident) => {
@@ -140,6 +154,12 @@ macro_rules! trace_param {
     };
     (InBytes, $p:ident) => {
         trace::Arg::Buf { elems: $p.len(), elem_bytes: 1 }
+    };
+    (InAdam, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: std::mem::size_of::<AdamArgs<E>>() }
+    };
+    (InWords, $p:ident) => {
+        trace::Arg::Buf { elems: $p.len(), elem_bytes: 8 }
     };
     (InOpt, $p:ident) => {
         $p.as_ref()
@@ -294,6 +314,12 @@ kernel_table! {
     }
     "adam.cu" {
         Adam adam(a: Adam, p: Out, g: In, m: Out, v: Out);
+        AdamMulti adam_multi(args: InAdam, table: InWords, tensors: Int, elems: Int, guard: In);
+        ZeroMulti zero_multi(table: InWords, buffers: Int, elems: Int);
+        Pack3 pack3(a: In, b: In, c: In, out: Out);
+    }
+    "rng.cu" {
+        PhiloxNormal philox_normal(y: Out, n: Int, key0: Int, key1: Int, draw_lo: Int, draw_hi: Int);
     }
 }
 

@@ -57,6 +57,13 @@ struct Inner<E: CudaFloat> {
     scratch: Arc<Pool<f64>>,
     /// Row indices of `gather_rows`, grown as needed.
     idx: Mutex<Option<CudaSlice<u32>>>,
+    /// The multi-tensor kernels' tables of device addresses, by their contents: uploaded the
+    /// first time a set of buffers is seen, then found here (a model's parameters, gradients
+    /// and moments live as long as the model, so after the first steps every lookup hits and
+    /// a step copies nothing to the device for them).
+    tables: Mutex<HashMap<Vec<u64>, CudaSlice<u64>>>,
+    /// The constants of the current Adam step, which `adam_multi` reads from device memory.
+    adam_args: Mutex<Option<CudaSlice<contract::AdamArgs<E>>>>,
     info: GpuInfo,
 }
 
@@ -135,6 +142,8 @@ impl<E: CudaFloat> Cuda<E> {
             ctx,
             stream,
             idx: Mutex::new(None),
+            tables: Mutex::new(HashMap::new()),
+            adam_args: Mutex::new(None),
             info,
         };
         Ok(Cuda { inner: Arc::new(inner), precision: crate::backend::Precision::F32 })

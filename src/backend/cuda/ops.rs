@@ -4,12 +4,15 @@
 
 use cudarc::driver::{CudaSlice, DriverError, LaunchConfig};
 
-use super::contract::{int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, BLOCK};
+use super::contract::{
+    int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, ADAM_TABLE_WORDS, BLOCK,
+    MULTI_CHUNK, ZERO_TABLE_WORDS,
+};
 use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::trace::{self, CopyDir, EventKind};
 use super::{Cuda, CudaFloat};
-use crate::backend::{Backend, Precision, Recon};
+use crate::backend::{AdamTensor, Backend, Precision, Recon};
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
 use crate::ops::conv2d::Conv2dDims;
@@ -119,6 +122,35 @@ impl<E: CudaFloat> Cuda<E> {
         trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes: (idx.len() * 4) as u64 });
         self.check(self.inner.stream.memcpy_htod(idx, ib), "copying gather indices to the GPU");
         guard
+    }
+
+    /// The device address of a buffer, for the multi-tensor kernels' tables. The backend has
+    /// one stream and no event tracking, so nothing waits here.
+    fn address(&self, b: &CudaBuf<E>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _no_wait) = b.s().device_ptr(&self.inner.stream);
+        ptr
+    }
+
+    /// Runs `launch` with the device copy of the table `words`, uploading it the first time
+    /// these words are asked for (see `Inner::tables`).
+    fn with_table(&self, words: Vec<u64>, launch: impl FnOnce(&CudaSlice<u64>)) {
+        let mut tables = self.inner.tables.lock().unwrap_or_else(|p| p.into_inner());
+        // Tables of buffers long gone would pile up in a process that builds many models (the
+        // tests); dropping them is stream-ordered, after any launch still reading them.
+        if !tables.contains_key(&words) && tables.len() >= 64 {
+            tables.clear();
+        }
+        let table = match tables.entry(words) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let bytes = (e.key().len() * 8) as u64;
+                trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes });
+                let t = self.check(self.inner.stream.clone_htod(e.key()), "copying a tensor table to the GPU");
+                e.insert(t)
+            }
+        };
+        launch(table)
     }
 
     /// out[0] = scale · Σ part[..g] (stage 2 of every reduction).
@@ -751,26 +783,118 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         assert!(grad.len() >= n && m.len() >= n && v.len() >= n, "adam_step: operand too small");
-        // Constants converted to E exactly as AdamStep::apply does on the CPU.
-        let (b1, b2) = (E::of(s.beta1), E::of(s.beta2));
-        let mode = match (s.weight_decay != 0.0, s.decoupled) {
-            (false, _) => AdamMode::Plain,
-            (true, false) => AdamMode::L2,
-            (true, true) => AdamMode::Decoupled,
-        };
-        let a = AdamArgs {
-            beta1: b1,
-            beta2: b2,
-            one_minus_beta1: E::one() - b1,
-            one_minus_beta2: E::one() - b2,
-            eps: E::of(s.eps),
-            weight_decay: E::of(s.weight_decay),
-            decay_factor: E::one() - E::of(s.lr * s.weight_decay),
-            step_size: E::of(s.lr / s.bias_correction1),
-            bc2_sqrt: E::of(s.bias_correction2_sqrt),
-            mode: mode.code(),
-            n: int(n),
-        };
+        let a = adam_args::<E>(s, n);
         self.launched(self.k().adam(cfg_1d(n), a, param.sm(), grad.s(), m.sm(), v.sm()), "adam");
+    }
+
+    fn adam_step_all(&self, tensors: &mut [AdamTensor<'_, Self>], s: AdamStep, guard: &CudaBuf<E>) {
+        let _op = trace::op("adam_step_all", || format!("{} tensors", tensors.len()));
+        let (mut words, mut blocks, mut elems, mut count) = (vec![], 0usize, 0usize, 0usize);
+        for t in tensors.iter() {
+            let n = t.param.len();
+            if n == 0 {
+                continue;
+            }
+            assert!(t.grad.len() >= n && t.m.len() >= n && t.v.len() >= n, "adam_step_all: operand too small");
+            let addresses = [&*t.param, t.grad, &*t.m, &*t.v].map(|b| self.address(b));
+            words.extend([blocks as u64, n as u64]);
+            words.extend(addresses);
+            blocks += n.div_ceil(MULTI_CHUNK);
+            elems += n;
+            count += 1;
+        }
+        if count == 0 {
+            return;
+        }
+        debug_assert_eq!(words.len(), count * ADAM_TABLE_WORDS);
+        assert!(!guard.is_empty(), "adam_step_all: no loss to guard the step with");
+        // The step's constants (they change every step through the bias corrections) go to
+        // device memory, so the launch itself is the same every step.
+        let mut args = self.inner.adam_args.lock().unwrap_or_else(|p| p.into_inner());
+        if args.is_none() {
+            // SAFETY: written by the copy below before the kernel reads it.
+            let a = unsafe { self.inner.stream.alloc::<AdamArgs<E>>(1) };
+            *args = Some(self.check(a, "allocating the Adam constants"));
+        }
+        let dev_args = args.as_mut().expect("allocated above");
+        let host = [adam_args::<E>(s, elems)];
+        trace::push(|| EventKind::Copy {
+            dir: CopyDir::HostToDevice,
+            bytes: std::mem::size_of::<AdamArgs<E>>() as u64,
+        });
+        self.check(self.inner.stream.memcpy_htod(&host, dev_args), "copying the Adam constants to the GPU");
+        self.with_table(words, |table| {
+            let r = self.k().adam_multi(cfg_blocks(blocks), dev_args, table, int(count), int(elems), guard.s());
+            self.launched(r, "adam_multi");
+        });
+    }
+
+    fn zero_all(&self, bufs: &mut [&mut CudaBuf<E>]) {
+        let _op = trace::op("zero_all", || format!("{} buffers", bufs.len()));
+        let (mut words, mut blocks, mut elems, mut count) = (vec![], 0usize, 0usize, 0usize);
+        for b in bufs.iter().filter(|b| !b.is_empty()) {
+            words.extend([blocks as u64, b.len() as u64, self.address(b)]);
+            blocks += b.len().div_ceil(MULTI_CHUNK);
+            elems += b.len();
+            count += 1;
+        }
+        if count == 0 {
+            return;
+        }
+        debug_assert_eq!(words.len(), count * ZERO_TABLE_WORDS);
+        self.with_table(words, |table| {
+            self.launched(self.k().zero_multi(cfg_blocks(blocks), table, int(count), int(elems)), "zero_multi");
+        });
+    }
+
+    fn normal_noise(&self, key: [u32; 2], draw: u64, out: &mut CudaBuf<E>) {
+        let _op = trace::op("normal_noise", || format!("{}", out.len()));
+        let n = out.len();
+        if n == 0 {
+            return;
+        }
+        // The u32 words travel as the bits of ints (the kernel casts them back).
+        let w = |x: u32| x as i32;
+        let (k0, k1, d0, d1) = (w(key[0]), w(key[1]), w(draw as u32), w((draw >> 32) as u32));
+        let r = self.k().philox_normal(cfg_1d(n.div_ceil(2)), out.sm(), int(n), k0, k1, d0, d1);
+        self.launched(r, "philox_normal");
+    }
+
+    fn pack_scalars(&self, parts: &[&CudaBuf<E>], out: &mut CudaBuf<E>) {
+        let _op = trace::op("pack_scalars", || format!("{}", parts.len()));
+        assert!(out.len() >= parts.len() && parts.iter().all(|p| !p.is_empty()), "pack_scalars: operand too small");
+        if let [a, b, c] = parts {
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            return self.launched(self.k().pack3(cfg, a.s(), b.s(), c.s(), out.sm()), "pack3");
+        }
+        for (i, p) in parts.iter().enumerate() {
+            trace::push(|| EventKind::Copy { dir: CopyDir::DeviceToDevice, bytes: std::mem::size_of::<E>() as u64 });
+            let r = self.inner.stream.memcpy_dtod(&p.s().slice(0..1), &mut out.sm().slice_mut(i..i + 1));
+            self.check(r, "copying on the GPU");
+        }
+    }
+}
+
+/// Adam's constants for `n` elements, converted to E exactly as `AdamStep::apply` does on the
+/// CPU.
+fn adam_args<E: CudaFloat>(s: AdamStep, n: usize) -> AdamArgs<E> {
+    let (b1, b2) = (E::of(s.beta1), E::of(s.beta2));
+    let mode = match (s.weight_decay != 0.0, s.decoupled) {
+        (false, _) => AdamMode::Plain,
+        (true, false) => AdamMode::L2,
+        (true, true) => AdamMode::Decoupled,
+    };
+    AdamArgs {
+        beta1: b1,
+        beta2: b2,
+        one_minus_beta1: E::one() - b1,
+        one_minus_beta2: E::one() - b2,
+        eps: E::of(s.eps),
+        weight_decay: E::of(s.weight_decay),
+        decay_factor: E::one() - E::of(s.lr * s.weight_decay),
+        step_size: E::of(s.lr / s.bias_correction1),
+        bc2_sqrt: E::of(s.bias_correction2_sqrt),
+        mode: mode.code(),
+        n: int(n),
     }
 }
