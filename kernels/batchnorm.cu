@@ -89,15 +89,16 @@ __device__ void bn_fwd_apply_impl(BnArgs a, int act, T slope, const T* x, const 
     }
 }
 
-// Eval mode: elementwise over all outer·channels·inner values, channel (k / inner) % channels.
+// Eval mode, over the training kernels' grid of (chunks, channels) blocks: block (k, c)
+// normalizes chunk k of channel c with the running statistics (no division per element).
 template <typename T>
 __device__ void bn_fwd_eval_impl(BnArgs a, int act, T slope, const T* x, const T* gamma, const T* beta, const T* rm,
                                  const T* rv, T* y) {
-    const long long n = (long long)a.outer * a.channels * a.inner;
-    GRID_STRIDE(k, n) {
-        const int c = (int)((k / a.inner) % a.channels);
-        const double invstd = 1.0 / sqrt((double)rv[c] + a.eps);
-        y[k] = unary_f(act, (T)(((double)x[k] - (double)rm[c]) * invstd * (double)gamma[c] + (double)beta[c]), slope);
+    const int c = blockIdx.y;
+    const acc_t mu = (acc_t)rm[c], is = 1.0 / sqrt((acc_t)rv[c] + a.eps), g = (acc_t)gamma[c], b = (acc_t)beta[c];
+    for (ChunkWalk w(a.outer, a.channels, a.inner, a.chunk); w.more(); w.next()) {
+        const long long k = w.at();
+        y[k] = unary_f(act, (T)(((acc_t)x[k] - mu) * is * g + b), slope);
     }
 }
 

@@ -63,15 +63,20 @@ __device__ void bias_add_impl(T* y, const T* b, int channels, int inner, int n) 
 }
 // db[c] += Σ_{o, i} dy[o, c, i], over the whole GPU in two stages. Stage 1 (`bias_bwd`, a
 // grid of (chunks, channels) blocks, common.cuh's ChunkWalk) writes chunk k's sum of channel c
-// to part[c·chunks + k]; stage 2 (`chunk_sum`) adds each channel's partials in order.
+// to part[c·chunks + k]; stage 2 (`chunk_sum`) adds each channel's partials in order. With one
+// chunk per channel (a linear layer's bias: m = the batch) stage 1 adds into db itself and the
+// host launches no stage 2.
 template <typename T>
-__device__ void bias_bwd_impl(const T* dy, acc_t* part, int outer, int channels, int inner, int chunk) {
+__device__ void bias_bwd_impl(const T* dy, acc_t* part, T* db, int outer, int channels, int inner, int chunk) {
     __shared__ acc_t sh[BLOCK_WARPS];
     ChunkWalk w(outer, channels, inner, chunk);
     acc_t s = 0;
     for (; w.more(); w.next()) s += (acc_t)dy[w.at()];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) part[(long long)w.c * gridDim.x + blockIdx.x] = s;
+    if (threadIdx.x == 0) {
+        if (gridDim.x == 1) db[w.c] = (T)((acc_t)db[w.c] + s);
+        else part[(long long)w.c * gridDim.x + blockIdx.x] = s;
+    }
 }
 // out[c] += Σ_k part[c·chunks + k], k = 0, 1, ... in order: one thread per channel (a chunk
 // count is small, at most kernels.rs's MAX_CHUNKS).
@@ -134,8 +139,8 @@ __device__ void reduce_final_impl(const acc_t* part, int g, double scale, T* out
         bias_add_impl<T>(y, b, channels, inner, n);                                                        \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                  \
-        bias_bwd_##S(const T* dy, acc_t* part, int outer, int channels, int inner, int chunk) {            \
-        bias_bwd_impl<T>(dy, part, outer, channels, inner, chunk);                                         \
+        bias_bwd_##S(const T* dy, acc_t* part, T* db, int outer, int channels, int inner, int chunk) {     \
+        bias_bwd_impl<T>(dy, part, db, outer, channels, inner, chunk);                                     \
     }                                                                                                      \
     extern "C" __global__ void chunk_sum_##S(const acc_t* part, int chunks, int channels, T* out) {        \
         chunk_sum_impl<T>(part, chunks, channels, out);                                                    \

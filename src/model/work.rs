@@ -174,7 +174,7 @@ pub fn work_of(l: &Launch) -> Work {
         (Kernel::GatherRows, _) => ew(int(l, 4), 2.0, 0.0, 0.0),
         (Kernel::GatherRowsU8, _) => ew(int(l, 4), 1.0 + 1.0 / e, 1.0, 0.0),
         (Kernel::BiasAdd, _) => ew(int(l, 4), 2.0, 1.0, 0.0),
-        (Kernel::BiasBwd, _) => ew(int(l, 2) * int(l, 3) * int(l, 4), 1.0, 0.0, 1.0),
+        (Kernel::BiasBwd, _) => ew(int(l, 3) * int(l, 4) * int(l, 5), 1.0, 0.0, 1.0),
         (Kernel::ChunkSum, _) => {
             let parts = int(l, 1) * int(l, 2);
             Work { fp64_flops: parts, bytes: 8.0 * parts + 2.0 * e * int(l, 2), ..Work::default() }

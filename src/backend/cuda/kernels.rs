@@ -257,7 +257,7 @@ kernel_table! {
         GatherRows gather_rows(src: In, idx: InIdx, row_len: Int, dst: Out, n: Int);
         GatherRowsU8 gather_rows_u8(src: InBytes, idx: InIdx, row_len: Int, dst: Out, n: Int);
         BiasAdd bias_add(y: Out, b: In, channels: Int, inner: Int, n: Int);
-        BiasBwd bias_bwd(dy: In, part: OutAcc, outer: Int, channels: Int, inner: Int, chunk: Int);
+        BiasBwd bias_bwd(dy: In, part: OutAcc, db: Out, outer: Int, channels: Int, inner: Int, chunk: Int);
         ChunkSum chunk_sum(part: InAcc, chunks: Int, channels: Int, out: Out);
         SumPartial sum_partial(x: In, n: Int, part: OutAcc);
         ReduceFinal reduce_final(part: InAcc, g: Int, scale: F64, out: Out);
@@ -350,9 +350,9 @@ pub const REDUCE_SMS: usize = 132;
 /// Fewest values in a chunk of a per-channel reduction: two per thread, so a block's fixed
 /// cost (stage 2's merge of the partials, two barriers) stays small against its loads.
 const MIN_CHUNK: usize = 2 * BLOCK as usize;
-/// Most chunks per channel: stage 2 merges a channel's partials in every block (two per
-/// lane of one warp at most).
-pub const MAX_CHUNKS: usize = 64;
+/// Most chunks per channel: enough for one channel alone to fill REDUCE_SMS SMs; stage 2
+/// merges a channel's partials in every block (eight per lane of one warp at most).
+pub const MAX_CHUNKS: usize = 256;
 
 /// How to cut each of `channels` per-channel reductions of m values (batch norm's statistics
 /// and backward, a bias gradient) into chunks for a grid of (chunks, channels) blocks:
@@ -424,8 +424,10 @@ mod tests {
             assert!(k * len >= m && (k == 1 || (k - 1) * len < m), "{channels}x{m}: {k} × {len}");
             assert!(k == 1 || len >= MIN_CHUNK - 1, "{channels}x{m}: chunks of {len}");
         }
-        // The conv-bn VAE's layers at batch 128: at least one full wave of 132 SMs.
+        // The conv-bn VAE's layers at batch 128: at least one full wave of 132 SMs, even for a
+        // lone channel.
         assert_eq!(channel_chunks(32, 128 * 196), (33, 761));
+        assert_eq!(channel_chunks(1, 128 * 784), (132, 761));
         let (k, _) = channel_chunks(64, 128 * 49);
         assert!(64 * k >= REDUCE_SMS, "{k}");
     }

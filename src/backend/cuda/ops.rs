@@ -371,14 +371,17 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             cfg_channel_chunks(chunks, channels),
             dy.s(),
             part.sm(),
+            db.sm(),
             int(outer),
             int(channels),
             int(inner),
             int(chunk),
         );
         self.launched(r, "bias_bwd");
-        let r = self.k().chunk_sum(cfg_1d(channels), part.s(), int(chunks), int(channels), db.sm());
-        self.launched(r, "chunk_sum");
+        if chunks > 1 {
+            let r = self.k().chunk_sum(cfg_1d(channels), part.s(), int(chunks), int(channels), db.sm());
+            self.launched(r, "chunk_sum");
+        }
     }
 
     fn conv2d_forward(
@@ -489,9 +492,10 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         assert!(x.len() >= n && y.len() >= n && gamma.len() >= d.channels, "batch_norm_forward_eval: too small");
         let (act, slope) = UnaryCode::of_opt::<E>(d.act);
+        let a = BnArgs::of(&d);
         let r = self.k().bn_fwd_eval(
-            cfg_1d(n),
-            BnArgs::of(&d),
+            cfg_channel_chunks(a.chunks as usize, d.channels),
+            a,
             act,
             slope,
             x.s(),
