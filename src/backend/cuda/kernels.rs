@@ -357,18 +357,21 @@ pub const MAX_CHUNKS: usize = 256;
 /// How to cut each of `channels` per-channel reductions of m values (batch norm's statistics
 /// and backward, a bias gradient) into chunks for a grid of (chunks, channels) blocks:
 /// (chunks, values per chunk; the last one ragged). Depends on the shapes only. Of the chunk
-/// counts that keep chunks at least MIN_CHUNK long (and at most MAX_CHUNKS of them), the one
-/// whose grid keeps REDUCE_SMS SMs busiest (blocks / (SMs · ⌈blocks / SMs⌉), every block
-/// the same work), the fewest chunks among equals. One channel of a few values gets one chunk.
+/// counts that keep chunks at least MIN_CHUNK long (and at most MAX_CHUNKS of them), one whose
+/// grid has at least REDUCE_SMS blocks if any does, and of those the one that keeps the SMs
+/// busiest (blocks / (SMs · ⌈blocks / SMs⌉), every block the same work), the fewest chunks
+/// among equals. One channel of a few values gets one chunk.
 pub fn channel_chunks(channels: usize, m: usize) -> (usize, usize) {
     let most = (m / MIN_CHUNK).clamp(1, MAX_CHUNKS);
-    let fill = |k: usize| {
+    let score = |k: usize| {
         let blocks = channels.max(1) * k;
-        blocks as f64 / (REDUCE_SMS * blocks.div_ceil(REDUCE_SMS)) as f64
+        let fill = blocks as f64 / (REDUCE_SMS * blocks.div_ceil(REDUCE_SMS)) as f64;
+        (blocks >= REDUCE_SMS, fill)
     };
     let mut best = 1;
     for k in 2..=most {
-        if fill(k) > fill(best) + 1e-9 {
+        let ((wave, fill), (best_wave, best_fill)) = (score(k), score(best));
+        if (wave && !best_wave) || (wave == best_wave && fill > best_fill + 1e-9) {
             best = k;
         }
     }
