@@ -20,19 +20,115 @@ typedef double acc_t;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)blockDim.x * gridDim.x)
 
-// Sum of one value per thread over a block of BLOCK threads, in a fixed tree order.
-// Every thread must call it; the result is returned to thread 0 (others get partial sums).
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared /* [BLOCK] */) {
-    shared[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-        __syncthreads();
-    }
-    acc_t r = shared[0];
-    __syncthreads();  // shared may be reused right after
-    return r;
+// ---- block reductions: warp shuffles inside a warp, shared memory only across warps ----
+//
+// Every sum below adds in a tree fixed by the lane and warp numbers alone (never by timing),
+// in double (acc_t), so a result is the same to the bit on every run and every GPU. Accuracy:
+// each tree level adds two partial sums, so a total of n values carries a rounding error of at
+// most about log2(n)·2^-53 relative to Σ|v|: far below the f32 outputs' 2^-24, which is why
+// the tests compare with the CPU's f64 sums (in another order) at f32 tolerances.
+
+constexpr int WARP = 32;
+constexpr int BLOCK_WARPS = BLOCK / WARP;
+static_assert(BLOCK % WARP == 0 && BLOCK_WARPS <= WARP, "block reductions assume whole warps, at most 32 of them");
+
+// Sum over the 32 lanes of a warp: lane l adds lane l + o for o = 16, 8, 4, 2, 1. Lane 0 gets
+// the total; lane l < o only ever reads lanes < 2·o, which were complete at the level above,
+// so the other lanes' (partial) values do not matter. Every lane of the warp must call it.
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
 }
+
+// Sum of one value per thread over a block of BLOCK threads: each warp by shuffles, then warp
+// 0 adds the BLOCK_WARPS warp sums (lanes past them add 0). Every thread must call it; the
+// total is returned to thread 0 (others get partial sums). `shared` holds BLOCK_WARPS values
+// and may be reused as soon as this returns.
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared /* [BLOCK_WARPS] */) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    if (warp == 0) v = warp_sum(lane < BLOCK_WARPS ? shared[lane] : acc_t(0));
+    __syncthreads();  // every read of shared is done: the caller may reuse it
+    return v;
+}
+
+// Mean and variance statistics of a set of values, as (count, mean, M2 = Σ(v − mean)²).
+struct Moments {
+    acc_t n, mean, m2;
+};
+
+// The moments of two disjoint sets together (Chan, Golub and LeVeque's pairwise update): as
+// accurate as a two-pass computation, whatever the sizes. An empty side returns the other.
+__device__ __forceinline__ Moments merge_moments(Moments a, Moments b) {
+    if (b.n == 0) return a;
+    if (a.n == 0) return b;
+    const acc_t n = a.n + b.n, d = b.mean - a.mean;
+    return Moments{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * (b.n / n))};
+}
+
+// warp_sum's tree for moments: lane 0 gets the moments of the whole warp.
+__device__ __forceinline__ Moments warp_moments(Moments v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        Moments u;
+        u.n = __shfl_down_sync(0xffffffffu, v.n, o);
+        u.mean = __shfl_down_sync(0xffffffffu, v.mean, o);
+        u.m2 = __shfl_down_sync(0xffffffffu, v.m2, o);
+        v = merge_moments(v, u);
+    }
+    return v;
+}
+
+// block_sum's scheme for moments: thread 0 gets the moments of the whole block.
+__device__ __forceinline__ Moments block_moments(Moments v, Moments* shared /* [BLOCK_WARPS] */) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_moments(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    if (warp == 0) v = warp_moments(lane < BLOCK_WARPS ? shared[lane] : Moments{0, 0, 0});
+    __syncthreads();
+    return v;
+}
+
+// ---- chunked per-channel reductions over an [outer, channels, inner] view ----
+//
+// A channel's m = outer·inner values e = o·inner + i (at ((o·channels + c)·inner + i)) are cut
+// into chunks of `chunk` consecutive e (the last one ragged); block (k, c) of a grid
+// (chunks, channels) reduces chunk k of channel c. The host picks `chunk` from the shapes
+// alone (kernels.rs, `channel_chunks`), so the split, and the sums, are the same on every GPU.
+// ChunkWalk visits a thread's elements e = begin + t, begin + t + BLOCK, ... without a
+// division per element: one division per thread to start, then BLOCK = q·inner + r
+// steps (o, i) by (q, r) with one carry.
+struct ChunkWalk {
+    // e and end in 64 bits: e + BLOCK may pass 2^31 on the last step of a huge channel.
+    long long e, end;
+    int o, i, q, r, inner, channels, c;
+    __device__ __forceinline__ ChunkWalk(int outer, int channels_, int inner_, int chunk)
+        : inner(inner_), channels(channels_), c(blockIdx.y) {
+        const long long begin = (long long)blockIdx.x * chunk;
+        end = min((long long)outer * inner, begin + chunk);
+        e = begin + threadIdx.x;
+        o = (int)(e / inner);
+        i = (int)(e % inner);
+        q = BLOCK / inner;
+        r = BLOCK % inner;
+    }
+    __device__ __forceinline__ bool more() const { return e < end; }
+    // Offset of the current element in the [outer, channels, inner] tensor.
+    __device__ __forceinline__ long long at() const { return ((long long)o * channels + c) * inner + i; }
+    __device__ __forceinline__ void next() {
+        e += BLOCK;
+        o += q;
+        i += r;
+        if (i >= inner) {
+            i -= inner;
+            ++o;
+        }
+    }
+};
 
 __device__ __forceinline__ float exp_t(float x) { return expf(x); }
 __device__ __forceinline__ double exp_t(double x) { return exp(x); }
@@ -40,6 +136,30 @@ __device__ __forceinline__ float tanh_t(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_t(double x) { return tanh(x); }
 __device__ __forceinline__ float sqrt_t(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_t(double x) { return sqrt(x); }
+
+// ---- activations: the math of src/ops/unary.rs, repeated (elementwise.cu, batchnorm.cu) ----
+// op: a UNARY_* code; slope is leaky ReLU's; UNARY_IDENTITY is no activation
+template <typename T>
+__device__ __forceinline__ T unary_f(int op, T x, T slope) {
+    switch (op) {
+        case UNARY_RELU: return x > T(0) ? x : T(0);
+        case UNARY_SIGMOID: return T(1) / (T(1) + exp_t(-x));
+        case UNARY_TANH: return tanh_t(x);
+        case UNARY_IDENTITY: return x;
+        default: return x > T(0) ? x : x * slope;
+    }
+}
+// dy·f'(x), from x and y = f(x)
+template <typename T>
+__device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
+    switch (op) {
+        case UNARY_RELU: return y > T(0) ? dy : T(0);
+        case UNARY_SIGMOID: return dy * y * (T(1) - y);
+        case UNARY_TANH: return dy * (T(1) - y * y);
+        case UNARY_IDENTITY: return dy;
+        default: return x > T(0) ? dy : dy * slope;
+    }
+}
 
 // ---- the tiled GEMM engine (used by gemm.cu and conv2d.cu) ----
 //

@@ -2,28 +2,7 @@
 // 1-D kernels use grid-stride loops (any grid covers any n); the launcher picks the grid.
 #include "common.cuh"
 
-// ---- activations: the math of src/ops/unary.rs, repeated ----
-// op: a UNARY_* code; slope is leaky ReLU's
-template <typename T>
-__device__ __forceinline__ T unary_f(int op, T x, T slope) {
-    switch (op) {
-        case UNARY_RELU: return x > T(0) ? x : T(0);
-        case UNARY_SIGMOID: return T(1) / (T(1) + exp_t(-x));
-        case UNARY_TANH: return tanh_t(x);
-        default: return x > T(0) ? x : x * slope;
-    }
-}
-// dy·f'(x), from x and y = f(x)
-template <typename T>
-__device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
-    switch (op) {
-        case UNARY_RELU: return y > T(0) ? dy : T(0);
-        case UNARY_SIGMOID: return dy * y * (T(1) - y);
-        case UNARY_TANH: return dy * (T(1) - y * y);
-        default: return x > T(0) ? dy : dy * slope;
-    }
-}
-
+// ---- activations (unary_f, unary_df: common.cuh, shared with batchnorm.cu) ----
 template <typename T>
 __device__ void unary_fwd_impl(int op, T slope, const T* x, T* y, int n) {
     GRID_STRIDE(i, n) y[i] = unary_f(op, x[i], slope);
@@ -82,21 +61,32 @@ template <typename T>
 __device__ void bias_add_impl(T* y, const T* b, int channels, int inner, int n) {
     GRID_STRIDE(k, n) y[k] += b[(k / inner) % channels];
 }
-// db[c] += Σ_{o, i} dy[o, c, i]. One block per channel (grid = channels); thread t sums the
-// elements e = t, t + BLOCK, ... of the channel's outer·inner values (e = o·inner + i), then
-// the block adds the threads' sums in a fixed tree.
+// db[c] += Σ_{o, i} dy[o, c, i], over the whole GPU in two stages. Stage 1 (`bias_bwd`, a
+// grid of (chunks, channels) blocks, common.cuh's ChunkWalk) writes chunk k's sum of channel c
+// to part[c·chunks + k]; stage 2 (`chunk_sum`) adds each channel's partials in order. With one
+// chunk per channel (a linear layer's bias: m = the batch) stage 1 adds into db itself and the
+// host launches no stage 2.
 template <typename T>
-__device__ void bias_bwd_impl(const T* dy, T* db, int outer, int channels, int inner) {
-    __shared__ acc_t sh[BLOCK];
-    const int c = blockIdx.x;
-    const long long m = (long long)outer * inner;
+__device__ void bias_bwd_impl(const T* dy, acc_t* part, T* db, int outer, int channels, int inner, int chunk) {
+    __shared__ acc_t sh[BLOCK_WARPS];
+    ChunkWalk w(outer, channels, inner, chunk);
     acc_t s = 0;
-    for (long long e = threadIdx.x; e < m; e += BLOCK) {
-        const long long o = e / inner, i = e % inner;
-        s += (acc_t)dy[(o * channels + c) * inner + i];
-    }
+    for (; w.more(); w.next()) s += (acc_t)dy[w.at()];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) db[c] = (T)((acc_t)db[c] + s);
+    if (threadIdx.x == 0) {
+        if (gridDim.x == 1) db[w.c] = (T)((acc_t)db[w.c] + s);
+        else part[(long long)w.c * gridDim.x + blockIdx.x] = s;
+    }
+}
+// out[c] += Σ_k part[c·chunks + k], k = 0, 1, ... in order: one thread per channel (a chunk
+// count is small, at most kernels.rs's MAX_CHUNKS).
+template <typename T>
+__device__ void chunk_sum_impl(const acc_t* part, int chunks, int channels, T* out) {
+    GRID_STRIDE(c, channels) {
+        acc_t s = 0;
+        for (int k = 0; k < chunks; ++k) s += part[c * chunks + k];
+        out[c] = (T)((acc_t)out[c] + s);
+    }
 }
 
 // ---- deterministic sum, two stages ----
@@ -105,7 +95,7 @@ __device__ void bias_bwd_impl(const T* dy, T* db, int outer, int channels, int i
 // tree. vae_loss.cu reuses stage 2 for the loss and KL reductions.
 template <typename T>
 __device__ void sum_partial_impl(const T* x, int n, acc_t* part) {
-    __shared__ acc_t sh[BLOCK];
+    __shared__ acc_t sh[BLOCK_WARPS];
     acc_t s = 0;
     GRID_STRIDE(i, n) s += (acc_t)x[i];
     s = block_sum(s, sh);
@@ -113,7 +103,7 @@ __device__ void sum_partial_impl(const T* x, int n, acc_t* part) {
 }
 template <typename T>
 __device__ void reduce_final_impl(const acc_t* part, int g, double scale, T* out) {
-    __shared__ acc_t sh[BLOCK];
+    __shared__ acc_t sh[BLOCK_WARPS];
     acc_t s = 0;
     for (int b = threadIdx.x; b < g; b += BLOCK) s += part[b];
     s = block_sum(s, sh);
@@ -149,8 +139,11 @@ __device__ void reduce_final_impl(const acc_t* part, int g, double scale, T* out
         bias_add_impl<T>(y, b, channels, inner, n);                                                        \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS)                                  \
-        bias_bwd_##S(const T* dy, T* db, int outer, int channels, int inner) {                             \
-        bias_bwd_impl<T>(dy, db, outer, channels, inner);                                                  \
+        bias_bwd_##S(const T* dy, acc_t* part, T* db, int outer, int channels, int inner, int chunk) {     \
+        bias_bwd_impl<T>(dy, part, db, outer, channels, inner, chunk);                                     \
+    }                                                                                                      \
+    extern "C" __global__ void chunk_sum_##S(const acc_t* part, int chunks, int channels, T* out) {        \
+        chunk_sum_impl<T>(part, chunks, channels, out);                                                    \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(BLOCK, BLOCK_MIN_BLOCKS) sum_partial_##S(const T* x, int n, acc_t* part) { \
         sum_partial_impl<T>(x, n, part);                                                                   \

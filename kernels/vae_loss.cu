@@ -9,7 +9,7 @@
 // elements of (1 + logvar − mu² − exp(logvar)) in double; the host scales the total by −0.5.
 template <typename T>
 __device__ void reparam_kl_fwd_impl(const T* mu, const T* logvar, const T* eps, T* z, int n, acc_t* part) {
-    __shared__ acc_t sh[BLOCK];
+    __shared__ acc_t sh[BLOCK_WARPS];
     acc_t s = 0;
     GRID_STRIDE(i, n) {
         const T m = mu[i], lv = logvar[i];
@@ -60,7 +60,7 @@ __device__ __forceinline__ double loss_grad(int kind, double x, double t) {
 
 template <typename T>
 __device__ void loss_fwd_impl(int kind, const T* x, const T* t, int n, acc_t* part) {
-    __shared__ acc_t sh[BLOCK];
+    __shared__ acc_t sh[BLOCK_WARPS];
     acc_t s = 0;
     GRID_STRIDE(i, n) s += loss_elem(kind, (double)x[i], (double)t[i]);
     s = block_sum(s, sh);

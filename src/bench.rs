@@ -151,7 +151,7 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
         }));
     }
     for (c, h) in [(32, 14), (64, 7)] {
-        let d = BatchNormDims { outer: n, channels: c, inner: h * h, eps: 1e-5, momentum: 0.1 };
+        let d = BatchNormDims { outer: n, channels: c, inner: h * h, eps: 1e-5, momentum: 0.1, act: None };
         let len = n * c * h * h;
         let sh = format!("{n}x{c}x{h}x{h}");
         v.push(case(
@@ -174,7 +174,7 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
             let (i, rest) = b.split_at_mut(5);
             let (dx, rest) = rest.split_first_mut().unwrap();
             let (dg, db) = rest.split_first_mut().unwrap();
-            be.batch_norm_backward(&i[0], &i[1], &i[2], &i[3], &i[4], Some(dx), Some(dg), Some(&mut db[0]), d)
+            be.batch_norm_backward(&i[0], None, &i[1], &i[2], &i[3], &i[4], Some(dx), Some(dg), Some(&mut db[0]), d)
         }));
     }
     let mut sizes = vec![n * 32 * 28 * 28];

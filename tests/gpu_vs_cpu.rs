@@ -295,64 +295,98 @@ fn tensor_core_products_match_cpu_at_their_precision() {
 fn batch_norm_matches_cpu() {
     let Some(mut t) = both() else { return };
     // (1, 3, 1): one element per channel (m = 1: the unbiased variance falls back to the biased).
-    for &(outer, c, inner) in &[(2, 3, 6), (4, 1, 1), (5, 3, 1), (1, 3, 1), (128, 32, 196), (128, 64, 49), (7, 300, 3)]
-    {
-        let d = BatchNormDims { outer, channels: c, inner, eps: 1e-5, momentum: 0.1 };
-        let tag = format!("{outer}x{c}x{inner}");
+    // Several chunks per channel (kernels.rs, channel_chunks): (128, 32, 196) cuts each channel
+    // into 33 chunks (more than one warp's lanes in stage 2, the last chunk ragged, chunk
+    // boundaries inside rows); (3, 2, 700) rows longer than a block; (40, 3, 33) two chunks
+    // whose boundary falls inside a row shorter than a block.
+    let shapes = [
+        (2, 3, 6),
+        (4, 1, 1),
+        (5, 3, 1),
+        (1, 3, 1),
+        (128, 32, 196),
+        (128, 64, 49),
+        (7, 300, 3),
+        (3, 2, 700),
+        (40, 3, 33),
+    ];
+    for &(outer, c, inner) in &shapes {
         let len = outer * c * inner;
-        // Offset data: a mean far from 0 tests the one-pass variance.
-        let x = t.input(len, 2.0, 4.0);
-        let g = t.input(c, 0.5, 1.5);
-        let be = t.input(c, -1.0, 1.0);
-        let mut y = t.poisoned(len);
-        let (mut sm, mut si) = (t.poisoned(c), t.poisoned(c));
-        let (mut rm, mut rv) = (t.preset(c), t.input(c, 0.5, 1.5));
-        t.cpu.batch_norm_forward_train(&x.0, &g.0, &be.0, &mut y.0, &mut sm.0, &mut si.0, &mut rm.0, &mut rv.0, d);
-        t.gpu.batch_norm_forward_train(&x.1, &g.1, &be.1, &mut y.1, &mut sm.1, &mut si.1, &mut rm.1, &mut rv.1, d);
-        let m = outer * inner;
-        for (name, pair) in
-            [("y", &y), ("save_mean", &sm), ("save_invstd", &si), ("running_mean", &rm), ("running_var", &rv)]
-        {
-            let gv = t.gpu.download(&pair.1);
-            cmp(&mut t.fails, &format!("bn_forward_train {name} {tag}"), &gv, &pair.0, m);
-        }
-        let mut ye = t.poisoned(len);
-        t.cpu.batch_norm_forward_eval(&x.0, &g.0, &be.0, &rm.0, &rv.0, &mut ye.0, d);
-        t.gpu.batch_norm_forward_eval(&x.1, &g.1, &be.1, &rm.1, &rv.1, &mut ye.1, d);
-        t.cmp(&format!("bn_forward_eval {tag}"), &ye, 1);
-        let dy = t.input(len, -1.0, 1.0);
-        // Every subset of the optional outputs.
-        for mask in 1..8u32 {
-            let (mut dx, mut dg, mut db) = (t.preset(len), t.preset(c), t.preset(c));
-            let (want_dx, want_dg, want_db) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
-            t.cpu.batch_norm_backward(
-                &dy.0,
-                &x.0,
-                &g.0,
-                &sm.0,
-                &si.0,
-                want_dx.then_some(&mut dx.0),
-                want_dg.then_some(&mut dg.0),
-                want_db.then_some(&mut db.0),
-                d,
-            );
-            t.gpu.batch_norm_backward(
-                &dy.1,
-                &x.1,
-                &g.1,
-                &sm.1,
-                &si.1,
-                want_dx.then_some(&mut dx.1),
-                want_dg.then_some(&mut dg.1),
-                want_db.then_some(&mut db.1),
-                d,
-            );
-            t.cmp(&format!("bn_backward dx mask{mask} {tag}"), &dx, m);
-            t.cmp(&format!("bn_backward dgamma mask{mask} {tag}"), &dg, m);
-            t.cmp(&format!("bn_backward dbeta mask{mask} {tag}"), &db, m);
+        // The activations fused after the affine transform: all of them at the small shapes,
+        // ReLU (the conv-bn VAE's) at the large ones.
+        let acts: &[Option<Unary>] = if len > 100_000 {
+            &[None, Some(Unary::Relu)]
+        } else {
+            &[None, Some(Unary::Relu), Some(Unary::LeakyRelu(0.2)), Some(Unary::Sigmoid), Some(Unary::Tanh)]
+        };
+        for &act in acts {
+            let d = BatchNormDims { outer, channels: c, inner, eps: 1e-5, momentum: 0.1, act };
+            let tag = format!("{outer}x{c}x{inner} {act:?}");
+            batch_norm_case(&mut t, d, &tag);
         }
     }
     assert!(t.fails.is_empty(), "{}", t.fails.join("\n"));
+}
+
+/// One batch-norm shape (and fused activation) through every method, CPU against GPU.
+fn batch_norm_case(t: &mut Both, d: BatchNormDims, tag: &str) {
+    let (c, len, m) = (d.channels, d.outer * d.channels * d.inner, d.outer * d.inner);
+    // Offset data: a mean far from 0 tests the one-pass variance.
+    let x = t.input(len, 2.0, 4.0);
+    let g = t.input(c, 0.5, 1.5);
+    let be = t.input(c, -1.0, 1.0);
+    let mut y = t.poisoned(len);
+    let (mut sm, mut si) = (t.poisoned(c), t.poisoned(c));
+    let (mut rm, mut rv) = (t.preset(c), t.input(c, 0.5, 1.5));
+    t.cpu.batch_norm_forward_train(&x.0, &g.0, &be.0, &mut y.0, &mut sm.0, &mut si.0, &mut rm.0, &mut rv.0, d);
+    t.gpu.batch_norm_forward_train(&x.1, &g.1, &be.1, &mut y.1, &mut sm.1, &mut si.1, &mut rm.1, &mut rv.1, d);
+    for (name, pair) in
+        [("y", &y), ("save_mean", &sm), ("save_invstd", &si), ("running_mean", &rm), ("running_var", &rv)]
+    {
+        let gv = t.gpu.download(&pair.1);
+        cmp(&mut t.fails, &format!("bn_forward_train {name} {tag}"), &gv, &pair.0, m);
+    }
+    let mut ye = t.poisoned(len);
+    t.cpu.batch_norm_forward_eval(&x.0, &g.0, &be.0, &rm.0, &rv.0, &mut ye.0, d);
+    t.gpu.batch_norm_forward_eval(&x.1, &g.1, &be.1, &rm.1, &rv.1, &mut ye.1, d);
+    t.cmp(&format!("bn_forward_eval {tag}"), &ye, 1);
+    let dy = t.input(len, -1.0, 1.0);
+    // With an activation, both sides differentiate it at the same output (the CPU's y), so a
+    // ReLU output within rounding of 0 cannot flip its derivative on one side only.
+    let y_in = d.act.map(|_| (y.0.clone(), t.gpu.upload(&y.0)));
+    // Every subset of the optional outputs (with an activation: all of them, and without dx).
+    let masks: &[u32] = if d.act.is_none() { &[1, 2, 3, 4, 5, 6, 7] } else { &[7, 6] };
+    for &mask in masks {
+        let (mut dx, mut dg, mut db) = (t.preset(len), t.preset(c), t.preset(c));
+        let (want_dx, want_dg, want_db) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+        t.cpu.batch_norm_backward(
+            &dy.0,
+            y_in.as_ref().map(|y| &y.0),
+            &x.0,
+            &g.0,
+            &sm.0,
+            &si.0,
+            want_dx.then_some(&mut dx.0),
+            want_dg.then_some(&mut dg.0),
+            want_db.then_some(&mut db.0),
+            d,
+        );
+        t.gpu.batch_norm_backward(
+            &dy.1,
+            y_in.as_ref().map(|y| &y.1),
+            &x.1,
+            &g.1,
+            &sm.1,
+            &si.1,
+            want_dx.then_some(&mut dx.1),
+            want_dg.then_some(&mut dg.1),
+            want_db.then_some(&mut db.1),
+            d,
+        );
+        t.cmp(&format!("bn_backward dx mask{mask} {tag}"), &dx, m);
+        t.cmp(&format!("bn_backward dgamma mask{mask} {tag}"), &dg, m);
+        t.cmp(&format!("bn_backward dbeta mask{mask} {tag}"), &db, m);
+    }
 }
 
 #[test]
@@ -1050,5 +1084,65 @@ fn the_suite_catches_broken_kernels() {
             &[expect],
         );
     }
+    assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
+}
+
+/// Bugs planted in the whole-GPU reductions (warp shuffles, chunks over a channel, the
+/// fixed-order combination of chunk partials), each of which the suite must catch.
+#[test]
+fn the_suite_catches_broken_reductions() {
+    if std::env::var_os("VAECUDA_KERNEL_SOURCES").is_some() || std::env::var_os("VAECUDA_EMU_MUTATE").is_some() {
+        return; // already a child
+    }
+    if gpu32().is_none() || !common::on_emulator() {
+        eprintln!("note: the planted-bug checks run on the emulated device only");
+        return;
+    }
+    let mut missed = vec![];
+    let mut check = |what: &str, test: &str, file: &str, from: &str, to: &str, expect: &[&str]| {
+        let dir = broken_sources(test, file, from, to);
+        let (passed, text) = run_broken(test, &[("VAECUDA_KERNEL_SOURCES", &dir.to_string_lossy())]);
+        if passed || !expect.iter().all(|e| text.contains(e)) {
+            missed.push(format!("{what}: {test} passed={passed}, expected {expect:?} in:\n{text}"));
+        } else {
+            eprintln!("caught: {what} ({test} failed as it should)");
+        }
+    };
+    // A warp reduction reading one lane too far: lanes past the warp get their own value back.
+    check(
+        "a warp sum with a wrong shuffle offset",
+        "elementwise_and_reductions_match_cpu",
+        "common.cuh",
+        "v += __shfl_down_sync(0xffffffffu, v, o);",
+        "v += __shfl_down_sync(0xffffffffu, v, o + 1);",
+        &["sum"],
+    );
+    // A chunk that runs one value into the next chunk: that value is counted twice.
+    check(
+        "a chunk boundary off by one",
+        "conv2d_matches_cpu",
+        "common.cuh",
+        "end = min((long long)outer * inner, begin + chunk);",
+        "end = min((long long)outer * inner, begin + chunk + 1);",
+        &["bias_backward"],
+    );
+    // Stage 2 of the statistics merging only the first warp's worth of chunks.
+    check(
+        "chunk partials past the 32nd dropped",
+        "batch_norm_matches_cpu",
+        "batchnorm.cu",
+        "for (int k = threadIdx.x; k < chunks; k += WARP) {",
+        "for (int k = threadIdx.x; k < min(chunks, WARP); k += WARP) {",
+        &["bn_forward_train", "128x32x196"],
+    );
+    // The moments of two sets merged without the between-set term of the variance.
+    check(
+        "merged moments missing the spread between the sets",
+        "batch_norm_matches_cpu",
+        "common.cuh",
+        "a.m2 + b.m2 + d * d * (a.n * (b.n / n))",
+        "a.m2 + b.m2",
+        &["bn_forward_train"],
+    );
     assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
 }

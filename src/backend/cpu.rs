@@ -223,6 +223,7 @@ impl<E: Float> Backend for Cpu<E> {
     fn batch_norm_backward(
         &self,
         dy: &Vec<E>,
+        y: Option<&Vec<E>>,
         x: &Vec<E>,
         gamma: &Vec<E>,
         save_mean: &Vec<E>,
@@ -234,6 +235,7 @@ impl<E: Float> Backend for Cpu<E> {
     ) {
         batch_norm::cpu_backward(
             dy,
+            y.map(|v| &v[..]),
             x,
             gamma,
             save_mean,

@@ -172,11 +172,14 @@ pub trait Backend: Clone + 'static {
         y: &mut Self::Buf,
         d: BatchNormDims,
     );
-    /// dx, dgamma, dbeta += the training-mode batch-norm gradients.
+    /// dx, dgamma, dbeta += the training-mode batch-norm gradients. With an activation fused
+    /// (`d.act`), dy is the gradient at its output and `y` that output (the forward's y);
+    /// otherwise `y` is `None`.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
         &self,
         dy: &Self::Buf,
+        y: Option<&Self::Buf>,
         x: &Self::Buf,
         gamma: &Self::Buf,
         save_mean: &Self::Buf,

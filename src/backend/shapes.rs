@@ -61,6 +61,10 @@ pub struct BatchNormDims {
     pub eps: f64,
     /// Weight of the batch statistics in the running-average update (PyTorch's default 0.1).
     pub momentum: f64,
+    /// An activation applied after the affine transform in the same pass, y = act(γ·x̂ + β)
+    /// (the conv-bn VAE's bn → ReLU), or `None`. Its backward reads the derivative from y, so
+    /// only activations whose derivative y determines are allowed ([`Unary::reads_output`]).
+    pub act: Option<Unary>,
 }
 
 /// Everything one update needs, bias corrections already worked out on the host.
@@ -98,6 +102,18 @@ pub enum Unary {
     Tanh,
     /// `x` for x > 0, else `slope·x`; the field is the slope (PyTorch's default is 0.01).
     LeakyRelu(f64),
+}
+
+impl Unary {
+    /// Whether `f'(x)` follows from `y = f(x)` alone, so a fused backward can read y instead
+    /// of x: true for ReLU, sigmoid, tanh and a leaky ReLU of slope ≥ 0 (whose y > 0 exactly
+    /// when x > 0); false for a negative slope.
+    pub fn reads_output(self) -> bool {
+        match self {
+            Unary::LeakyRelu(s) => s >= 0.0,
+            _ => true,
+        }
+    }
 }
 
 /// How losses are formed from probabilities or logits.

@@ -161,19 +161,34 @@ pub fn work_of(l: &Launch) -> Work {
                 tiled: true,
             }
         }
-        (Kernel::BnFwdTrain, Some(Arg::Bn(a))) => {
-            // Welford per element (a division counted as a transcendental), then the apply.
+        (Kernel::BnStatsPartial, Some(Arg::Bn(a))) => {
+            // Shifted sums per element (a subtraction, an add, a multiply-add) read once.
             let n = a.outer as f64 * a.channels as f64 * a.inner as f64;
-            ew(n, 2.0, 0.0, 8.0 + t)
+            ew(n, 1.0, 0.0, 4.0)
+        }
+        (Kernel::BnFwdApply, Some(Arg::Bn(a))) => {
+            let n = a.outer as f64 * a.channels as f64 * a.inner as f64;
+            ew(n, 2.0, 0.0, 4.0)
         }
         (Kernel::BnFwdEval, Some(Arg::Bn(a))) => {
             let n = a.outer as f64 * a.channels as f64 * a.inner as f64;
             ew(n, 2.0, 0.0, 4.0 + t)
         }
-        (Kernel::BnBwd, Some(Arg::Bn(a))) => {
+        (Kernel::BnBwdPartial, Some(Arg::Bn(a))) => {
+            // dy and x read, and the activation's output y when one is fused.
             let n = a.outer as f64 * a.channels as f64 * a.inner as f64;
-            let dx = if present(l, 6) { 2.0 } else { 0.0 };
-            ew(n, 2.0 + dx, 0.0, 4.0 + 6.0 * (dx > 0.0) as u8 as f64)
+            ew(n, 2.0 + present(l, 4) as u8 as f64, 0.0, 5.0)
+        }
+        (Kernel::BnBwdApply, Some(Arg::Bn(a))) => {
+            // With dx: dy, x (and y when an activation is fused) and dx read, dx written;
+            // without, only the partials are read.
+            let parts = 2.0 * a.chunks as f64 * a.channels as f64;
+            if present(l, 10) {
+                let n = a.outer as f64 * a.channels as f64 * a.inner as f64;
+                ew(n, 4.0 + present(l, 4) as u8 as f64, 0.0, 6.0)
+            } else {
+                Work { fp64_flops: parts, bytes: 8.0 * parts + 4.0 * e * a.channels as f64, ..Work::default() }
+            }
         }
         (Kernel::UnaryFwd, _) => ew(int(l, 4), 2.0, t, 0.0),
         (Kernel::UnaryBwd, _) => ew(int(l, 6), 5.0, 3.0, 0.0),
@@ -185,7 +200,11 @@ pub fn work_of(l: &Launch) -> Work {
         (Kernel::GatherRows, _) => ew(int(l, 4), 2.0, 0.0, 0.0),
         (Kernel::GatherRowsU8, _) => ew(int(l, 4), 1.0 + 1.0 / e, 1.0, 0.0),
         (Kernel::BiasAdd, _) => ew(int(l, 4), 2.0, 1.0, 0.0),
-        (Kernel::BiasBwd, _) => ew(int(l, 2) * int(l, 3) * int(l, 4), 1.0, 0.0, 1.0),
+        (Kernel::BiasBwd, _) => ew(int(l, 3) * int(l, 4) * int(l, 5), 1.0, 0.0, 1.0),
+        (Kernel::ChunkSum, _) => {
+            let parts = int(l, 1) * int(l, 2);
+            Work { fp64_flops: parts, bytes: 8.0 * parts + 2.0 * e * int(l, 2), ..Work::default() }
+        }
         (Kernel::SumPartial, _) => ew(int(l, 1), 1.0, 0.0, 1.0),
         (Kernel::ReduceFinal, _) => Work { fp64_flops: int(l, 1), bytes: 8.0 * int(l, 1) + e, ..Work::default() },
         (Kernel::FmaPeak, _) => Work::default(),

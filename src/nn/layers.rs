@@ -5,7 +5,7 @@
 //! running mean 0 and running variance 1.
 
 use crate::backend::Backend;
-use crate::ops;
+use crate::ops::{self, unary::Unary};
 use crate::rng::Rng;
 use crate::tape::{ParamId, ParamStore, Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
@@ -191,10 +191,16 @@ impl BatchNorm {
     /// it uses the batch's statistics, updates the running ones in the store and counts the
     /// batch in `num_batches_tracked`; otherwise it uses the running statistics.
     pub fn forward<B: Backend>(&self, tape: &mut Tape<B>, x: Var) -> Var {
+        self.forward_act(tape, x, None)
+    }
+    /// [`BatchNorm::forward`] followed by the activation `act` in one fused op
+    /// ([`ops::batch_norm_act()`]): the same values and gradients as `forward` then the
+    /// activation, with one pass over the data fewer each way.
+    pub fn forward_act<B: Backend>(&self, tape: &mut Tape<B>, x: Var, act: Option<Unary>) -> Var {
         if tape.training {
             *tape.params.counters.get_mut(&self.tracked).expect("batch-norm counter") += 1;
         }
         let (g, b) = (tape.param(self.weight), tape.param(self.bias));
-        ops::batch_norm(tape, x, g, b, self.running_mean, self.running_var, self.momentum, self.eps)
+        ops::batch_norm_act(tape, x, g, b, self.running_mean, self.running_var, self.momentum, self.eps, act)
     }
 }

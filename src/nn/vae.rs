@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Recon};
 use crate::nn::layers::{BatchNorm, Conv2d, ConvTranspose2d, Linear};
-use crate::ops::{self, Reduction};
+use crate::ops::{self, unary::Unary, Reduction};
 use crate::rng::Rng;
 use crate::tape::{ParamStore, Tape, Var};
 
@@ -583,8 +583,7 @@ impl Vae {
                 let mut h = x;
                 for (conv, bn) in enc {
                     h = conv.forward(tape, h);
-                    h = bn.forward(tape, h);
-                    h = ops::relu(tape, h);
+                    h = bn.forward_act(tape, h, Some(Unary::Relu));
                 }
                 let h = ops::flatten(tape, h);
                 (fc_mu.forward(tape, h), fc_var.forward(tape, h))
@@ -594,8 +593,7 @@ impl Vae {
                 let h = conv1.forward(tape, x);
                 let h = ops::relu(tape, h);
                 let h = conv2.forward(tape, h);
-                let h = batch2.forward(tape, h);
-                let h = ops::relu(tape, h);
+                let h = batch2.forward_act(tape, h, Some(Unary::Relu));
                 let h = conv3.forward(tape, h);
                 let h = ops::relu(tape, h);
                 let h = ops::flatten(tape, h);
@@ -637,12 +635,10 @@ impl Vae {
                 let mut h = ops::reshape(tape, h, &[n, feature[0], feature[1], feature[2]]);
                 for (ct, bn) in dec {
                     h = ct.forward(tape, h);
-                    h = bn.forward(tape, h);
-                    h = ops::relu(tape, h);
+                    h = bn.forward_act(tape, h, Some(Unary::Relu));
                 }
                 let h = final_deconv.forward(tape, h);
-                let h = final_bn.forward(tape, h);
-                let h = ops::relu(tape, h);
+                let h = final_bn.forward_act(tape, h, Some(Unary::Relu));
                 final_conv.forward(tape, h)
             }
             Net::ConvBnMnist(m) => {
@@ -654,11 +650,9 @@ impl Vae {
                 let [c, hh, ww] = MNIST_TUTORIAL_FEATURE;
                 let h = ops::reshape(tape, h, &[n, c, hh, ww]);
                 let h = deconv0.forward(tape, h);
-                let h = bn1.forward(tape, h);
-                let h = ops::relu(tape, h);
+                let h = bn1.forward_act(tape, h, Some(Unary::Relu));
                 let h = deconv3.forward(tape, h);
-                let h = bn4.forward(tape, h);
-                let h = ops::relu(tape, h);
+                let h = bn4.forward_act(tape, h, Some(Unary::Relu));
                 deconv6.forward(tape, h)
             }
         }

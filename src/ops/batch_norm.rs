@@ -4,6 +4,8 @@
 //! running_mean/var ← (1 − momentum)·running + momentum·batch, where the variance fed to the
 //! running estimate is the **unbiased** one (× m/(m − 1)). Eval mode uses the running
 //! statistics. y = (x − mean)/√(var + eps)·γ + β. PyTorch's defaults: eps 1e-5, momentum 0.1.
+//! [`batch_norm_act`] fuses the activation that follows (y = act(…)) into the same passes,
+//! forward and backward: no pre-activation tensor, one pass fewer each way.
 //!
 //! Eval mode is for inference: it records no backward (nothing in the trainer differentiates
 //! through eval-mode normalization).
@@ -11,6 +13,7 @@
 use rayon::prelude::*;
 
 use crate::backend::Backend;
+use crate::ops::unary::Unary;
 use crate::tape::{ParamId, Tape, Var};
 use crate::tensor::{Float, Tensor};
 
@@ -86,11 +89,21 @@ fn per_row<E: Float>(out: &mut [E], d: &BatchNormDims, f: impl Fn(usize, usize, 
     });
 }
 
-/// y = (x − mean)·invstd·γ + β over one row of one channel, in f64.
+/// y = act((x − mean)·invstd·γ + β) over one row of one channel, the affine part in f64 and
+/// rounded to E before the activation (as the unfused ops round their intermediate tensor).
 #[inline(always)]
-fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: f64, beta: f64) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = E::of((x.f64() - mean) * invstd * gamma + beta);
+fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: f64, beta: f64, act: Option<Unary>) {
+    match act {
+        None => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = E::of((x.f64() - mean) * invstd * gamma + beta);
+            }
+        }
+        Some(op) => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = op.f(E::of((x.f64() - mean) * invstd * gamma + beta));
+            }
+        }
     }
 }
 
@@ -121,7 +134,7 @@ pub fn cpu_forward_train<E: Float>(
         .collect();
     let invstd: Vec<f64> = stats.iter().map(|&(_, sq)| 1.0 / (sq / m + d.eps).sqrt()).collect();
     per_row(y, &d, |c, k0, row| {
-        normalize_row(&x[k0..][..row.len()], row, stats[c].0, invstd[c], gamma[c].f64(), beta[c].f64())
+        normalize_row(&x[k0..][..row.len()], row, stats[c].0, invstd[c], gamma[c].f64(), beta[c].f64(), d.act)
     });
     for (c, &(mean, sq)) in stats.iter().enumerate() {
         save_mean[c] = E::of(mean);
@@ -137,14 +150,18 @@ pub fn cpu_forward_train<E: Float>(
 pub fn cpu_forward_eval<E: Float>(x: &[E], gamma: &[E], beta: &[E], rm: &[E], rv: &[E], y: &mut [E], d: BatchNormDims) {
     let invstd: Vec<f64> = rv.iter().map(|v| 1.0 / (v.f64() + d.eps).sqrt()).collect();
     per_row(y, &d, |c, k0, row| {
-        normalize_row(&x[k0..][..row.len()], row, rm[c].f64(), invstd[c], gamma[c].f64(), beta[c].f64())
+        normalize_row(&x[k0..][..row.len()], row, rm[c].f64(), invstd[c], gamma[c].f64(), beta[c].f64(), d.act)
     });
 }
 
 /// dβ = Σ dy, dγ = Σ dy·x̂, dx = γ·invstd/m · (m·dy − dβ − x̂·dγ), with x̂ = (x − mean)·invstd.
+/// With an activation fused (`d.act`, whose output `y` is given), dy is first taken through
+/// it: g = act'·dy from y (rounded to E, as the unfused activation's backward stores it), and
+/// g stands for dy above.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<E: Float>(
     dy: &[E],
+    y: Option<&[E]>,
     x: &[E],
     gamma: &[E],
     mean: &[E],
@@ -154,6 +171,26 @@ pub fn cpu_backward<E: Float>(
     dbeta: Option<&mut [E]>,
     d: BatchNormDims,
 ) {
+    let through_act: Vec<E>;
+    let dy = match (d.act, y) {
+        (Some(op), Some(y)) => {
+            assert!(op.reads_output() && y.len() == dy.len(), "batch_norm backward: cannot fuse {op:?}");
+            let mut g = vec![E::zero(); dy.len()];
+            g.par_chunks_mut(crate::ops::PAR_MIN)
+                .zip(dy.par_chunks(crate::ops::PAR_MIN).zip(y.par_chunks(crate::ops::PAR_MIN)))
+                .for_each(|(g, (dy, y))| {
+                    crate::ops::simd(|| {
+                        for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
+                            *g = op.df(y, y, dy);
+                        }
+                    })
+                });
+            through_act = g;
+            &through_act[..]
+        }
+        (None, None) => dy,
+        _ => panic!("batch_norm backward: the activation's output y is given exactly when one is fused"),
+    };
     let m = d.m() as f64;
     let sums: Vec<(f64, f64)> = (0..d.channels)
         .into_par_iter()
@@ -197,9 +234,33 @@ pub fn batch_norm<B: Backend>(
     momentum: f64,
     eps: f64,
 ) -> Var {
+    batch_norm_act(tape, x, gamma, beta, running_mean, running_var, momentum, eps, None)
+}
+
+/// [`batch_norm`] followed by the activation `act` in the same op: act(batch_norm(x)), the
+/// same values and gradients as the two ops recorded one after the other (the affine result
+/// is rounded to the element type before the activation, as the separate ops round it), with
+/// no pre-activation tensor and one pass over the data fewer each way. The backward reads
+/// the activation's derivative from its output, so `act` must satisfy [`Unary::reads_output`]
+/// (a leaky ReLU of negative slope does not: record the two ops).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_act<B: Backend>(
+    tape: &mut Tape<B>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    running_mean: ParamId,
+    running_var: ParamId,
+    momentum: f64,
+    eps: f64,
+    act: Option<Unary>,
+) -> Var {
     let xs = tape.shape(x).to_vec();
     assert!(xs.len() == 2 || xs.len() == 4, "batch_norm: x must be [n, c] or [n, c, h, w], got {xs:?}");
-    let d = BatchNormDims { outer: xs[0], channels: xs[1], inner: xs[2..].iter().product(), eps, momentum };
+    if let Some(op) = act {
+        assert!(op.reads_output(), "batch_norm_act: {op:?}'s derivative does not follow from its output");
+    }
+    let d = BatchNormDims { outer: xs[0], channels: xs[1], inner: xs[2..].iter().product(), eps, momentum, act };
     let mut y = Tensor::empty(&tape.backend, &xs);
     let be = tape.backend.clone();
     if !tape.training {
@@ -230,12 +291,16 @@ pub fn batch_norm<B: Backend>(
         &mut rv.buf,
         d,
     );
+    // The backward of a fused activation reads the op's own output.
+    let yv = tape.next_var();
     tape.record1(&[x, gamma, beta], y, move |ctx, dy| {
         let be = ctx.backend;
         let (xv, gv) = (ctx.value(x), ctx.value(gamma));
+        let yt = act.map(|_| ctx.value(yv));
         let [dx, dg, db] = ctx.grads([x, gamma, beta]);
         be.batch_norm_backward(
             &dy.buf,
+            yt.map(|t| &t.buf),
             &xv.buf,
             &gv.buf,
             &mean,
@@ -255,7 +320,7 @@ mod tests {
     /// Two training steps on one channel, statistics worked out by hand.
     #[test]
     fn running_statistics_after_two_steps() {
-        let d = BatchNormDims { outer: 4, channels: 1, inner: 1, eps: 1e-5, momentum: 0.1 };
+        let d = BatchNormDims { outer: 4, channels: 1, inner: 1, eps: 1e-5, momentum: 0.1, act: None };
         let (mut rm, mut rv) = ([0.0f64], [1.0f64]);
         let (mut mean, mut invstd, mut y) = ([0.0], [0.0], [0.0; 4]);
         // Step 1: x = 1, 2, 3, 4: mean 2.5, biased var 1.25, unbiased 5/3.

@@ -18,7 +18,7 @@ pub mod loss;
 pub mod reparam_kl;
 pub mod unary;
 
-pub use batch_norm::batch_norm;
+pub use batch_norm::{batch_norm, batch_norm_act};
 pub use conv2d::conv2d;
 pub use conv_transpose2d::conv_transpose2d;
 pub use elementwise::{add, flatten, mean, mul, reshape, scale, sum};

@@ -6,7 +6,7 @@
 use vaecuda::backend::{Backend, Recon};
 use vaecuda::gradcheck::{check_store, GradCheck, Input};
 use vaecuda::nn::{LossConfig, ModelConfig, Vae};
-use vaecuda::ops::{self, Reduction};
+use vaecuda::ops::{self, unary::Unary, Reduction};
 use vaecuda::rng::Rng;
 use vaecuda::tape::{ParamStore, Tape, Var};
 use vaecuda::tensor::Tensor;
@@ -49,6 +49,14 @@ pub enum Op {
     BatchNorm1d {
         n: usize,
         c: usize,
+    },
+    /// Batch norm with the activation that follows fused into it (`ops::batch_norm_act`).
+    BatchNormAct {
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        act: Unary,
     },
     Relu,
     Sigmoid,
@@ -102,7 +110,7 @@ impl Case {
             &Op::ConvT { n, c_in, h, w, c_out, k, .. } => {
                 (vec![inp("x", &[n, c_in, h, w], r), inp("w", &[c_in, c_out, k, k], r), inp("b", &[c_out], r)], vec![])
             }
-            &Op::BatchNorm2d { n, c, h, w } => (
+            &Op::BatchNorm2d { n, c, h, w } | &Op::BatchNormAct { n, c, h, w, .. } => (
                 vec![inp("x", &[n, c, h, w], r), Input::uniform("gamma", &[c], 0.5, 1.5, r), inp("beta", &[c], r)],
                 vec![],
             ),
@@ -149,7 +157,7 @@ impl Case {
             Op::ConvT { stride, pad, out_pad, .. } => {
                 ops::conv_transpose2d(tape, vars[0], vars[1], Some(vars[2]), stride, pad, out_pad)
             }
-            Op::BatchNorm2d { c, .. } | Op::BatchNorm1d { c, .. } => {
+            Op::BatchNorm2d { c, .. } | Op::BatchNorm1d { c, .. } | Op::BatchNormAct { c, .. } => {
                 let be = tape.backend.clone();
                 // Running statistics live in the store; repeated evaluations reuse them.
                 let rm = match tape.params.find("rm") {
@@ -163,7 +171,11 @@ impl Case {
                         tape.params.add("rv", Tensor::from_host(&be, &[c], &one), false)
                     }
                 };
-                ops::batch_norm(tape, vars[0], vars[1], vars[2], rm, rv, 0.1, 1e-5)
+                let act = match self.op {
+                    Op::BatchNormAct { act, .. } => Some(act),
+                    _ => None,
+                };
+                ops::batch_norm_act(tape, vars[0], vars[1], vars[2], rm, rv, 0.1, 1e-5, act)
             }
             Op::Relu => ops::relu(tape, vars[0]),
             Op::Sigmoid => ops::sigmoid(tape, vars[0]),
@@ -258,6 +270,15 @@ pub fn all_cases() -> Vec<Case> {
         for reduction in [Reduction::Sum, Reduction::Mean] {
             ops.push((format!("{kind:?} {reduction:?}"), Op::Loss { kind, reduction }));
         }
+    }
+    // Last, so the cases above keep their seeds.
+    for (n, c, h, w, act) in [
+        (2, 3, 3, 2, Unary::Relu),
+        (1, 2, 4, 5, Unary::Sigmoid),
+        (2, 2, 2, 3, Unary::Tanh),
+        (3, 2, 2, 2, Unary::LeakyRelu(0.2)),
+    ] {
+        ops.push((format!("batch_norm_act n{n} c{c} {h}x{w} {act:?}"), Op::BatchNormAct { n, c, h, w, act }));
     }
     ops.into_iter().enumerate().map(|(i, (name, op))| Case::new(name, op, 1000 + i as u64)).collect()
 }

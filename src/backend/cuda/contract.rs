@@ -105,9 +105,10 @@ macro_rules! codes {
 }
 
 codes! {
-    /// Which activation `unary_fwd`/`unary_bwd` apply.
+    /// Which activation `unary_fwd`/`unary_bwd` apply (and the batch-norm kernels after the
+    /// affine transform, where `Identity` is plain batch norm).
     UnaryCode { Relu = 0 => "UNARY_RELU", Sigmoid = 1 => "UNARY_SIGMOID", Tanh = 2 => "UNARY_TANH",
-                LeakyRelu = 3 => "UNARY_LEAKY_RELU" }
+                LeakyRelu = 3 => "UNARY_LEAKY_RELU", Identity = 4 => "UNARY_IDENTITY" }
 }
 codes! {
     /// Which reconstruction loss `loss_fwd`/`loss_bwd` compute.
@@ -292,6 +293,11 @@ device_struct! {
         channels: i32,
         /// Positions per channel per sample (`h·w`, or 1).
         inner: i32,
+        /// Values per chunk of a channel in the training kernels' grid of (chunks, channels)
+        /// blocks (see `kernels::channel_chunks`); unused in eval mode.
+        chunk: i32,
+        /// Chunks per channel: the number of partials each channel's stage 2 combines.
+        chunks: i32,
     }
 }
 

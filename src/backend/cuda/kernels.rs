@@ -283,11 +283,14 @@ kernel_table! {
         ConvBwdWeightBf16 conv2d_bwd_weight_bf16(a: Conv, dy: In, x: In, part: Out);
     }
     "batchnorm.cu" {
-        BnFwdTrain bn_fwd_train(a: Bn, x: In, gamma: In, beta: In, y: Out, save_mean: Out, save_invstd: Out,
-                                running_mean: Out, running_var: Out);
-        BnFwdEval bn_fwd_eval(a: Bn, x: In, gamma: In, beta: In, rm: In, rv: In, y: Out);
-        BnBwd bn_bwd(a: Bn, dy: In, x: In, gamma: In, mean: In, invstd: In, dx: OutOpt, dgamma: OutOpt,
-                     dbeta: OutOpt);
+        BnStatsPartial bn_stats_partial(a: Bn, x: In, part: OutAcc);
+        BnFwdApply bn_fwd_apply(a: Bn, act: Int, slope: Elem, x: In, gamma: In, beta: In, part: InAcc, y: Out,
+                                save_mean: Out, save_invstd: Out, running_mean: Out, running_var: Out);
+        BnFwdEval bn_fwd_eval(a: Bn, act: Int, slope: Elem, x: In, gamma: In, beta: In, rm: In, rv: In, y: Out);
+        BnBwdPartial bn_bwd_partial(a: Bn, act: Int, slope: Elem, dy: In, y: InOpt, x: In, mean: In, invstd: In,
+                                    part: OutAcc);
+        BnBwdApply bn_bwd_apply(a: Bn, act: Int, slope: Elem, dy: In, y: InOpt, x: In, gamma: In, mean: In,
+                                invstd: In, part: InAcc, dx: OutOpt, dgamma: OutOpt, dbeta: OutOpt);
     }
     "elementwise.cu" {
         UnaryFwd unary_fwd(op: Int, slope: Elem, x: In, y: Out, n: Int);
@@ -300,7 +303,8 @@ kernel_table! {
         GatherRows gather_rows(src: In, idx: InIdx, row_len: Int, dst: Out, n: Int);
         GatherRowsU8 gather_rows_u8(src: InBytes, idx: InIdx, row_len: Int, dst: Out, n: Int);
         BiasAdd bias_add(y: Out, b: In, channels: Int, inner: Int, n: Int);
-        BiasBwd bias_bwd(dy: In, db: Out, outer: Int, channels: Int, inner: Int);
+        BiasBwd bias_bwd(dy: In, part: OutAcc, db: Out, outer: Int, channels: Int, inner: Int, chunk: Int);
+        ChunkSum chunk_sum(part: InAcc, chunks: Int, channels: Int, out: Out);
         SumPartial sum_partial(x: In, n: Int, part: OutAcc);
         ReduceFinal reduce_final(part: InAcc, g: Int, scale: F64, out: Out);
         FmaPeak fma_peak(out: Out, iters: Int, seed: Elem);
@@ -474,6 +478,48 @@ pub fn block_threads_of_symbol(symbol: &str) -> Option<u32> {
     })
 }
 
+/// A grid of (chunks, channels) blocks of BLOCK threads: the per-channel reductions.
+pub fn cfg_channel_chunks(chunks: usize, channels: usize) -> LaunchConfig {
+    assert!(channels <= 65535, "a per-channel reduction over more than 65535 channels");
+    LaunchConfig { grid_dim: (chunks as u32, channels as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The SMs the chunked reductions are shaped for: the tiles' [`TARGET_SMS`], a constant,
+/// never the device's count: the split, and so every sum, must be the same on any GPU (see
+/// `channel_chunks`).
+pub const REDUCE_SMS: usize = TARGET_SMS;
+/// Fewest values in a chunk of a per-channel reduction: two per thread, so a block's fixed
+/// cost (stage 2's merge of the partials, two barriers) stays small against its loads.
+const MIN_REDUCE_CHUNK: usize = 2 * BLOCK as usize;
+/// Most chunks per channel: enough for one channel alone to fill REDUCE_SMS SMs; stage 2
+/// merges a channel's partials in every block (eight per lane of one warp at most).
+pub const MAX_CHUNKS: usize = 256;
+
+/// How to cut each of `channels` per-channel reductions of m values (batch norm's statistics
+/// and backward, a bias gradient) into chunks for a grid of (chunks, channels) blocks:
+/// (chunks, values per chunk; the last one ragged). Depends on the shapes only. Of the chunk
+/// counts that keep chunks at least MIN_REDUCE_CHUNK long (and at most MAX_CHUNKS of them), one whose
+/// grid has at least REDUCE_SMS blocks if any does, and of those the one that keeps the SMs
+/// busiest (blocks / (SMs · ⌈blocks / SMs⌉), every block the same work), the fewest chunks
+/// among equals. One channel of a few values gets one chunk.
+pub fn channel_chunks(channels: usize, m: usize) -> (usize, usize) {
+    let most = (m / MIN_REDUCE_CHUNK).clamp(1, MAX_CHUNKS);
+    let score = |k: usize| {
+        let blocks = channels.max(1) * k;
+        let fill = blocks as f64 / (REDUCE_SMS * blocks.div_ceil(REDUCE_SMS)) as f64;
+        (blocks >= REDUCE_SMS, fill)
+    };
+    let mut best = 1;
+    for k in 2..=most {
+        let ((wave, fill), (best_wave, best_fill)) = (score(k), score(best));
+        if (wave && !best_wave) || (wave == best_wave && fill > best_fill + 1e-9) {
+            best = k;
+        }
+    }
+    let len = m.div_ceil(best).max(1);
+    (m.div_ceil(len).max(1), len)
+}
+
 /// Tile grid of `batches` M × N GEMMs (split-K chunks or convolution phases along z).
 pub fn cfg_tiles(tile: Tile, m: usize, n: usize, batches: usize) -> LaunchConfig {
     let (gx, gy) = (n.div_ceil(tile.n()), m.div_ceil(tile.m()));
@@ -600,6 +646,25 @@ mod tests {
             // Every chunk starts inside [0, k) (or there is one chunk) and together they cover it.
             assert!(s * kc >= k && (s == 1 || (s - 1) * kc < k), "{m}x{n}x{k}: {s} × {kc}");
         }
+    }
+
+    #[test]
+    fn channel_chunks_cover_each_channel_and_fill_the_gpu() {
+        for &(channels, m) in
+            &[(32, 128 * 196), (64, 128 * 49), (128, 128 * 16), (2, 3 * 700), (300, 21), (1, 1), (5, 0), (400, 128)]
+        {
+            let (k, len) = channel_chunks(channels, m);
+            assert!((1..=MAX_CHUNKS).contains(&k) && len >= 1, "{channels}x{m}: {k} × {len}");
+            // Every chunk starts inside [0, m) (or there is one) and together they cover it.
+            assert!(k * len >= m && (k == 1 || (k - 1) * len < m), "{channels}x{m}: {k} × {len}");
+            assert!(k == 1 || len >= MIN_REDUCE_CHUNK - 1, "{channels}x{m}: chunks of {len}");
+        }
+        // The conv-bn VAE's layers at batch 128: at least one full wave of 132 SMs, even for a
+        // lone channel.
+        assert_eq!(channel_chunks(32, 128 * 196), (33, 761));
+        assert_eq!(channel_chunks(1, 128 * 784), (132, 761));
+        let (k, _) = channel_chunks(64, 128 * 49);
+        assert!(64 * k >= REDUCE_SMS, "{k}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::contract::{
     int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, ADAM_TABLE_WORDS, BLOCK,
     MULTI_CHUNK, ZERO_TABLE_WORDS,
 };
-use super::kernels::{cfg_1d, cfg_blocks, cfg_tiles, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
+use super::kernels::{cfg_1d, cfg_blocks, cfg_channel_chunks, cfg_tiles, channel_chunks, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::trace::{self, CopyDir, EventKind};
 use super::{Cuda, CudaFloat};
@@ -44,8 +44,19 @@ impl ConvArgs {
 }
 
 impl BnArgs {
+    /// The kernels' arguments, with the chunks of the training kernels' grid
+    /// (`channel_chunks`).
     fn of(d: &BatchNormDims) -> Self {
-        BnArgs { eps: d.eps, momentum: d.momentum, outer: int(d.outer), channels: int(d.channels), inner: int(d.inner) }
+        let (chunks, chunk) = channel_chunks(d.channels, d.m());
+        BnArgs {
+            eps: d.eps,
+            momentum: d.momentum,
+            outer: int(d.outer),
+            channels: int(d.channels),
+            inner: int(d.inner),
+            chunk: int(chunk),
+            chunks: int(chunks),
+        }
     }
 }
 
@@ -58,6 +69,10 @@ impl UnaryCode {
             Unary::Tanh => (UnaryCode::Tanh.code(), E::zero()),
             Unary::LeakyRelu(s) => (UnaryCode::LeakyRelu.code(), E::of(s)),
         }
+    }
+    /// The code and slope of an optional activation (none: the identity).
+    fn of_opt<E: CudaFloat>(op: Option<Unary>) -> (i32, E) {
+        op.map_or((UnaryCode::Identity.code(), E::zero()), UnaryCode::of::<E>)
     }
 }
 
@@ -442,8 +457,23 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         assert!(dy.len() >= outer * channels * inner && db.len() >= channels, "bias_backward: operand too small");
-        let r = self.k().bias_bwd(cfg_blocks(channels), dy.s(), db.sm(), int(outer), int(channels), int(inner));
+        let (chunks, chunk) = channel_chunks(channels, outer * inner);
+        let mut part = self.inner.scratch.take(chunks * channels);
+        let r = self.k().bias_bwd(
+            cfg_channel_chunks(chunks, channels),
+            dy.s(),
+            part.sm(),
+            db.sm(),
+            int(outer),
+            int(channels),
+            int(inner),
+            int(chunk),
+        );
         self.launched(r, "bias_bwd");
+        if chunks > 1 {
+            let r = self.k().chunk_sum(cfg_1d(channels), part.s(), int(chunks), int(channels), db.sm());
+            self.launched(r, "chunk_sum");
+        }
     }
 
     fn conv2d_forward(
@@ -547,19 +577,27 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         assert!(x.len() >= n && y.len() >= n && gamma.len() >= d.channels, "batch_norm_forward_train: too small");
-        let r = self.k().bn_fwd_train(
-            cfg_blocks(d.channels),
-            BnArgs::of(&d),
+        let a = BnArgs::of(&d);
+        let grid = cfg_channel_chunks(a.chunks as usize, d.channels);
+        let mut part = self.inner.scratch.take(3 * a.chunks as usize * d.channels);
+        self.launched(self.k().bn_stats_partial(grid, a, x.s(), part.sm()), "bn_stats_partial");
+        let (act, slope) = UnaryCode::of_opt::<E>(d.act);
+        let r = self.k().bn_fwd_apply(
+            grid,
+            a,
+            act,
+            slope,
             x.s(),
             gamma.s(),
             beta.s(),
+            part.s(),
             y.sm(),
             save_mean.sm(),
             save_invstd.sm(),
             running_mean.sm(),
             running_var.sm(),
         );
-        self.launched(r, "bn_fwd_train");
+        self.launched(r, "bn_fwd_apply");
     }
     fn batch_norm_forward_eval(
         &self,
@@ -577,9 +615,13 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         assert!(x.len() >= n && y.len() >= n && gamma.len() >= d.channels, "batch_norm_forward_eval: too small");
+        let (act, slope) = UnaryCode::of_opt::<E>(d.act);
+        let a = BnArgs::of(&d);
         let r = self.k().bn_fwd_eval(
-            cfg_1d(n),
-            BnArgs::of(&d),
+            cfg_channel_chunks(a.chunks as usize, d.channels),
+            a,
+            act,
+            slope,
             x.s(),
             gamma.s(),
             beta.s(),
@@ -592,6 +634,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     fn batch_norm_backward(
         &self,
         dy: &CudaBuf<E>,
+        y: Option<&CudaBuf<E>>,
         x: &CudaBuf<E>,
         gamma: &CudaBuf<E>,
         save_mean: &CudaBuf<E>,
@@ -607,19 +650,38 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             return;
         }
         assert!(dy.len() >= n && x.len() >= n, "batch_norm_backward: too small");
-        let r = self.k().bn_bwd(
-            cfg_blocks(d.channels),
-            BnArgs::of(&d),
+        assert!(
+            d.act.is_some() == y.is_some() && y.is_none_or(|y| y.len() >= n),
+            "batch_norm_backward: the activation's output y is given exactly when one is fused"
+        );
+        let (act, slope) = UnaryCode::of_opt::<E>(d.act);
+        let y = y.map(CudaBuf::s);
+        let a = BnArgs::of(&d);
+        let grid = cfg_channel_chunks(a.chunks as usize, d.channels);
+        let mut part = self.inner.scratch.take(2 * a.chunks as usize * d.channels);
+        let r =
+            self.k().bn_bwd_partial(grid, a, act, slope, dy.s(), y, x.s(), save_mean.s(), save_invstd.s(), part.sm());
+        self.launched(r, "bn_bwd_partial");
+        let dx = present_mut(dx);
+        // Without dx only stage 2's sums are left: one block per channel.
+        let grid = if dx.is_some() { grid } else { cfg_channel_chunks(1, d.channels) };
+        let r = self.k().bn_bwd_apply(
+            grid,
+            a,
+            act,
+            slope,
             dy.s(),
+            y,
             x.s(),
             gamma.s(),
             save_mean.s(),
             save_invstd.s(),
-            present_mut(dx),
+            part.s(),
+            dx,
             present_mut(dgamma),
             present_mut(dbeta),
         );
-        self.launched(r, "bn_bwd");
+        self.launched(r, "bn_bwd_apply");
     }
 
     fn unary_forward(&self, op: Unary, x: &CudaBuf<E>, y: &mut CudaBuf<E>) {
