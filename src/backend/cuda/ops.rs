@@ -8,7 +8,10 @@ use super::contract::{
     int, AdamArgs, AdamMode, BiasMode, BnArgs, ConvArgs, GemmArgs, ReconCode, UnaryCode, ADAM_TABLE_WORDS, BLOCK,
     MULTI_CHUNK, ZERO_TABLE_WORDS,
 };
-use super::kernels::{cfg_1d, cfg_blocks, cfg_channel_chunks, cfg_tiles, channel_chunks, choose_tile, conv_phases, reduce_blocks, split_k, Tile, TILES};
+use super::kernels::{
+    cfg_1d, cfg_blocks, cfg_channel_chunks, cfg_tiles, channel_chunks, choose_tile, conv_phases, reduce_blocks,
+    split_k, Tile, TILES,
+};
 use super::pool::{alloc_error, CudaBuf, CudaBytes};
 use super::trace::{self, CopyDir, EventKind};
 use super::{Cuda, CudaFloat};
