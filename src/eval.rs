@@ -165,13 +165,16 @@ pub fn evaluate<B: Backend>(
     batch: usize,
     seed: u64,
 ) -> EpochSums {
-    let mut noise = NoiseStream::new(seed);
     let mut sums = EpochSums::default();
     let z = vae.config.latent;
     let image_len = vae.config.image_len();
+    // The noise of the whole pass in one draw, image i's at rows i: each image gets the same
+    // noise whatever the batch size, so `vae eval` repeats the test loss training printed.
+    let all = normals(be, &mut NoiseStream::new(seed), &[data.len, z]);
     for idx in data.epoch_batches(batch, None) {
         let x = data.batch(be, &idx);
-        let eps = normals(be, &mut noise, &[idx.len(), z]);
+        let mut eps = Tensor { shape: vec![idx.len(), z], buf: be.empty(idx.len() * z) };
+        be.gather_rows(&all.buf, z, &idx, &mut eps.buf);
         let mut tape = Tape::no_grad(be, store);
         let (xv, ev) = (tape.input(x), tape.input(eps));
         let l = vae.loss(&mut tape, xv, ev, objective, kl_weight);

@@ -637,11 +637,15 @@ fn every_op_gradient_checks_in_f64_on_gpu() {
     assert!(failures.is_empty(), "gradient check on the GPU failed:\n{}", failures.join("\n"));
 }
 
-/// The whole conv-BN VAE's gradients against finite differences, on the GPU in f64.
+/// The whole conv-BN VAE's gradients against finite differences, on the GPU in f64: 4 entries
+/// of every parameter tensor at batch 2 (tests/gradcheck.rs checks the same model on the CPU at
+/// batch 3 with 8 entries). Each entry costs two forward passes, and on the emulated device
+/// a batch-norm block of 256 threads switches all of them at every warp-level call of its
+/// reductions, so 8 entries at batch 3 took the suite past its time budget.
 #[test]
 fn whole_conv_bn_model_gradient_checks_on_gpu() {
     let Some(be) = gpu64() else { return };
-    common::whole_model_gradcheck(&be, ModelConfig::mnist(Arch::ConvBn), 3, 8).unwrap_or_else(|e| panic!("{e}"));
+    common::whole_model_gradcheck(&be, ModelConfig::mnist(Arch::ConvBn), 2, 4).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn batch<B: Backend<E = f32>>(be: &B, seed: u64, n: usize) -> Tensor<B> {
