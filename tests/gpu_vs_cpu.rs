@@ -950,58 +950,79 @@ fn broken_sources(tag: &str, file: &str, from: &str, to: &str) -> std::path::Pat
     dir
 }
 
-/// Nine bugs planted on purpose, each of which the suite must catch on the emulated device
-/// (and each a bug that on a GPU would show only as wrong numbers, if at all).
-#[test]
-fn the_suite_catches_broken_kernels() {
-    if std::env::var_os("VAECUDA_KERNEL_SOURCES").is_some() || std::env::var_os("VAECUDA_EMU_MUTATE").is_some() {
-        return; // already a child
+/// The planted-bug tests' bookkeeping: each plant runs one test in a child process
+/// ([`run_broken`]) and must make it fail with every expected text in its output.
+struct Plants {
+    missed: Vec<String>,
+}
+
+impl Plants {
+    /// None in a child (a plant is already in place) or off the emulated device.
+    fn start() -> Option<Plants> {
+        if std::env::var_os("VAECUDA_KERNEL_SOURCES").is_some() || std::env::var_os("VAECUDA_EMU_MUTATE").is_some() {
+            return None; // already a child
+        }
+        if gpu32().is_none() || !common::on_emulator() {
+            eprintln!("note: the planted-bug checks run on the emulated device only");
+            return None;
+        }
+        Some(Plants { missed: vec![] })
     }
-    if gpu32().is_none() || !common::on_emulator() {
-        eprintln!("note: the planted-bug checks run on the emulated device only");
-        return;
-    }
-    let mut missed = vec![];
-    let mut check = |what: &str, test: &str, env: &[(&str, &str)], expect: &[&str]| {
+
+    /// Runs `test` with `env` (the bug) and records it as missed unless it failed with every
+    /// text of `expect` in its output.
+    fn check(&mut self, what: &str, test: &str, env: &[(&str, &str)], expect: &[&str]) {
         let (passed, text) = run_broken(test, env);
         if passed || !expect.iter().all(|e| text.contains(e)) {
-            missed.push(format!("{what}: {test} passed={passed}, expected {expect:?} in:\n{text}"));
+            self.missed.push(format!("{what}: {test} passed={passed}, expected {expect:?} in:\n{text}"));
         } else {
             eprintln!("caught: {what} ({test} failed as it should)");
         }
-    };
+    }
+
+    /// [`Plants::check`] with the kernel sources edited: `(tag, file, from, to)` as
+    /// [`broken_sources`] takes them.
+    fn source(&mut self, (tag, file, from, to): (&str, &str, &str, &str), what: &str, test: &str, expect: &[&str]) {
+        let dir = broken_sources(tag, file, from, to);
+        self.check(what, test, &[("VAECUDA_KERNEL_SOURCES", &dir.to_string_lossy())], expect);
+    }
+
+    fn finish(self) {
+        assert!(self.missed.is_empty(), "the suite missed planted bugs:\n{}", self.missed.join("\n\n"));
+    }
+}
+
+/// Bugs planted on purpose, each of which the suite must catch on the emulated device (and
+/// each a bug that on a GPU would show only as wrong numbers, if at all).
+#[test]
+fn the_suite_catches_broken_kernels() {
+    let Some(mut plants) = Plants::start() else { return };
     // A tile loader off by one: the A tile reads row M, one row past the operand.
-    let dir = broken_sources("loader", "common.cuh", "(gm < M && gk < k_end)", "(gm <= M && gk < k_end)");
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        ("loader", "common.cuh", "(gm < M && gk < k_end)", "(gm <= M && gk < k_end)"),
         "tile loader off by one",
         "linear_matches_cpu",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         // Whichever tile shape the first shape takes reads past the end first.
         &["illegal memory access", "kernel gemm", "past the end of"],
     );
     // The barrier between loading the tiles and reading them, removed.
     let barrier =
         "            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);\n        }\n        __syncthreads();\n";
-    let dir = broken_sources("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", ""));
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        ("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", "")),
         "a barrier removed from the tile GEMM",
         "linear_matches_cpu",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["linear_forward"],
     );
     // A grid-stride loop that runs to i <= n.
-    let dir = broken_sources("stride", "common.cuh", "i < (long long)(n);", "i <= (long long)(n);");
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        ("stride", "common.cuh", "i < (long long)(n);", "i <= (long long)(n);"),
         "grid-stride bound < turned into <=",
         "elementwise_and_reductions_match_cpu",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["illegal memory access", "past the end"],
     );
     // A launch one block short (the emulated driver drops the grid's last column of blocks).
-    check(
+    plants.check(
         "a GEMM launch one block short",
         "linear_matches_cpu",
         &[("VAECUDA_EMU_MUTATE", "short-grid:gemm_f32")],
@@ -1009,62 +1030,53 @@ fn the_suite_catches_broken_kernels() {
     );
     // Phase-split backward-data with the taps of a phase at the wrong offset: p = φ + u
     // instead of φ + s·u (the same at stride 1, so only the strided cases can catch it).
-    let dir = broken_sources(
-        "phase",
-        "conv2d.cu",
-        "const int p = ph.y.f + a.stride * u, q = ph.x.f + a.stride * v;",
-        "const int p = ph.y.f + u, q = ph.x.f + a.stride * v;",
-    );
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        (
+            "phase",
+            "conv2d.cu",
+            "const int p = ph.y.f + a.stride * u, q = ph.x.f + a.stride * v;",
+            "const int p = ph.y.f + u, q = ph.x.f + a.stride * v;",
+        ),
         "a wrong tap offset in a backward-data phase",
         "conv2d_matches_cpu",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["conv2d_backward_data", "s2"],
     );
     // Split-K with a bias that adds the bias once per chunk instead of once.
-    let dir = broken_sources(
-        "bias-per-chunk",
-        "gemm.cu",
-        "s += (acc_t)part[z * len + i];\n            c[i] = (T)((T)s + bias[col]);",
-        "s += (acc_t)part[z * len + i] + bias[col];\n            c[i] = (T)s;",
-    );
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        (
+            "bias-per-chunk",
+            "gemm.cu",
+            "s += (acc_t)part[z * len + i];\n            c[i] = (T)((T)s + bias[col]);",
+            "s += (acc_t)part[z * len + i] + bias[col];\n            c[i] = (T)s;",
+        ),
         "split-K adding the bias once per chunk",
         "linear_matches_cpu",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["linear_forward bias=true"],
     );
     // A small-tile launch one block short.
-    check(
+    plants.check(
         "a 64 x 16 GEMM launch one block short",
         "linear_matches_cpu",
         &[("VAECUDA_EMU_MUTATE", "short-grid:gemm_n16_f32")],
         &["NaN"],
     );
     // A TF32 fragment element read by position: a2 (A[g][t+4]) given a1's element (A[g+8][t]).
-    let dir =
-        broken_sources("tf32-fragment", "common.cuh", "a[i][2] = As[ks + t + 4][r];", "a[i][2] = As[ks + t][r + 8];");
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        ("tf32-fragment", "common.cuh", "a[i][2] = As[ks + t + 4][r];", "a[i][2] = As[ks + t][r + 8];"),
         "a TF32 fragment element read by position",
         "tensor_core_products_match_cpu_at_their_precision",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["tf32:"],
     );
     // A BF16 register packed the wrong way round (the lower-numbered element in the high half).
-    let dir = broken_sources(
-        "bf16-pack",
-        "common.cuh",
-        "b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);",
-        "b[j][0] = pack_bf16(Bs[2 * t + 1][c], Bs[2 * t][c]);",
-    );
-    let d = dir.to_string_lossy().to_string();
-    check(
+    plants.source(
+        (
+            "bf16-pack",
+            "common.cuh",
+            "b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);",
+            "b[j][0] = pack_bf16(Bs[2 * t + 1][c], Bs[2 * t][c]);",
+        ),
         "a BF16 pair packed the wrong way round",
         "tensor_core_products_match_cpu_at_their_precision",
-        &[("VAECUDA_KERNEL_SOURCES", &d)],
         &["bf16:"],
     );
     // The multi-tensor kernels: a block that finds its tensor one entry too early (the first
@@ -1079,74 +1091,63 @@ fn the_suite_catches_broken_kernels() {
     let planted =
         planted.into_iter().chain([("rng.cu", "round < 10; ++round", "round < 9; ++round", "normal_noise f32")]);
     for (i, (file, from, to, expect)) in planted.enumerate() {
-        let dir = broken_sources(&format!("multi{i}"), file, from, to);
-        let d = dir.to_string_lossy().to_string();
-        check(
+        plants.source(
+            (&format!("multi{i}"), file, from, to),
             &format!("{file}: {from:?} → {to:?}"),
             if file == "rng.cu" { "device_noise_equals_the_cpus" } else { "multi_tensor_adam_zero_and_pack_match" },
-            &[("VAECUDA_KERNEL_SOURCES", &d)],
             &[expect],
         );
     }
-    assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
+    plants.finish();
 }
 
 /// Bugs planted in the whole-GPU reductions (warp shuffles, chunks over a channel, the
 /// fixed-order combination of chunk partials), each of which the suite must catch.
 #[test]
 fn the_suite_catches_broken_reductions() {
-    if std::env::var_os("VAECUDA_KERNEL_SOURCES").is_some() || std::env::var_os("VAECUDA_EMU_MUTATE").is_some() {
-        return; // already a child
-    }
-    if gpu32().is_none() || !common::on_emulator() {
-        eprintln!("note: the planted-bug checks run on the emulated device only");
-        return;
-    }
-    let mut missed = vec![];
-    let mut check = |what: &str, test: &str, file: &str, from: &str, to: &str, expect: &[&str]| {
-        let dir = broken_sources(test, file, from, to);
-        let (passed, text) = run_broken(test, &[("VAECUDA_KERNEL_SOURCES", &dir.to_string_lossy())]);
-        if passed || !expect.iter().all(|e| text.contains(e)) {
-            missed.push(format!("{what}: {test} passed={passed}, expected {expect:?} in:\n{text}"));
-        } else {
-            eprintln!("caught: {what} ({test} failed as it should)");
-        }
-    };
+    let Some(mut plants) = Plants::start() else { return };
     // A warp reduction reading one lane too far: lanes past the warp get their own value back.
-    check(
+    plants.source(
+        (
+            "elementwise_and_reductions_match_cpu",
+            "common.cuh",
+            "v += __shfl_down_sync(0xffffffffu, v, o);",
+            "v += __shfl_down_sync(0xffffffffu, v, o + 1);",
+        ),
         "a warp sum with a wrong shuffle offset",
         "elementwise_and_reductions_match_cpu",
-        "common.cuh",
-        "v += __shfl_down_sync(0xffffffffu, v, o);",
-        "v += __shfl_down_sync(0xffffffffu, v, o + 1);",
         &["sum"],
     );
     // A chunk that runs one value into the next chunk: that value is counted twice.
-    check(
+    plants.source(
+        (
+            "conv2d_matches_cpu",
+            "common.cuh",
+            "end = min((long long)outer * inner, begin + chunk);",
+            "end = min((long long)outer * inner, begin + chunk + 1);",
+        ),
         "a chunk boundary off by one",
         "conv2d_matches_cpu",
-        "common.cuh",
-        "end = min((long long)outer * inner, begin + chunk);",
-        "end = min((long long)outer * inner, begin + chunk + 1);",
         &["bias_backward"],
     );
     // Stage 2 of the statistics merging only the first warp's worth of chunks.
-    check(
+    plants.source(
+        (
+            "batch_norm_matches_cpu",
+            "batchnorm.cu",
+            "for (int k = threadIdx.x; k < chunks; k += WARP) {",
+            "for (int k = threadIdx.x; k < min(chunks, WARP); k += WARP) {",
+        ),
         "chunk partials past the 32nd dropped",
         "batch_norm_matches_cpu",
-        "batchnorm.cu",
-        "for (int k = threadIdx.x; k < chunks; k += WARP) {",
-        "for (int k = threadIdx.x; k < min(chunks, WARP); k += WARP) {",
         &["bn_forward_train", "128x32x196"],
     );
     // The moments of two sets merged without the between-set term of the variance.
-    check(
+    plants.source(
+        ("batch_norm_matches_cpu", "common.cuh", "a.m2 + b.m2 + d * d * (a.n * (b.n / n))", "a.m2 + b.m2"),
         "merged moments missing the spread between the sets",
         "batch_norm_matches_cpu",
-        "common.cuh",
-        "a.m2 + b.m2 + d * d * (a.n * (b.n / n))",
-        "a.m2 + b.m2",
         &["bn_forward_train"],
     );
-    assert!(missed.is_empty(), "the suite missed planted bugs:\n{}", missed.join("\n\n"));
+    plants.finish();
 }
