@@ -99,6 +99,8 @@ inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
     const unsigned n = L->block[0] * L->block[1] * L->block[2];
     rt.threads = n;
     rt.heap->fibers.assign(n, Fiber{});
+    memset(rt.heap->waiting, 0, sizeof rt.heap->waiting);
+    memset(rt.heap->exited, 0, sizeof rt.heap->exited);
     rt.heap->order.resize(n);
     for (unsigned t = 0; t < n; ++t) {
         rt.heap->fibers[t].idx = {t % L->block[0], t / L->block[0] % L->block[1], t / (L->block[0] * L->block[1])};
@@ -123,6 +125,7 @@ inline int run_block(const EmuLaunch* L, uint64_t linear, EmuWhere* w) {
                 if (f.state == FINISHED) {
                     rt.heap->free_stacks.push_back(f.stack);
                     f.stack = nullptr;
+                    rt.heap->exited[f.linear / WARP] |= 1u << (f.linear % WARP);
                 } else if (f.state == AT_WARP && warp_arrived(f) != 0) {
                     return 1;  // the suspended fibers are abandoned with their stacks (the context is dead)
                 }

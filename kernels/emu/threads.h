@@ -108,6 +108,12 @@ struct BlockState {
     std::vector<Fiber> fibers;
     std::vector<unsigned> order;
     std::vector<char*> free_stacks;
+    // Per warp (at most 1,024 / 32 of them), as lane bit masks: the lanes waiting at a
+    // warp-level call, and the lanes that have exited. A call is checked lane by lane only
+    // when every lane of its mask waits somewhere, so a warp's 32 arrivals cost 32 + 32
+    // steps instead of 32 × 32.
+    unsigned waiting[32];
+    unsigned exited[32];
 };
 
 // Everything the runtime keeps per CPU thread, in one object: the rest of this module's

@@ -81,6 +81,12 @@ inline unsigned shfl_source(WarpOp op, unsigned lane, int b, int width) {
 inline void mma_complete(unsigned warp);
 inline void mma_bf16_complete(unsigned warp);
 
+// Whether lane g waits at the same warp-level call as c (a __syncwarp meets any __syncwarp).
+inline bool at_same_call(const Fiber& g, const WarpCall& c) {
+    return g.state == AT_WARP && g.call.op == c.op &&
+           (c.op == SYNCWARP || (g.call.line == c.line && (g.call.file == c.file || strcmp(g.call.file, c.file) == 0)));
+}
+
 // Fiber f has just suspended at a warp-level call: checks it, and completes the call when every
 // lane of its mask waits there. Returns nonzero (with the block's error set) on undefined
 // behaviour.
@@ -88,6 +94,7 @@ inline int warp_arrived(Fiber& f) {
     const WarpCall& c = f.call;
     const unsigned lane = f.linear % WARP, warp = f.linear / WARP;
     char who[96], other[160];
+    rt.heap->waiting[warp] |= 1u << lane;
     if (c.op == ACTIVEMASK) return 0;  // completed when nothing else can run (complete_activemasks)
     if (!(c.mask >> lane & 1u)) {
         return block_error("%s at %s:%d: block (%u,%u,%u), %s: the mask 0x%08x does not contain the calling lane",
@@ -104,26 +111,29 @@ inline int warp_arrived(Fiber& f) {
                            c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                            lane_words(f, who, sizeof who), c.width);
     }
-    // Lanes of the mask that cannot come, or that came with another mask.
+    // Lanes of the mask that cannot come: they do not exist, or they have exited.
+    const unsigned lanes_here = rt.threads - warp * WARP;
+    const unsigned exist = lanes_here >= WARP ? 0xffffffffu : (1u << lanes_here) - 1u;
+    if (unsigned missing = c.mask & ~exist) {
+        return block_error("%s at %s:%d: block (%u,%u,%u), %s: the mask 0x%08x names lane %u, which does not "
+                           "exist (the block has %u threads)",
+                           c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
+                           lane_words(f, who, sizeof who), c.mask, (unsigned)__builtin_ctz(missing), rt.threads);
+    }
+    if (unsigned gone = c.mask & rt.heap->exited[warp]) {
+        return block_error("%s at %s:%d: block (%u,%u,%u), %s: lane %u of the mask 0x%08x has exited", c.name,
+                           c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
+                           lane_words(f, who, sizeof who), (unsigned)__builtin_ctz(gone), c.mask);
+    }
+    // A lane of the mask still running (or at a barrier) may yet come: wait for it (a lane that
+    // never comes is found when nothing can run, in warp_stuck).
+    if ((rt.heap->waiting[warp] & c.mask) != c.mask) return 0;
+    // Every lane of the mask waits at some warp-level call: the same one, with the same mask?
     bool everyone = true;
     for (unsigned l = 0; l < WARP; ++l) {
         if (!(c.mask >> l & 1u)) continue;
-        const unsigned t = warp * WARP + l;
-        if (t >= rt.threads) {
-            return block_error("%s at %s:%d: block (%u,%u,%u), %s: the mask 0x%08x names lane %u, which does not "
-                               "exist (the block has %u threads)",
-                               c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
-                               lane_words(f, who, sizeof who), c.mask, l, rt.threads);
-        }
-        const Fiber& g = rt.heap->fibers[t];
-        if (g.state == FINISHED) {
-            return block_error("%s at %s:%d: block (%u,%u,%u), %s: lane %u of the mask 0x%08x has exited", c.name,
-                               c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
-                               lane_words(f, who, sizeof who), l, c.mask);
-        }
-        // A lane elsewhere (at a barrier, at another call) may still come: found when stuck.
-        const bool same_call = g.state == AT_WARP && g.call.op == c.op &&
-                               (c.op == SYNCWARP || (g.call.line == c.line && strcmp(g.call.file, c.file) == 0));
+        const Fiber& g = rt.heap->fibers[warp * WARP + l];
+        const bool same_call = at_same_call(g, c);
         if (same_call && g.call.mask != c.mask) {
             return block_error("%s at %s:%d: block (%u,%u,%u): lanes of one call disagree on the mask: %s has 0x%08x, "
                                "%s has 0x%08x",
@@ -170,6 +180,7 @@ inline int warp_arrived(Fiber& f) {
     for (unsigned l = 0; l < WARP; ++l) {
         if (c.mask >> l & 1u) rt.heap->fibers[warp * WARP + l].state = READY;
     }
+    rt.heap->waiting[warp] &= ~c.mask;
     rt.woken += __builtin_popcount(c.mask);
     return 0;
 }
@@ -192,7 +203,10 @@ inline bool complete_activemasks() {
         done = true;
     }
     for (Fiber& f : rt.heap->fibers) {
-        if (f.state == AT_WARP && f.call.op == ACTIVEMASK) f.state = READY;
+        if (f.state == AT_WARP && f.call.op == ACTIVEMASK) {
+            f.state = READY;
+            rt.heap->waiting[f.linear / WARP] &= ~(1u << (f.linear % WARP));
+        }
     }
     return done;
 }
@@ -206,9 +220,7 @@ inline int warp_stuck(const Fiber& f) {
     for (unsigned l = 0; l < WARP; ++l) {
         if (!(c.mask >> l & 1u)) continue;
         const Fiber& g = rt.heap->fibers[warp * WARP + l];
-        const bool here = g.state == AT_WARP && g.call.op == c.op &&
-                          (c.op == SYNCWARP || (g.call.line == c.line && strcmp(g.call.file, c.file) == 0));
-        if (!here) {
+        if (!at_same_call(g, c)) {
             return block_error("%s at %s:%d: block (%u,%u,%u), %s waits for lane %u of the mask 0x%08x, which %s",
                                c.name, c.file, c.line, rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
                                lane_words(f, who, sizeof who), l, c.mask, waits_where(g, where, sizeof where));
