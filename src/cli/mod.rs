@@ -201,6 +201,8 @@ fn open_cuda(ordinal: usize) -> Result<Opened, GpuError> {
     // load the cached CUBINs. Saying how long it took explains a slow first start.
     let start = std::time::Instant::now();
     let gpu = cuda::open::<f32>(ordinal)?;
+    // All of them now, so a kernel that does not compile stops `vae` before it starts work.
+    gpu.load_all_kernels()?;
     eprintln!(
         "kernels: ready in {:.2} s (NVRTC compiles on first use, then loads from the disk cache)",
         start.elapsed().as_secs_f64()

@@ -8,7 +8,7 @@
 //! it. Device memory is host memory (each allocation between guard pages, filled with NaN), the
 //! stream runs each call before returning, events read the clock. The CUBIN that NVRTC compiled
 //! is parsed for its kernel names, and each name resolves to a host build of the same program
-//! text NVRTC saw (`compile::program_source`: contract, common.cuh, declarations, the file),
+//! text NVRTC saw (made when the backend first loads that file) (`compile::program_source`: contract, common.cuh, declarations, the file),
 //! compiled with `kernels/emu/runtime.h` in front, which maps `threadIdx`, `__shared__`,
 //! `__syncthreads` and friends onto fibers: a block's threads run one after another on one CPU
 //! thread, each until its next barrier, in an order the tests choose (forward, reverse or
@@ -25,7 +25,7 @@ use std::sync::{Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
-use super::compile::{self, KernelFile, FILES};
+use super::compile::{self, KernelFile};
 use super::error::GpuError;
 use super::kernels;
 
@@ -65,11 +65,12 @@ static DRIVER: OnceLock<Result<libloading::Library, GpuError>> = OnceLock::new()
 /// Serializes `install` (two tests may ask at once).
 static INSTALLING: Mutex<()> = Mutex::new(());
 
-/// Builds (or finds in the cache) the emulated driver and the host builds of every kernel
-/// file, and loads the driver as this process's `libcuda.so`. Call it before anything opens a
-/// GPU; afterwards `cuda::open(0)` opens the emulated device. Fails with
-/// `GpuError::Unavailable` when no C++ compiler is found, `GpuError::Compile` when a kernel
-/// file does not compile for the host.
+/// Builds (or finds in the cache) the emulated driver and loads it as this process's
+/// `libcuda.so`. Call it before anything opens a GPU; afterwards `cuda::open(0)` opens the
+/// emulated device, and each kernel file's host build is made when the backend first loads
+/// that file ([`load_kernel_file`]). Fails with `GpuError::Unavailable` when no C++ compiler
+/// is found; a kernel file that does not compile for the host fails its first load with
+/// `GpuError::Compile`.
 pub fn install() -> Result<(), GpuError> {
     let _guard = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     DRIVER.get_or_init(load).as_ref().map(|_| ()).map_err(Clone::clone)
@@ -85,12 +86,9 @@ fn load() -> Result<libloading::Library, GpuError> {
     let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
     std::fs::create_dir_all(&dir)
         .map_err(|e| GpuError::Unavailable(format!("cannot create the emulator cache {}: {e}", dir.display())))?;
+    // Only the driver: each kernel file's host build is made when the backend first loads that
+    // file (`load_kernel_file`).
     let driver = build(&cxx, &dir, "libcuda", "driver.cpp", DRIVER_SOURCE, &[], &["-Wl,-soname,libcuda.so", "-ldl"])?;
-    // The host modules, one per kernel file, built side by side.
-    let modules: Vec<PathBuf> = std::thread::scope(|s| {
-        let jobs: Vec<_> = FILES.iter().map(|f| s.spawn(|| build_module(&cxx, &dir, f))).collect();
-        jobs.into_iter().map(|j| j.join().expect("module build thread panicked")).collect::<Result<_, _>>()
-    })?;
     // SAFETY: loading our own library runs no initialization code beyond static
     // constructors of plain data. RTLD_GLOBAL | RTLD_NOW: its symbols are bound now, and a
     // later dlopen("libcuda.so") by cudarc finds this library by its soname.
@@ -102,7 +100,6 @@ fn load() -> Result<libloading::Library, GpuError> {
     }
     .map_err(|e| GpuError::Unavailable(format!("cannot load the emulated driver {}: {e}", driver.display())))?;
     let lib = libloading::Library::from(lib);
-    register(&lib, &modules)?;
     // The name cudarc asks for must now resolve to this library, not to a real driver that
     // was loaded first.
     // SAFETY: only opens a library that is already loaded.
@@ -116,6 +113,29 @@ fn load() -> Result<libloading::Library, GpuError> {
         ));
     }
     Ok(lib)
+}
+
+/// The kernel files whose host builds are registered with the driver (each once a process).
+static REGISTERED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// Builds (or finds in the cache) the host build of kernel file `file` and registers its
+/// kernels with the installed emulated driver, once a process: the CUDA backend calls this
+/// before it loads the file's CUBIN, which the driver binds to these host kernels by name.
+pub fn load_kernel_file(file: &'static KernelFile) -> Result<(), GpuError> {
+    let lib = match DRIVER.get() {
+        Some(Ok(lib)) => lib,
+        _ => return Err(GpuError::Unavailable("the emulated device is not installed".into())),
+    };
+    // Held while building, so two backends opening the same file build it once.
+    let mut registered = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if registered.contains(&file.name) {
+        return Ok(());
+    }
+    let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
+    let module = build_module(&compiler()?, &dir, file)?;
+    register(lib, &[module])?;
+    registered.push(file.name);
+    Ok(())
 }
 
 /// Loads host modules into the driver and registers their kernels by name.

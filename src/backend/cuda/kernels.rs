@@ -6,17 +6,20 @@
 //! - the list of `<name>_f32`/`<name>_f64` symbols each file must define (the NVRTC test and
 //!   the emulated device's host build use it).
 //!
-//! Kernels are looked up once at start-up into a vector indexed by [`Kernel`]; no launch looks
-//! a name up. The launch geometry helpers (`cfg_1d`, `cfg_tiles`, `split_k`) live here too.
+//! A kernel is looked up by name once, at its first launch, into a slot indexed by [`Kernel`];
+//! later launches look nothing up. The launch geometry helpers (`cfg_1d`, `cfg_tiles`, `split_k`) live here too.
 
 use std::fmt::Write;
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
 
 use super::contract::{
     AdamArgs, BnArgs, ConvArgs, GemmArgs, BLOCK, TILE_K, TILE_M, TILE_N, TILE_SMALL, TILE_SMALL_THREADS, TILE_THREADS,
 };
-use super::{trace, CudaFloat};
+use super::{compile, trace, CudaFloat, GpuError};
 
 /// What one kernel parameter is, on both sides.
 macro_rules! rust_param {
@@ -237,7 +240,7 @@ macro_rules! kernel_table {
                     }
                     let null: u64 = 0;
                     let _ = &null;
-                    let mut b = self.stream.launch_builder(&self.funcs[Kernel::$variant as usize]);
+                    let mut b = self.stream.launch_builder(self.function(Kernel::$variant));
                     $(push_param!(b, null, $kind, $p);)*
                     // SAFETY: the argument list is the kernel's parameter list from the table,
                     // which the prelude declares and the .cu definition must match (NVRTC
@@ -327,12 +330,57 @@ kernel_table! {
     }
 }
 
-/// The loaded kernels of one element type, on the backend's stream.
+/// The kernels of one element type, on the backend's stream. A kernel file is compiled (or
+/// read from the disk cache) and loaded when one of its kernels is first launched: a program
+/// that needs four of the seven files compiles four, and a test that breaks one file on purpose
+/// rebuilds only the files it runs.
 pub struct Launcher<E: CudaFloat> {
-    pub(crate) stream: std::sync::Arc<CudaStream>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    /// The compute capability the files are compiled for (`sm_90`).
+    arch: String,
+    /// Indexed like `compile::FILES`.
+    modules: Vec<OnceLock<Arc<CudaModule>>>,
     /// Indexed by `Kernel`.
-    pub(crate) funcs: Vec<CudaFunction>,
-    pub(crate) _e: std::marker::PhantomData<E>,
+    funcs: Vec<OnceLock<CudaFunction>>,
+    _e: std::marker::PhantomData<E>,
+}
+
+impl<E: CudaFloat> Launcher<E> {
+    /// Launchers on `stream` of kernels compiled for `arch`, none loaded yet.
+    pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, arch: String) -> Self {
+        Launcher {
+            stream,
+            ctx,
+            arch,
+            modules: compile::FILES.iter().map(|_| OnceLock::new()).collect(),
+            funcs: KERNELS.iter().map(|_| OnceLock::new()).collect(),
+            _e: std::marker::PhantomData,
+        }
+    }
+
+    /// The module of kernel file `file`, loaded on first use.
+    pub(crate) fn module(&self, file: &str) -> Result<&Arc<CudaModule>, GpuError> {
+        let i = compile::FILES.iter().position(|f| f.name == file).expect("the kernel table names a kernel file");
+        if let Some(m) = self.modules[i].get() {
+            return Ok(m);
+        }
+        let module = super::load_kernel_file(&self.ctx, &compile::FILES[i], &self.arch)?;
+        // Another thread may have loaded it meanwhile: either module serves.
+        Ok(self.modules[i].get_or_init(|| module))
+    }
+
+    /// Kernel `k` of element type `E`, its file loaded on first use. A file that does not
+    /// compile or load is raised as a `GpuError` (the launchers cannot return one).
+    fn function(&self, k: Kernel) -> &CudaFunction {
+        self.funcs[k as usize].get_or_init(|| {
+            let spec = &KERNELS[k as usize];
+            let name = format!("{}_{}", spec.name, E::NAME);
+            self.module(spec.file)
+                .and_then(|m| m.load_function(&name).map_err(|e| GpuError::driver(format!("loading kernel {name}"), e)))
+                .unwrap_or_else(|e| e.raise())
+        })
+    }
 }
 
 /// The element types every kernel is instantiated for: (symbol suffix, CUDA type).

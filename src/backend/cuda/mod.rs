@@ -40,7 +40,7 @@ pub use error::GpuError;
 pub use pool::{CudaBuf, CudaBytes};
 
 use crate::tensor::Float;
-use kernels::{Launcher, KERNELS};
+use kernels::Launcher;
 use pool::Pool;
 
 /// The element types the CUDA backend instantiates (f32 and f64).
@@ -82,9 +82,31 @@ impl<E: CudaFloat> Clone for Cuda<E> {
     }
 }
 
+/// Compiles `file` for `arch` (or reads its CUBIN from the disk cache) and loads it into
+/// `ctx`; on the emulated device, the file's host build is made and registered first.
+fn load_kernel_file(
+    ctx: &Arc<CudaContext>,
+    file: &'static compile::KernelFile,
+    arch: &str,
+) -> Result<Arc<cudarc::driver::CudaModule>, GpuError> {
+    if emu::is_installed() {
+        emu::load_kernel_file(file)?;
+    }
+    let err = |e| GpuError::driver(format!("loading kernels/{}", file.name), e);
+    let load = |bin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin));
+    let cubin = compile::cubin_cached(file, arch)?;
+    match load(cubin.binary) {
+        Ok(m) => Ok(m),
+        // A cached CUBIN the driver refuses (damaged on disk): compile afresh, once.
+        Err(_) if cubin.from_cache => load(compile::cubin_fresh(file, arch)?.binary).map_err(err),
+        Err(e) => Err(err(e)),
+    }
+}
+
 impl<E: CudaFloat> Cuda<E> {
-    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for its compute
-    /// capability and loads them. Never panics.
+    /// Opens GPU `ordinal`. Each kernel file is compiled for its compute capability (or loaded
+    /// from the disk cache) when one of its kernels is first launched
+    /// ([`Cuda::load_all_kernels`] does all of them at once). Never panics.
     pub fn new(ordinal: usize) -> Result<Self, GpuError> {
         device::libs_present()?;
         device::catch_quietly(|| Self::open(ordinal)).unwrap_or_else(|| {
@@ -110,33 +132,12 @@ impl<E: CudaFloat> Cuda<E> {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(err("creating a stream"))?;
         let (major, minor) = info.compute_capability;
-        let arch = format!("sm_{major}{minor}");
-        let mut modules = HashMap::new();
-        for f in compile::FILES {
-            let load = |bin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin));
-            let cubin = compile::cubin_cached(f, &arch)?;
-            let module = match load(cubin.binary) {
-                Ok(m) => m,
-                // A cached CUBIN the driver refuses (damaged on disk): compile afresh, once.
-                Err(_) if cubin.from_cache => {
-                    load(compile::cubin_fresh(f, &arch)?.binary).map_err(err(&format!("loading kernels/{}", f.name)))?
-                }
-                Err(e) => return Err(err(&format!("loading kernels/{}", f.name))(e)),
-            };
-            modules.insert(f.name, module);
-        }
-        let funcs = KERNELS
-            .iter()
-            .map(|k| {
-                let name = format!("{}_{}", k.name, E::NAME);
-                let module = modules
-                    .get(k.file)
-                    .ok_or_else(|| GpuError::Unavailable(format!("kernel file {} is not compiled", k.file)))?;
-                module.load_function(&name).map_err(|e| GpuError::driver(format!("loading kernel {name}"), e))
-            })
-            .collect::<Result<Vec<_>, GpuError>>()?;
+        // Kernel files compile (or load from the disk cache) on first use, each into its own
+        // module (see `Launcher`); NVRTC must be there before anything runs.
+        compile::nvrtc_version()?;
+        let kernels = Launcher::new(ctx.clone(), stream.clone(), format!("sm_{major}{minor}"));
         let inner = Inner {
-            kernels: Launcher { stream: stream.clone(), funcs, _e: std::marker::PhantomData },
+            kernels,
             pool: Pool::new(stream.clone()),
             scratch: Pool::new(stream.clone()),
             ctx,
@@ -147,6 +148,17 @@ impl<E: CudaFloat> Cuda<E> {
             info,
         };
         Ok(Cuda { inner: Arc::new(inner), precision: crate::backend::Precision::F32 })
+    }
+
+    /// Compiles (or loads from the disk cache) and loads every kernel file now, instead of on
+    /// first use: for a program that wants a kernel that does not compile, or a slow first
+    /// compile, to show at its start rather than in its first step (`vae` does this).
+    pub fn load_all_kernels(&self) -> Result<(), GpuError> {
+        // The files side by side: NVRTC and the emulator's host builds are single-threaded.
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = compile::FILES.iter().map(|f| s.spawn(|| self.k().module(f.name).map(|_| ()))).collect();
+            jobs.into_iter().try_for_each(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
     }
 
     /// This backend with its matrix products (linear layers, convolutions) at `precision`:
