@@ -114,6 +114,39 @@ fn damaged_cache_files_are_recompiled() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two requests for the same uncached file at once (two processes starting together, two test
+/// threads) compile it once: the second waits on the first's lock, then reads its CUBIN. No
+/// lock file is left behind.
+#[test]
+fn concurrent_requests_compile_a_file_once() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    use vaecuda::backend::cuda::compile::{cubin_cached_in, FILES};
+    let dir = std::env::temp_dir().join(format!("vaecuda-cache-lock-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = FILES.iter().find(|f| f.name == "vae_loss.cu").unwrap();
+    let start = std::sync::Barrier::new(2);
+    let got: Vec<_> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    cubin_cached_in(Some(&dir), f, "sm_80").unwrap_or_else(|e| panic!("{e}"))
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let compiled = got.iter().filter(|c| !c.from_cache).count();
+    assert_eq!(compiled, 1, "two requests at once compiled the file {compiled} times");
+    assert!(got[0].binary == got[1].binary);
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "the cache holds {left:?}, not one CUBIN");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The contract (src/backend/cuda/contract.rs, kernels.rs) is written once, in Rust, and
 /// pasted in front of every file. These prove that a change on one side only cannot compile:
 /// a struct whose CUDA layout differs from Rust's trips the generated offset assertions, and a

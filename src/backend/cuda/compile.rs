@@ -342,14 +342,48 @@ pub fn cubin_cached(file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
 /// `cubin_cached` with an explicit cache folder (`None`: no cache).
 pub fn cubin_cached_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<Cubin, GpuError> {
     let nvrtc = nvrtc_version()?;
-    if let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)).transpose()? {
-        if let Ok(bytes) = std::fs::read(&p) {
-            if cubin_is_whole(&bytes) {
-                return Ok(Cubin { binary: bytes, from_cache: true });
-            }
+    let Some(p) = dir.map(|d| cache_path(d, file, arch, nvrtc)).transpose()? else {
+        return cubin_fresh_in(dir, file, arch);
+    };
+    let cached = || std::fs::read(&p).ok().filter(|b| cubin_is_whole(b));
+    if let Some(binary) = cached() {
+        return Ok(Cubin { binary, from_cache: true });
+    }
+    // Another process (or thread) compiling the same file holds the lock: wait for it and
+    // take its CUBIN, rather than compile the same text twice at once.
+    let lock = CompileLock::take(&p);
+    if let Some(binary) = cached() {
+        return Ok(Cubin { binary, from_cache: true });
+    }
+    let fresh = cubin_fresh_in(dir, file, arch);
+    drop(lock);
+    fresh
+}
+
+/// An exclusive lock on `<cache entry>.lock` while one process builds that entry: a second
+/// process that needs the same entry waits, then finds it in the cache. Best effort (a cache
+/// that cannot hold the lock file builds unlocked). The file is removed when the build is
+/// done; a process still waiting on the removed file then finds the entry built.
+pub(crate) struct CompileLock {
+    held: Option<(std::fs::File, PathBuf)>,
+}
+
+impl CompileLock {
+    /// Waits for, then holds, the lock of cache entry `entry`.
+    pub(crate) fn take(entry: &Path) -> CompileLock {
+        let path = entry.with_extension("lock");
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).ok();
+        CompileLock { held: file.filter(|f| f.lock().is_ok()).map(|f| (f, path)) }
+    }
+}
+
+impl Drop for CompileLock {
+    fn drop(&mut self) {
+        if let Some((file, path)) = self.held.take() {
+            let _ = std::fs::remove_file(&path);
+            drop(file); // closing releases the lock
         }
     }
-    cubin_fresh_in(dir, file, arch)
 }
 
 /// Compiles `file` for `arch` and overwrites its cache entry: for a cached CUBIN the driver

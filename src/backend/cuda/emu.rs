@@ -343,6 +343,11 @@ fn build(
     if out.is_file() {
         return Ok(out);
     }
+    // Another process (or thread) building the same library: wait for it and take its build.
+    let _lock = compile::CompileLock::take(&out);
+    if out.is_file() {
+        return Ok(out);
+    }
     // Sources and headers go to a private folder; the library is renamed into place whole.
     let work = dir.join(format!(".build-{stem}-{key}-{}", std::process::id()));
     let io = |e: std::io::Error| GpuError::Unavailable(format!("emulator build folder {}: {e}", work.display()));
