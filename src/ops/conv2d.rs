@@ -6,8 +6,10 @@
 //! The CPU reference lowers each image to columns (im2col) and calls the blocked GEMM:
 //! forward y_n = W·col_n, backward-data dcol = Wᵀ·dy_n folded back (col2im),
 //! backward-weight dW = Σ_n dy_n·col_nᵀ. The `cpu_*` functions the CPU backend calls run
+//! layers with one output channel on the direct path (`conv2d_direct.rs`, f32 and f64), other
 //! f32 layers on the AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits
-//! it, and the reference (`reference_*`) otherwise.
+//! it, and the reference (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
+//! reference everywhere.
 
 use rayon::prelude::*;
 
@@ -15,6 +17,7 @@ use crate::backend::Backend;
 use crate::ops::bias::bias_add;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::conv2d_avx512;
+use crate::ops::conv2d_direct;
 use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -226,22 +229,32 @@ pub fn reference_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: C
 
 // ---- CPU: the fast path where it applies, else the reference ----
 
+/// Whether the fast paths may run: `VAECUDA_CPU_REFERENCE=1` forces the reference
+/// everywhere, to compare the two.
+fn fast_paths_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var_os("VAECUDA_CPU_REFERENCE").is_none())
+}
+
 /// Whether conv2d runs on its AVX-512 path (`ops::conv2d_avx512`): an f32 CPU with AVX-512F
-/// and a layer big enough for its register tiles. `VAECUDA_CPU_REFERENCE=1` forces the
-/// reference, to compare the two.
+/// and a layer big enough for its register tiles.
 #[cfg(target_arch = "x86_64")]
 fn takes_avx512_path(d: &Conv2dDims) -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| conv2d_avx512::available() && std::env::var_os("VAECUDA_CPU_REFERENCE").is_none())
-        && conv2d_avx512::suits(d)
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(conv2d_avx512::available) && conv2d_avx512::suits(d)
 }
 
 /// y = conv2d(x, w) + b, overwriting y.
 pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(x), Some(w), Some(y)) = (E::as_f32_slice(x), E::as_f32_slice(w), E::as_f32_slice_mut(y)) {
-        if takes_avx512_path(&d) {
-            return conv2d_avx512::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
+    if fast_paths_allowed() {
+        if conv2d_direct::suits(&d) {
+            return conv2d_direct::forward(x, w, b, y, &d);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(x), Some(w), Some(y)) = (E::as_f32_slice(x), E::as_f32_slice(w), E::as_f32_slice_mut(y)) {
+            if takes_avx512_path(&d) {
+                return conv2d_avx512::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
+            }
         }
     }
     reference_forward(x, w, b, y, d)
@@ -249,10 +262,15 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
 
 /// dx += the gradient of conv2d with respect to its input.
 pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(dy), Some(w), Some(dx)) = (E::as_f32_slice(dy), E::as_f32_slice(w), E::as_f32_slice_mut(dx)) {
-        if takes_avx512_path(&d) {
-            return conv2d_avx512::backward_data(dy, w, dx, &d);
+    if fast_paths_allowed() {
+        if conv2d_direct::suits(&d) {
+            return conv2d_direct::backward_data(dy, w, dx, &d);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(w), Some(dx)) = (E::as_f32_slice(dy), E::as_f32_slice(w), E::as_f32_slice_mut(dx)) {
+            if takes_avx512_path(&d) {
+                return conv2d_avx512::backward_data(dy, w, dx, &d);
+            }
         }
     }
     reference_backward_data(dy, w, dx, d)
@@ -260,10 +278,15 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
 
 /// dw += the gradient of conv2d with respect to its weight.
 pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(dy), Some(x), Some(dw)) = (E::as_f32_slice(dy), E::as_f32_slice(x), E::as_f32_slice_mut(dw)) {
-        if takes_avx512_path(&d) {
-            return conv2d_avx512::backward_weight(dy, x, dw, &d);
+    if fast_paths_allowed() {
+        if conv2d_direct::suits(&d) {
+            return conv2d_direct::backward_weight(dy, x, dw, &d);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(x), Some(dw)) = (E::as_f32_slice(dy), E::as_f32_slice(x), E::as_f32_slice_mut(dw)) {
+            if takes_avx512_path(&d) {
+                return conv2d_avx512::backward_weight(dy, x, dw, &d);
+            }
         }
     }
     reference_backward_weight(dy, x, dw, d)

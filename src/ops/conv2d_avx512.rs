@@ -60,7 +60,7 @@ fn give(v: Vec<f32>) {
 
 /// Whether this CPU can run the fast path.
 pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::ops::widest_simd() == crate::ops::Simd::Avx512
 }
 
 /// Whether the fast path pays off for these dims, and can take them. The register tile is 8

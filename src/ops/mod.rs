@@ -10,12 +10,14 @@ pub mod bias;
 pub mod conv2d;
 #[cfg(target_arch = "x86_64")]
 pub mod conv2d_avx512;
+pub mod conv2d_direct;
 pub mod conv_transpose2d;
 pub mod elementwise;
 pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod reparam_kl;
+pub(crate) mod scratch;
 pub mod unary;
 
 pub use batch_norm::{batch_norm, batch_norm_act};
@@ -51,4 +53,40 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// The widest vector instructions the CPU paths may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    /// AVX-512F (and AVX2).
+    Avx512,
+    /// AVX2, no AVX-512.
+    Avx2,
+    /// Baseline x86-64 (SSE2), or another architecture.
+    Baseline,
+}
+
+/// The variable that keeps the CPU paths off AVX-512 (`VAECUDA_CPU_NO_AVX512=1`): to
+/// measure what a laptop without it gets, on a machine that has it.
+pub const NO_AVX512_ENV: &str = "VAECUDA_CPU_NO_AVX512";
+
+/// What this CPU offers ([`Simd`]), checked once; AVX-512 counts only when
+/// [`NO_AVX512_ENV`] is unset.
+pub(crate) fn widest_simd() -> Simd {
+    static WIDEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *WIDEST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::env::var_os(NO_AVX512_ENV).is_none()
+            {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
+    })
 }
