@@ -36,11 +36,14 @@ __device__ void broadcast_acc_impl(const T* dout, T alpha, T* dx, int n) {
     GRID_STRIDE(i, n) dx[i] += g;
 }
 
-// dst[r, e] = src[idx[r], e] for rows of row_len elements; n = rows·row_len.
+// dst[r, e] = src[idx[r], e] for rows of row_len elements; n = rows·row_len. The row of an
+// element by FastDiv (a multiply-high and a shift; i < n < 2^31), not by a 64-bit division,
+// which costs tens of instructions per element.
 template <typename T>
 __device__ void gather_rows_impl(const T* src, const unsigned* idx, int row_len, T* dst, int n) {
+    const FastDiv rows(max(row_len, 1));  // (n = 0 when a row is empty: no division runs)
     GRID_STRIDE(i, n) {
-        const long long r = i / row_len, e = i % row_len;
+        const int r = rows.div((int)i), e = (int)i - r * row_len;
         dst[i] = src[(long long)idx[r] * row_len + e];
     }
 }
@@ -49,17 +52,22 @@ __device__ void gather_rows_impl(const T* src, const unsigned* idx, int row_len,
 // division (NVRTC's default -prec-div=true), so float pixels equal the host's b / 255.0f.
 template <typename T>
 __device__ void gather_rows_u8_impl(const unsigned char* src, const unsigned* idx, int row_len, T* dst, int n) {
+    const FastDiv rows(max(row_len, 1));
     GRID_STRIDE(i, n) {
-        const long long r = i / row_len, e = i % row_len;
+        const int r = rows.div((int)i), e = (int)i - r * row_len;
         dst[i] = T(src[(long long)idx[r] * row_len + e]) / T(PIXEL_MAX);
     }
 }
 
 // ---- bias over an [outer, channels, inner] view ----
-// y[o, c, i] += b[c]: element k belongs to channel (k / inner) % channels.
+// y[o, c, i] += b[c]: element k belongs to channel (k / inner) % channels, by two FastDivs.
 template <typename T>
 __device__ void bias_add_impl(T* y, const T* b, int channels, int inner, int n) {
-    GRID_STRIDE(k, n) y[k] += b[(k / inner) % channels];
+    const FastDiv per_inner(max(inner, 1)), per_channels(max(channels, 1));  // (n = 0 if either is 0)
+    GRID_STRIDE(k, n) {
+        const int q = per_inner.div((int)k);
+        y[k] += b[q - per_channels.div(q) * channels];
+    }
 }
 // db[c] += Σ_{o, i} dy[o, c, i], over the whole GPU in two stages. Stage 1 (`bias_bwd`, a
 // grid of (chunks, channels) blocks, common.cuh's ChunkWalk) writes chunk k's sum of channel c

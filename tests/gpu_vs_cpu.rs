@@ -1072,6 +1072,15 @@ fn the_suite_catches_broken_kernels() {
         "elementwise_and_reductions_match_cpu",
         &["illegal memory access", "past the end"],
     );
+    // A gather whose row is found for the next element: a row's last element is taken from
+    // the next row's start (the FastDiv row index of the u8 gather).
+    let u8_row = "const int r = rows.div((int)i), e = (int)i - r * row_len;\n        dst[i] = T(src[";
+    plants.source(
+        ("gather-row", "elementwise.cu", u8_row, &u8_row.replace("rows.div((int)i)", "rows.div((int)i + 1)")),
+        "a gather's row index one element ahead",
+        "gather_rows_u8_matches_cpu",
+        &["gather_rows_u8_f32"],
+    );
     // A launch one block short (the emulated driver drops the grid's last column of blocks).
     plants.check(
         "a GEMM launch one block short",
