@@ -8,12 +8,12 @@
 //! it. Device memory is host memory (each allocation between guard pages, filled with NaN), the
 //! stream runs each call before returning, events read the clock. The CUBIN that NVRTC compiled
 //! is parsed for its kernel names, and each name resolves to a host build of the same program
-//! text NVRTC saw (made when the backend first loads that file) (`compile::program_source`: contract, common.cuh, declarations, the file),
-//! compiled with `kernels/emu/runtime.h` in front, which maps `threadIdx`, `__shared__`,
-//! `__syncthreads` and friends onto fibers: a block's threads run one after another on one CPU
-//! thread, each until its next barrier, in an order the tests choose (forward, reverse or
-//! shuffled), so a missing barrier changes the result. Blocks run in parallel on the CPU's
-//! cores. An access outside an allocation hits a guard page and the launch fails with the
+//! text NVRTC saw (`compile::program_source`: contract, common.cuh, declarations, the file;
+//! built when the backend first loads that file), compiled with `kernels/emu/runtime.h` in
+//! front, which maps `threadIdx`, `__shared__`, `__syncthreads` and friends onto fibers: a
+//! block's threads run one after another on one CPU thread, each until its next barrier, in
+//! an order the tests choose (forward, reverse or shuffled), so a missing barrier changes the
+//! result. Blocks run in parallel on the CPU's cores. An access outside an allocation hits a guard page and the launch fails with the
 //! kernel's name, block and thread. See `kernels/README.md` for what it cannot show.
 //!
 //! The built libraries are cached under the kernel cache folder (`compile::cache_dir`), keyed
@@ -126,15 +126,19 @@ pub fn load_kernel_file(file: &'static KernelFile) -> Result<(), GpuError> {
         Some(Ok(lib)) => lib,
         _ => return Err(GpuError::Unavailable("the emulated device is not installed".into())),
     };
-    // Held while building, so two backends opening the same file build it once.
-    let mut registered = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
-    if registered.contains(&file.name) {
+    let registered = || REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if registered().contains(&file.name) {
         return Ok(());
     }
+    // Built without holding the list, so `load_all_kernels` builds files side by side; two
+    // threads that need the same file meet at its cache entry's lock and build it once.
     let dir = compile::cache_dir().unwrap_or_else(std::env::temp_dir).join("emu");
     let module = build_module(&compiler()?, &dir, file)?;
-    register(lib, &[module])?;
-    registered.push(file.name);
+    let mut list = registered();
+    if !list.contains(&file.name) {
+        register(lib, &[module])?;
+        list.push(file.name);
+    }
     Ok(())
 }
 

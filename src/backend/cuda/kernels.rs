@@ -7,7 +7,8 @@
 //!   the emulated device's host build use it).
 //!
 //! A kernel is looked up by name once, at its first launch, into a slot indexed by [`Kernel`];
-//! later launches look nothing up. The launch geometry helpers (`cfg_1d`, `cfg_tiles`, `split_k`) live here too.
+//! later launches look nothing up. The launch geometry helpers (`cfg_1d`, `cfg_tiles`,
+//! `split_k`) live here too.
 
 use std::fmt::Write;
 use std::sync::{Arc, OnceLock};
