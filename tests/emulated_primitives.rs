@@ -1011,6 +1011,17 @@ fn graphs_capture_replay_and_refuse_what_a_gpu_refuses() {
         let e = format!("{:?}", ended.expect_err(what));
         assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"), "{what}: {e}");
     }
+    // A thread-local capture (what the backend uses) refuses only the capturing thread's
+    // unsafe calls: another thread allocates meanwhile, as on a GPU.
+    let other_stream = ctx.new_stream().unwrap();
+    s.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let other = std::thread::scope(|t| t.spawn(|| other_stream.alloc_zeros::<f32>(4).map(drop)).join().unwrap());
+    let own = s.alloc_zeros::<f32>(4).map(drop);
+    let ended = s.end_capture(Flags(0)).map(|g| g.is_some());
+    other.expect("another thread's allocation during a thread-local capture");
+    let e = format!("{:?}", own.expect_err("the capturing thread's allocation"));
+    assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"), "{e}");
+    assert!(ended.is_err(), "a thread-local capture after a refused call must be invalidated");
     let e = format!("{:?}", default.begin_capture(Mode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap_err());
     assert!(e.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED") && e.contains("NULL stream"), "{e}");
 }

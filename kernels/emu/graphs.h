@@ -30,6 +30,7 @@ struct GraphExec {
 
 struct Capture {
     int mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+    std::thread::id thread;  // the thread that began it (THREAD_LOCAL restricts that one only)
     bool invalidated = false;
     Graph graph;
 };
@@ -52,11 +53,18 @@ bool capturing(void* stream) {
     return stream && captures.count(stream);
 }
 
-// Any capture that forbids "unsafe" calls (allocations, context synchronization) now.
+// Whether capture `c` forbids this thread "unsafe" calls (allocations, context
+// synchronization): a GLOBAL one forbids every thread, a THREAD_LOCAL one the thread that
+// began it, a RELAXED one none. Called with mu held.
+bool strict_for_this_thread(const Capture& c) {
+    return c.mode == 0 || (c.mode == 1 && c.thread == std::this_thread::get_id());
+}
+
+// Any capture that forbids this thread "unsafe" calls now.
 bool strict_capture_active() {
     std::lock_guard<std::mutex> g(mu);
     for (auto& [s, c] : captures)
-        if (c.mode != 2) return true;
+        if (strict_for_this_thread(c)) return true;
     return false;
 }
 
@@ -65,7 +73,7 @@ bool strict_capture_active() {
 CUresult refuse_in_capture(void* stream, CUresult code, const char* what) {
     std::lock_guard<std::mutex> g(mu);
     for (auto& [s, c] : captures) {
-        if (stream ? s == stream : c.mode != 2) c.invalidated = true;
+        if (stream ? s == stream : strict_for_this_thread(c)) c.invalidated = true;
     }
     last_message[code] = std::string(what) + " is not allowed while a stream is being captured into a CUDA graph (it "
                                              "would be refused on a GPU too); the capture is invalidated";
@@ -125,6 +133,7 @@ EXPORT CUresult cuStreamBeginCapture_v2(void* stream, int mode) {
     }
     Capture c;
     c.mode = mode;
+    c.thread = std::this_thread::get_id();
     captures.emplace(stream, std::move(c));
     return CUDA_SUCCESS;
 }
@@ -166,7 +175,13 @@ EXPORT CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned l
 EXPORT CUresult cuGraphLaunch(void* exec, void* stream) {
     if (CUresult s = check_sticky()) return s;
     if (capturing(stream)) return fail(CUDA_ERROR_NOT_SUPPORTED, "launching a graph into a capture is not modelled");
-    for (GraphNode& n : ((GraphExec*)exec)->nodes) {
+    std::vector<GraphNode>& nodes = ((GraphExec*)exec)->nodes;
+    // VAECUDA_EMU_MUTATE=graph-drop-last replays every node but the last: a planted bug that
+    // the graph-against-eager tests must catch.
+    const char* m = getenv("VAECUDA_EMU_MUTATE");
+    const size_t count = nodes.size() - (m && !strcmp(m, "graph-drop-last") && !nodes.empty() ? 1 : 0);
+    for (size_t i = 0; i < count; ++i) {
+        GraphNode& n = nodes[i];
         CUresult r = CUDA_SUCCESS;
         if (n.kind == NODE_KERNEL) {
             std::vector<void*> params;
