@@ -20,6 +20,7 @@ const BATCH: usize = 128;
 fn bench_backend<B: Backend + Send + Sync>(c: &mut Criterion, backend: B, label: &str)
 where
     B::Buf: Send + Sync,
+    B::Graph: Send,
 {
     let mut group = c.benchmark_group(format!("train_step/{label}"));
     group.throughput(Throughput::Elements(BATCH as u64));

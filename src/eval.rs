@@ -171,14 +171,21 @@ pub fn evaluate<B: Backend>(
     // The noise of the whole pass in one draw, image i's at rows i: each image gets the same
     // noise whatever the batch size, so `vae eval` repeats the test loss training printed.
     let all = normals(be, &mut NoiseStream::new(seed), &[data.len, z]);
+    // Every full batch after the second replays one CUDA graph (see `crate::graph`).
+    let mut graphs = crate::graph::Replayer::default();
     for idx in data.epoch_batches(batch, None) {
         let x = data.batch(be, &idx);
         let mut eps = Tensor { shape: vec![idx.len(), z], buf: be.empty(idx.len() * z) };
         be.gather_rows(&all.buf, z, &idx, &mut eps.buf);
-        let mut tape = Tape::no_grad(be, store);
-        let (xv, ev) = (tape.input(x), tape.input(eps));
-        let l = vae.loss(&mut tape, xv, ev, objective, kl_weight);
-        sums.add(objective, idx.len(), image_len, z, crate::train::read_loss(&tape, l));
+        let key = crate::graph::Key::new("evaluate", &[&x.shape, &eps.shape], &[kl_weight]);
+        let packed = graphs.run(
+            be,
+            key,
+            vec![x, eps],
+            || (),
+            |inputs| crate::train::evaluate_batch(be, vae, store, objective, kl_weight, inputs),
+        );
+        sums.add(objective, idx.len(), image_len, z, crate::train::unpack_loss::<B>(&packed));
     }
     sums
 }

@@ -54,6 +54,7 @@ pub mod data;
 pub mod eval;
 pub mod failpoint;
 pub mod gradcheck;
+pub mod graph;
 pub mod image_out;
 pub mod model;
 pub mod nn;

@@ -60,11 +60,22 @@ impl<B: Backend> Adam<B> {
     /// `guard[0]` (the step's loss, on the device) is NaN or infinite: then nothing changes,
     /// decided on the device without waiting for the loss (one launch on CUDA). The step
     /// count advances either way; a caller that then reads a non-finite loss takes it back
-    /// (see [`crate::train::Trainer::step`]).
+    /// (see [`crate::train::Trainer::step`]). [`Adam::advance`] then [`Adam::apply`].
     pub fn step(&mut self, backend: &B, store: &mut ParamStore<B>, guard: &B::Buf) {
+        let s = self.advance();
+        self.apply(backend, store, guard, s);
+    }
+
+    /// Counts the next update and returns its constants (the bias corrections depend on the
+    /// count): the half of [`Adam::step`] that runs on the host, before a captured step.
+    pub fn advance(&mut self) -> AdamStep {
         self.step += 1;
         let c = self.config;
-        let s = AdamStep::new(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled, self.step);
+        AdamStep::new(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled, self.step)
+    }
+
+    /// Update `s` (from [`Adam::advance`]) on the device, guarded by `guard` as [`Adam::step`].
+    pub fn apply(&mut self, backend: &B, store: &mut ParamStore<B>, guard: &B::Buf, s: AdamStep) {
         let mut tensors: Vec<AdamTensor<'_, B>> = store
             .values
             .iter_mut()

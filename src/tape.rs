@@ -80,6 +80,17 @@ impl<B: Backend> ParamStore<B> {
     pub fn trainable_count(&self) -> usize {
         (0..self.len()).filter(|&i| self.trainable[i]).map(|i| self.values[i].numel()).sum()
     }
+    /// Gives every trainable entry without a gradient a zeroed one, so that every step, the
+    /// first included, zeroes and updates the same buffers (what a step captured as a CUDA
+    /// graph needs: its first, eager, run then leaves nothing new for the capture to upload).
+    pub fn create_grads(&mut self, backend: &B) {
+        for i in 0..self.len() {
+            if self.trainable[i] && self.grads[i].is_none() {
+                let shape = self.values[i].shape.clone();
+                self.grads[i] = Some(Tensor { buf: backend.zeros(numel(&shape)), shape });
+            }
+        }
+    }
     /// Sets every existing gradient to zero (buffers are kept, so a step allocates nothing).
     pub fn zero_grads(&mut self, backend: &B) {
         let mut bufs: Vec<&mut B::Buf> = self.grads.iter_mut().flatten().map(|g| &mut g.buf).collect();
@@ -207,6 +218,14 @@ impl<'p, B: Backend> Tape<'p, B> {
         Var::Value(self.values.len() - 1)
     }
 
+    /// Moves recorded value `v` out of the tape, leaving an empty tensor in its place: for a
+    /// caller that keeps an input's buffer after the tape is gone (a captured graph reads its
+    /// inputs there on every replay). Call it last: nothing may read `v` afterwards.
+    pub fn take_value(&mut self, v: Var) -> Tensor<B> {
+        let Var::Value(i) = v else { panic!("take_value takes a recorded value, not a parameter") };
+        std::mem::replace(&mut self.values[i], Tensor { shape: vec![0], buf: self.backend.empty(0) })
+    }
+
     /// The tensor `v` names: a recorded value or a parameter.
     pub fn value(&self, v: Var) -> &Tensor<B> {
         match v {
@@ -312,7 +331,11 @@ impl<'p, B: Backend> Tape<'p, B> {
         let Var::Value(li) = loss else { panic!("backward needs a computed loss, not a parameter") };
         assert_eq!(numel(&self.values[li].shape), 1, "backward needs a scalar loss");
         assert!(self.needs_grad[li], "the loss does not depend on anything that needs a gradient");
-        self.grads[li] = Some(Tensor::from_host(&self.backend, &[1], &[B::E::of(1.0)]));
+        // d loss / d loss = 1, filled on the device: a copy from the host could not be part
+        // of a step captured as a CUDA graph.
+        let mut seed = Tensor { shape: vec![1], buf: self.backend.empty(1) };
+        self.backend.fill(&mut seed.buf, B::E::of(1.0));
+        self.grads[li] = Some(seed);
         let nodes = std::mem::take(&mut self.nodes);
         let mut ctx = BackwardCtx {
             backend: &self.backend,

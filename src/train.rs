@@ -2,6 +2,7 @@
 //! the tests all drive. Epoch loops, progress bars and checkpoints live in the CLI.
 
 use crate::backend::Backend;
+use crate::graph::{Key, Replayer};
 use crate::nn::{ModelConfig, Vae};
 use crate::optim::{Adam, AdamConfig};
 use crate::rng::NoiseStream;
@@ -122,6 +123,8 @@ pub struct Trainer<B: Backend> {
     pub loss: LossConfig,
     /// The reparameterization noise: a counter-based stream the backend draws from in place.
     pub noise: NoiseStream,
+    /// Steps captured as graphs, replayed while their shape and KL weight repeat (CUDA).
+    graphs: Replayer<B>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -130,8 +133,10 @@ impl<B: Backend> Trainer<B> {
     pub fn new(backend: B, config: ModelConfig, loss: LossConfig, adam: AdamConfig, seed: u64) -> Self {
         let mut store = ParamStore::default();
         let model = Vae::new(config, &mut store, &backend, seed);
+        store.create_grads(&backend);
         let adam = Adam::new(adam, &backend, &store);
-        Trainer { backend, model, store, adam, loss, noise: NoiseStream::new(seed ^ 0x05EE_D0FA_015E) }
+        let noise = NoiseStream::new(seed ^ 0x05EE_D0FA_015E);
+        Trainer { backend, model, store, adam, loss, noise, graphs: Replayer::default() }
     }
 
     /// Standard-normal noise [n, z] for the reparameterization: the stream's next draw,
@@ -157,19 +162,27 @@ impl<B: Backend> Trainer<B> {
         eps: Tensor<B>,
         kl_weight: f64,
     ) -> Result<BatchLoss, NonFiniteLoss> {
-        self.store.zero_grads(&self.backend);
-        // The loss is not looked at inside the step: Adam skips a non-finite one on the
-        // device, and the host reads the three scalars once, after the step.
-        let losses = {
-            let mut tape = Tape::new(&self.backend, &mut self.store, true);
-            let (xv, ev) = (tape.input(x), tape.input(eps));
-            let l = self.model.loss(&mut tape, xv, ev, &self.loss, kl_weight);
-            let losses = pack_loss(&tape, l);
-            tape.backward(l.loss);
-            losses
-        };
-        self.adam.step(&self.backend, &mut self.store, &losses);
-        let stats = read_packed_loss(&self.backend, &losses);
+        let key = Key::new("train", &[&x.shape, &eps.shape], &[kl_weight]);
+        let s = self.adam.advance();
+        let Trainer { backend, model, store, adam, loss, graphs, .. } = self;
+        let stage = || backend.stage_adam(s);
+        let packed = graphs.run(backend, key, vec![x, eps], stage, |inputs| {
+            let [x, eps] = <[Tensor<B>; 2]>::try_from(inputs).ok().expect("x and eps");
+            store.zero_grads(backend);
+            // The loss is not looked at inside the step: Adam skips a non-finite one on the
+            // device, and the host reads the three scalars once, after the step.
+            let (losses, inputs) = {
+                let mut tape = Tape::new(backend, store, true);
+                let (xv, ev) = (tape.input(x), tape.input(eps));
+                let l = model.loss(&mut tape, xv, ev, loss, kl_weight);
+                let losses = pack_loss(&tape, l);
+                tape.backward(l.loss);
+                (losses, vec![tape.take_value(xv), tape.take_value(ev)])
+            };
+            adam.apply(backend, store, &losses, s);
+            (losses, inputs)
+        });
+        let stats = unpack_loss::<B>(&packed);
         if !stats.loss.is_finite() {
             // Not applied (see `Adam::step`): the count goes back to the last applied step.
             self.adam.step -= 1;
@@ -181,13 +194,36 @@ impl<B: Backend> Trainer<B> {
     /// The loss of a batch in eval mode (batch norm on running statistics), recording
     /// nothing, with the KL weighted by `kl_weight`.
     pub fn evaluate(&mut self, x: Tensor<B>, kl_weight: f64) -> BatchLoss {
-        let n = x.shape[0];
-        let eps = self.draw_noise(n);
-        let mut tape = Tape::no_grad(&self.backend, &mut self.store);
-        let (xv, ev) = (tape.input(x), tape.input(eps));
-        let l = self.model.loss(&mut tape, xv, ev, &self.loss, kl_weight);
-        read_loss(&tape, l)
+        let eps = self.draw_noise(x.shape[0]);
+        let key = Key::new("evaluate", &[&x.shape, &eps.shape], &[kl_weight]);
+        let Trainer { backend, model, store, loss, graphs, .. } = self;
+        let packed = graphs.run(
+            backend,
+            key,
+            vec![x, eps],
+            || (),
+            |inputs| evaluate_batch(backend, model, store, loss, kl_weight, inputs),
+        );
+        unpack_loss::<B>(&packed)
     }
+}
+
+/// The loss of one batch, `inputs` = [x, eps], in eval mode, packed as [`pack_loss`]; the
+/// inputs handed back (the work of a [`Replayer::run`]).
+pub(crate) fn evaluate_batch<B: Backend>(
+    be: &B,
+    model: &Vae,
+    store: &mut ParamStore<B>,
+    objective: &LossConfig,
+    kl_weight: f64,
+    inputs: Vec<Tensor<B>>,
+) -> crate::graph::Ran<B> {
+    let [x, eps] = <[Tensor<B>; 2]>::try_from(inputs).ok().expect("x and eps");
+    let mut tape = Tape::no_grad(be, store);
+    let (xv, ev) = (tape.input(x), tape.input(eps));
+    let l = model.loss(&mut tape, xv, ev, objective, kl_weight);
+    let packed = pack_loss(&tape, l);
+    (packed, vec![tape.take_value(xv), tape.take_value(ev)])
 }
 
 /// What a training step at some batch size will take, measured on one image.
@@ -239,13 +275,7 @@ pub(crate) fn pack_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> B:
     out
 }
 
-/// The packed scalars of [`pack_loss`] on the host: the one read that waits for the device.
-pub(crate) fn read_packed_loss<B: Backend>(be: &B, packed: &B::Buf) -> BatchLoss {
-    let v = be.download(packed);
+/// [`pack_loss`]'s three scalars, read back.
+pub(crate) fn unpack_loss<B: Backend>(v: &[B::E]) -> BatchLoss {
     BatchLoss { loss: v[0].f64(), recon: v[1].f64(), kl: v[2].f64() }
-}
-
-/// The three scalars of a loss on the host, in one read.
-pub(crate) fn read_loss<B: Backend>(tape: &Tape<B>, l: crate::nn::VaeLoss) -> BatchLoss {
-    read_packed_loss(&tape.backend, &pack_loss(tape, l))
 }

@@ -737,8 +737,58 @@ fn conv_bn_training_step_matches_cpu() {
     training_step_matches(Arch::ConvBn);
 }
 
+/// Steps captured as CUDA graphs and replayed give the same bits as eager steps: losses,
+/// weights, Adam moments and batch-norm running statistics, through a capture, replays with new
+/// batches and noise (copied into the graph's inputs) and new Adam constants (staged before
+/// each replay), a batch of another size and a step with another KL weight (both eager) and a
+/// return to the captured shape; and evaluation batches likewise.
+#[test]
+fn graph_steps_equal_eager_steps() {
+    use vaecuda::backend::cuda::trace::{record, EventKind};
+    let Some(gpu) = gpu32() else { return };
+    // Conv-bn covers every kind of step kernel (convolutions, batch norm and its running
+    // statistics, split-K, reductions); at a quarter of its width the emulated device runs it
+    // fast, and graphs do not depend on widths.
+    let mut config = ModelConfig::mnist(Arch::ConvBn);
+    config.hiddens = config.hiddens.iter().map(|w| w / 4).collect();
+    // (batch, KL weight) of each step: 1 eager, 2 captured, 3-4 replayed, 5 and 7 eager.
+    let steps = [(8, 1.0), (8, 1.0), (8, 1.0), (8, 1.0), (5, 1.0), (8, 1.0), (8, 0.5)];
+    let run = |graphs: bool| {
+        let be = gpu.with_graphs(graphs);
+        let mut t = Trainer::new(be.clone(), config.clone(), LossConfig::default(), AdamConfig::default(), 11);
+        let (mut losses, mut evals) = (vec![], vec![]);
+        let ((), events) = record(|| {
+            for (i, &(n, kl)) in steps.iter().enumerate() {
+                let l = t.step(batch(&be, 40 + i as u64, n), kl).expect("a finite loss");
+                losses.push([l.loss, l.recon, l.kl].map(f64::to_bits));
+            }
+            for i in 0..3 {
+                let l = t.evaluate(batch(&be, 60 + i, 8), 1.0);
+                evals.push([l.loss, l.recon, l.kl].map(f64::to_bits));
+            }
+        });
+        let replays = events.iter().filter(|e| e.kind == EventKind::GraphLaunch).count();
+        let bits = |b: &CudaBuf<f32>| be.download(b).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut state: Vec<Vec<u32>> = t.store.values.iter().map(|v| bits(&v.buf)).collect();
+        state.extend(t.adam.m.iter().chain(&t.adam.v).flatten().map(bits));
+        (losses, evals, state, replays)
+    };
+    let (eager, graph) = (run(false), run(true));
+    assert_eq!(eager.3, 0, "graphs were replayed with graphs off");
+    // Training: the capture (run once after it) and 3 replays; evaluation: the same, 1 replay.
+    assert_eq!(graph.3, 6, "replays of captured graphs");
+    for (i, (e, g)) in eager.0.iter().zip(&graph.0).enumerate() {
+        assert_eq!(e, g, "step {}: losses (loss, recon, kl bits) differ, eager vs graph", i + 1);
+    }
+    assert_eq!(eager.1, graph.1, "evaluation losses differ, eager vs graph");
+    for (i, (e, g)) in eager.2.iter().zip(&graph.2).enumerate() {
+        assert!(e == g, "weights, moments or running statistics differ after the run, tensor {i}");
+    }
+}
+
 /// Two seeded runs of a few steps are bitwise identical (no atomics, fixed reduction orders),
-/// and once two steps have run, the memory pool makes no new device allocation.
+/// and once three steps have run (the second captures a graph, which keeps its own memory),
+/// the memory pool makes no new device allocation.
 #[test]
 fn seeded_gpu_runs_are_bitwise_identical() {
     let Some(gpu) = gpu32() else { return };
@@ -748,7 +798,7 @@ fn seeded_gpu_runs_are_bitwise_identical() {
                 Trainer::new(gpu.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 3);
             let mut losses = vec![];
             let mut allocs = vec![];
-            for s in 0..3 {
+            for s in 0..4 {
                 // Batches of 8: the property is the same at any size, and on the emulated
                 // device the conv-bn steps cost in proportion to it.
                 losses.push(t.step(batch(&gpu, 100 + s, 8), 1.0).expect("finite loss").loss.to_bits());
@@ -762,7 +812,7 @@ fn seeded_gpu_runs_are_bitwise_identical() {
         let (l2, w2, _) = run();
         assert_eq!(l1, l2, "{arch:?}: losses differ between seeded runs");
         assert!(w1 == w2, "{arch:?}: weights differ between seeded runs");
-        assert_eq!(a1[1], a1[2], "{arch:?}: device allocations after the second step: {a1:?}");
+        assert_eq!(a1[2], a1[3], "{arch:?}: device allocations after the third step: {a1:?}");
     }
 }
 
@@ -1174,6 +1224,13 @@ fn the_suite_catches_broken_step_kernels() {
             &[expect],
         );
     }
+    // A graph replay that leaves out its last node (the step's Adam launch).
+    plants.check(
+        "a CUDA graph replayed without its last node",
+        "graph_steps_equal_eager_steps",
+        &[("VAECUDA_EMU_MUTATE", "graph-drop-last")],
+        &["eager vs graph"],
+    );
     plants.finish();
 }
 

@@ -78,6 +78,7 @@ impl<E: Float> Backend for Cpu<E> {
     type E = E;
     type Buf = Vec<E>;
     type Bytes = Arc<Vec<u8>>;
+    type Graph = ();
 
     fn describe(&self) -> String {
         let products = match self.precision {

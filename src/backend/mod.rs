@@ -57,6 +57,9 @@ pub trait Backend: Clone + 'static {
     /// only when a batch is gathered ([`Backend::gather_rows_u8`]), a quarter of the memory of
     /// f32 pixels.
     type Bytes: 'static;
+    /// A piece of device work recorded once and replayed ([`Backend::end_capture`]), with the
+    /// memory its nodes point into; `()` on backends without graphs.
+    type Graph: 'static;
 
     /// One line naming the device, for logs.
     fn describe(&self) -> String;
@@ -268,6 +271,32 @@ pub trait Backend: Clone + 'static {
         let v: Vec<Self::E> = parts.iter().map(|p| self.download(p)[0]).collect();
         *out = self.upload(&v);
     }
+
+    // ---- graphs: a step recorded once and replayed (see `crate::graph`) ----
+
+    /// Whether this backend records repeated steps as graphs (CUDA, unless `--no-graph`).
+    /// The methods below are called only when it does.
+    fn graphs(&self) -> bool {
+        false
+    }
+    /// Starts recording: until [`Backend::end_capture`], work is recorded, not run, and every
+    /// buffer comes from memory the graph will own. Nothing may be copied from or to the host
+    /// meanwhile, and nothing allocated that the step's eager run did not.
+    fn begin_capture(&self) {
+        unreachable!("{} records no graphs", self.describe())
+    }
+    /// Ends the recording begun by [`Backend::begin_capture`].
+    fn end_capture(&self) -> Self::Graph {
+        unreachable!("{} records no graphs", self.describe())
+    }
+    /// Runs a recorded graph once, on the buffers it was recorded with.
+    fn replay(&self, _graph: &Self::Graph) {
+        unreachable!("{} records no graphs", self.describe())
+    }
+    /// Puts the constants of Adam step `s` where [`Backend::adam_step_all`] reads them, before
+    /// a step that is captured or replayed (which cannot copy from the host); an eager
+    /// `adam_step_all` does this itself. No-op where the constants travel by value.
+    fn stage_adam(&self, _s: AdamStep) {}
 }
 
 /// The operands of one parameter tensor's Adam update (see [`Backend::adam_step_all`]).

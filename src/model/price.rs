@@ -242,6 +242,9 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 host += m.host_issue_s;
             }
             EventKind::Synchronize => syncs += 1,
+            EventKind::GraphLaunch => {
+                panic!("the model prices eager traces; this one replays a CUDA graph (trace with graphs off)")
+            }
         }
     }
     let waits = syncs as f64 * m.sync_s;

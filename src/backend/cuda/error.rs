@@ -33,6 +33,9 @@ pub enum GpuError {
         /// The device's total memory.
         total_bytes: u64,
     },
+    /// Capturing a step as a CUDA graph failed: a bug in vaecuda (the step did something a
+    /// graph cannot hold); `--no-graph` runs the step eagerly instead.
+    Graph(String),
 }
 
 impl GpuError {
@@ -57,6 +60,11 @@ impl fmt::Display for GpuError {
                 crate::backend::human_bytes(*requested_bytes),
                 crate::backend::human_bytes(*free_bytes),
                 crate::backend::human_bytes(*total_bytes)
+            ),
+            GpuError::Graph(why) => write!(
+                f,
+                "capturing the step as a CUDA graph failed ({why}); this is a bug in vaecuda: \
+                 --no-graph runs without graphs"
             ),
         }
     }

@@ -39,6 +39,7 @@ pub use device::{open, probe, GpuInfo};
 pub use error::GpuError;
 pub use pool::{CudaBuf, CudaBytes};
 
+use crate::backend::AdamStep;
 use crate::tensor::Float;
 use kernels::Launcher;
 use pool::Pool;
@@ -61,9 +62,14 @@ struct Inner<E: CudaFloat> {
     /// first time a set of buffers is seen, then found here (a model's parameters, gradients
     /// and moments live as long as the model, so after the first steps every lookup hits and
     /// a step copies nothing to the device for them).
-    tables: Mutex<HashMap<Vec<u64>, CudaSlice<u64>>>,
-    /// The constants of the current Adam step, which `adam_multi` reads from device memory.
-    adam_args: Mutex<Option<CudaSlice<contract::AdamArgs<E>>>>,
+    /// Shared (`Arc`) so that a graph whose nodes point at a table keeps it alive.
+    tables: Mutex<HashMap<Vec<u64>, Arc<CudaSlice<u64>>>>,
+    /// The constants of the Adam step staged last, which `adam_multi` reads from device
+    /// memory (allocated once, so its address is the same in every captured graph), and the
+    /// step they are for.
+    adam_args: Mutex<Option<(CudaSlice<contract::AdamArgs<E>>, AdamStep)>>,
+    /// While a graph is captured: the tables its nodes use, for the graph to hold.
+    capture: Mutex<Option<Vec<Arc<CudaSlice<u64>>>>>,
     info: GpuInfo,
 }
 
@@ -74,13 +80,31 @@ pub struct Cuda<E: CudaFloat> {
     /// The precision of the matrix products (`--precision`): f32 runs the FMA tile engine,
     /// TF32 and BF16 the tensor-core kernels (f32 backends only).
     precision: crate::backend::Precision,
+    /// Whether repeated steps are captured as CUDA graphs and replayed (`--no-graph` turns it
+    /// off); see `crate::graph`.
+    graphs: bool,
 }
 
 impl<E: CudaFloat> Clone for Cuda<E> {
     fn clone(&self) -> Self {
-        Cuda { inner: self.inner.clone(), precision: self.precision }
+        Cuda { inner: self.inner.clone(), precision: self.precision, graphs: self.graphs }
     }
 }
+
+/// A training or evaluation step captured once and replayed ([`crate::graph`]): the CUDA
+/// graph and everything its nodes point into. Fields drop in order: the graph first, then
+/// the memory.
+pub struct CudaStepGraph<E: CudaFloat> {
+    graph: cudarc::driver::CudaGraph,
+    _memory: pool::PrivateMemory<E>,
+    _scratch: pool::PrivateMemory<f64>,
+    _tables: Vec<Arc<CudaSlice<u64>>>,
+}
+
+// SAFETY: the driver lets a graph be used from any thread provided calls on it are not made
+// concurrently ("Graph object thread safety", CUDA driver API). Send only moves ownership
+// (a trainer stepping on a rayon worker); without Sync no two threads share one.
+unsafe impl<E: CudaFloat> Send for CudaStepGraph<E> {}
 
 /// Compiles `file` for `arch` (or reads its CUBIN from the disk cache) and loads it into
 /// `ctx`; on the emulated device, the file's host build is made and registered first.
@@ -145,9 +169,10 @@ impl<E: CudaFloat> Cuda<E> {
             idx: Mutex::new(None),
             tables: Mutex::new(HashMap::new()),
             adam_args: Mutex::new(None),
+            capture: Mutex::new(None),
             info,
         };
-        Ok(Cuda { inner: Arc::new(inner), precision: crate::backend::Precision::F32 })
+        Ok(Cuda { inner: Arc::new(inner), precision: crate::backend::Precision::F32, graphs: true })
     }
 
     /// Compiles (or loads from the disk cache) and loads every kernel file now, instead of on
@@ -171,7 +196,14 @@ impl<E: CudaFloat> Cuda<E> {
             precision == crate::backend::Precision::F32 || std::mem::size_of::<E>() == 4,
             "tensor-core precisions are for f32 backends"
         );
-        Cuda { inner: self.inner.clone(), precision }
+        Cuda { inner: self.inner.clone(), precision, graphs: self.graphs }
+    }
+
+    /// This backend with CUDA graphs on (the default) or off (`--no-graph`: every step runs
+    /// eagerly, one launch at a time, which is what a debugger or a profiler wants). Shares the
+    /// device with `self`.
+    pub fn with_graphs(&self, graphs: bool) -> Self {
+        Cuda { inner: self.inner.clone(), precision: self.precision, graphs }
     }
 
     /// The GPU this backend runs on, as probed when it was opened.

@@ -12,9 +12,9 @@ use super::kernels::{
     cfg_1d, cfg_blocks, cfg_channel_chunks, cfg_tiles, channel_chunks, choose_tile, conv_phases, reduce_blocks,
     split_k, Tile, TILES,
 };
-use super::pool::{alloc_error, CudaBuf, CudaBytes};
+use super::pool::{alloc_error, CudaBuf, CudaBytes, PrivateMemory};
 use super::trace::{self, CopyDir, EventKind};
-use super::{Cuda, CudaFloat};
+use super::{Cuda, CudaFloat, CudaStepGraph, GpuError};
 use crate::backend::{AdamTensor, Backend, Precision, Recon};
 use crate::ops::adam::AdamStep;
 use crate::ops::batch_norm::BatchNormDims;
@@ -112,6 +112,14 @@ fn present_mut<E: CudaFloat>(o: Option<&mut CudaBuf<E>>) -> Option<&mut CudaSlic
 }
 
 impl<E: CudaFloat> Cuda<E> {
+    /// Leaves capture mode (the pools' private lists, the kept tables) and returns what a
+    /// graph recorded meanwhile must hold.
+    #[allow(clippy::type_complexity)]
+    fn finish_capture(&self) -> (PrivateMemory<E>, PrivateMemory<f64>, Vec<std::sync::Arc<CudaSlice<u64>>>) {
+        let tables = self.inner.capture.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        (self.inner.pool.end_private(), self.inner.scratch.end_private(), tables)
+    }
+
     /// The tile shapes the matrix products may use at this backend's precision: the
     /// tensor-core kernels come in 64 × 64 only.
     fn tiles(&self) -> &'static [Tile] {
@@ -156,7 +164,10 @@ impl<E: CudaFloat> Cuda<E> {
         let mut tables = self.inner.tables.lock().unwrap_or_else(|p| p.into_inner());
         // Tables of buffers long gone would pile up in a process that builds many models (the
         // tests); dropping them is stream-ordered, after any launch still reading them.
-        if !tables.contains_key(&words) && tables.len() >= 64 {
+        // (Not while a graph is captured: freeing memory would be recorded into it. Tables a
+        // graph uses stay alive through the graph's own references.)
+        let capturing = self.inner.capture.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if !tables.contains_key(&words) && tables.len() >= 64 && !capturing {
             tables.clear();
         }
         let table = match tables.entry(words) {
@@ -165,9 +176,13 @@ impl<E: CudaFloat> Cuda<E> {
                 let bytes = (e.key().len() * 8) as u64;
                 trace::push(|| EventKind::Copy { dir: CopyDir::HostToDevice, bytes });
                 let t = self.check(self.inner.stream.clone_htod(e.key()), "copying a tensor table to the GPU");
-                e.insert(t)
+                e.insert(std::sync::Arc::new(t))
             }
         };
+        // A graph being captured points at this table: it holds it from now on.
+        if let Some(kept) = self.inner.capture.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            kept.push(table.clone());
+        }
         launch(table)
     }
 
@@ -239,6 +254,7 @@ impl<E: CudaFloat> Backend for Cuda<E> {
     type E = E;
     type Buf = CudaBuf<E>;
     type Bytes = CudaBytes;
+    type Graph = CudaStepGraph<E>;
 
     fn describe(&self) -> String {
         let g = &self.inner.info;
@@ -873,21 +889,15 @@ impl<E: CudaFloat> Backend for Cuda<E> {
         }
         debug_assert_eq!(words.len(), count * ADAM_TABLE_WORDS);
         assert!(!guard.is_empty(), "adam_step_all: no loss to guard the step with");
-        // The step's constants (they change every step through the bias corrections) go to
-        // device memory, so the launch itself is the same every step.
-        let mut args = self.inner.adam_args.lock().unwrap_or_else(|p| p.into_inner());
-        if args.is_none() {
-            // SAFETY: written by the copy below before the kernel reads it.
-            let a = unsafe { self.inner.stream.alloc::<AdamArgs<E>>(1) };
-            *args = Some(self.check(a, "allocating the Adam constants"));
+        let staged = self.inner.adam_args.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|a| a.1);
+        if staged != Some(s) {
+            if self.inner.capture.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                GpuError::Graph("Adam's constants were not staged before the capture".into()).raise()
+            }
+            self.stage_adam(s);
         }
-        let dev_args = args.as_mut().expect("allocated above");
-        let host = [adam_args::<E>(s, elems)];
-        trace::push(|| EventKind::Copy {
-            dir: CopyDir::HostToDevice,
-            bytes: std::mem::size_of::<AdamArgs<E>>() as u64,
-        });
-        self.check(self.inner.stream.memcpy_htod(&host, dev_args), "copying the Adam constants to the GPU");
+        let args = self.inner.adam_args.lock().unwrap_or_else(|p| p.into_inner());
+        let dev_args = &args.as_ref().expect("staged above").0;
         self.with_table(words, |table| {
             let r = self.k().adam_multi(cfg_blocks(blocks), dev_args, table, int(count), int(elems), guard.s());
             self.launched(r, "adam_multi");
@@ -937,6 +947,63 @@ impl<E: CudaFloat> Backend for Cuda<E> {
             let r = self.inner.stream.memcpy_dtod(&p.s().slice(0..1), &mut out.sm().slice_mut(i..i + 1));
             self.check(r, "copying on the GPU");
         }
+    }
+
+    fn graphs(&self) -> bool {
+        self.graphs
+    }
+
+    fn begin_capture(&self) {
+        let _op = trace::op("begin_capture", String::new);
+        self.inner.pool.begin_private();
+        self.inner.scratch.begin_private();
+        *self.inner.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(vec![]);
+        // Thread-local: only this thread's unsafe calls (a host copy, an allocation, a
+        // synchronization) are refused meanwhile; other threads' streams carry on.
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        if let Err(e) = self.inner.stream.begin_capture(mode) {
+            drop(self.finish_capture());
+            GpuError::Graph(format!("beginning the capture: {e:?}")).raise()
+        }
+    }
+
+    fn end_capture(&self) -> CudaStepGraph<E> {
+        let _op = trace::op("end_capture", String::new);
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        let ended = self.inner.stream.end_capture(flags);
+        let (memory, scratch, tables) = self.finish_capture();
+        match ended {
+            Ok(Some(graph)) => CudaStepGraph { graph, _memory: memory, _scratch: scratch, _tables: tables },
+            Ok(None) => GpuError::Graph("the capture recorded nothing".into()).raise(),
+            // The call the capture refused raised its own error first; this is for the rest.
+            Err(e) => GpuError::Graph(format!("ending the capture: {e:?}")).raise(),
+        }
+    }
+
+    fn replay(&self, graph: &CudaStepGraph<E>) {
+        let _op = trace::op("replay", String::new);
+        trace::push(|| EventKind::GraphLaunch);
+        self.check(graph.graph.launch(), "launching a CUDA graph");
+    }
+
+    fn stage_adam(&self, s: AdamStep) {
+        let mut args = self.inner.adam_args.lock().unwrap_or_else(|p| p.into_inner());
+        if args.as_ref().is_some_and(|a| a.1 == s) {
+            return; // the device holds these constants already
+        }
+        let mut slice = match args.take() {
+            Some((slice, _)) => slice,
+            // SAFETY: written by the copy below before any kernel reads it.
+            None => self.check(unsafe { self.inner.stream.alloc::<AdamArgs<E>>(1) }, "allocating the Adam constants"),
+        };
+        // `n` is the per-tensor kernel's; adam_multi takes its element count as an argument.
+        let host = [adam_args::<E>(s, 0)];
+        trace::push(|| EventKind::Copy {
+            dir: CopyDir::HostToDevice,
+            bytes: std::mem::size_of::<AdamArgs<E>>() as u64,
+        });
+        self.check(self.inner.stream.memcpy_htod(&host, &mut slice), "copying the Adam constants to the GPU");
+        *args = Some((slice, s));
     }
 }
 

@@ -99,6 +99,9 @@ pub enum EventKind {
     },
     /// The host waited for the stream to finish.
     Synchronize,
+    /// A captured CUDA graph was replayed: its nodes are not traced again (trace a step with
+    /// graphs off to see them; the model prices eager traces).
+    GraphLaunch,
 }
 
 /// One recorded event, with the backend method it served.
