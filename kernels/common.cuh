@@ -269,10 +269,18 @@ struct FastDiv {
 // The same 64 × 64 tile, loaders and stores as tile_gemm, on `mma.sync`: operands are rounded
 // as they are staged in shared memory (TF32: cvt.rna, nearest, ties away; BF16: cvt.rn,
 // nearest even), exactly as the CPU backend rounds them at that precision, and the products
-// are accumulated in f32. The 8 warps of 256 threads form a 2 × 4 grid, each warp owning a
-// 32 × 16 block of C: 2 × 2 accumulator fragments of 16 × 8, 16 floats per thread as the
-// 4 × 4 micro-tile of the FP32 engine. Fragments follow the PTX ISA's tables (see
-// kernels/README.md, "Tensor cores"); g = lane / 4, t = lane % 4.
+// are accumulated in f32, over k in increasing order of k-slices. The 8 warps of 256 threads
+// form a 2 × 4 grid, each warp owning a 32 × 16 block of C: 2 × 2 accumulator fragments of
+// 16 × 8. Fragments follow the PTX ISA's tables (see kernels/README.md, "Tensor cores");
+// g = lane / 4, t = lane % 4.
+//
+// What the loop is shaped for: one warp instruction issues per clock per SM partition and an
+// mma keeps the tensor unit busy for a few clocks, so the tile runs at the share of its loop
+// that mma can fill (the H200 model prices it so, src/model/price.rs). Hence operands are
+// staged in fragment order (a lane's fragment is one LDS.128 or LDS.64, where element-wise
+// reads took 4 + 2 loads and packing), each thread stages a fixed set of elements whose shared
+// slots are computed once per block, and two buffers with a register prefetch overlap the
+// next tile's global loads with this tile's mma, one barrier per tile.
 //
 // NVRTC has no mma.h, so the instructions are inline PTX; on the emulated device
 // (VAECUDA_EMULATED) their host bodies.
@@ -315,26 +323,76 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsi
 }
 #endif
 
-// An operand as staged: TF32 bits, or the bf16 in the upper half.
+// Where a staged operand element goes in shared memory: in the order the warps read their
+// fragments, so a lane reads all of one fragment with one 16-byte (A) or 8-byte (B) load and a
+// warp's load covers consecutive bytes (no bank conflicts). A tile's 64 rows (of A) or columns
+// (of B) are 4 blocks of 16 rows or 8 blocks of 8 columns; a fragment of block i, k-slice s, is
+// 32 lanes × its registers, lane = 4·g + t.
+// TF32 (m16n8k8, words): A's register (row ≥ 8) + 2·(k ≥ 4) of lane (row % 8, k % 4), fragment
+// (s, i) at word ((s·4 + i)·32 + lane)·4; B's register (k ≥ 4) of lane (column % 8, k % 4),
+// fragment (s, j) at ((s·8 + j)·32 + lane)·2.
+// BF16 (m16n8k16, half-words; one k-slice of 16): register (row ≥ 8) + 2·(k ≥ 8) of lane
+// (row % 8, (k % 8) / 2) for A and register (k ≥ 8) of lane (column % 8, (k % 8) / 2) for B,
+// the even k in the low half (the lower-numbered element, as the PTX ISA packs them).
 template <int PREC>
-__device__ __forceinline__ unsigned stage_operand(float x) {
-    return PREC == PREC_TF32 ? cvt_tf32(x) : cvt_bf16_hi(x);
+__device__ __forceinline__ int tc_slot_a(int mm, int kk) {
+    const int i = mm >> 4, mr = mm & 15;
+    if (PREC == PREC_TF32) {
+        const int s = kk >> 3, kr = kk & 7;
+        const int lane = (mr & 7) * 4 + (kr & 3), reg = (mr >> 3) + 2 * (kr >> 2);
+        return ((s * 4 + i) * 32 + lane) * 4 + reg;
+    }
+    const int lane = (mr & 7) * 4 + ((kk & 7) >> 1), reg = (mr >> 3) + 2 * (kk >> 3);
+    return ((i * 32 + lane) * 4 + reg) * 2 + (kk & 1);
 }
-// Two staged bf16 packed into one register, the lower-numbered element (lo) in the low half.
-__device__ __forceinline__ unsigned pack_bf16(unsigned lo, unsigned hi) { return (hi & 0xffff0000u) | (lo >> 16); }
+template <int PREC>
+__device__ __forceinline__ int tc_slot_b(int kk, int nn) {
+    const int j = nn >> 3;
+    if (PREC == PREC_TF32) {
+        const int s = kk >> 3, kr = kk & 7;
+        const int lane = (nn & 7) * 4 + (kr & 3), reg = kr >> 2;
+        return ((s * 8 + j) * 32 + lane) * 2 + reg;
+    }
+    const int lane = (nn & 7) * 4 + ((kk & 7) >> 1), reg = kk >> 3;
+    return ((j * 32 + lane) * 2 + reg) * 2 + (kk & 1);
+}
 
-// Shared rows of the tensor-core tile: 64 + 8 words, so the fragment reads (lane (g, t) at
-// row t, column g) fall in 32 distinct banks (8t + g).
-#define TC_PITCH (TILE_M + 8)
+// The elements of a 64 × TILE_K operand tile that thread `tid` of 256 stages: element r at
+// (mn, kk). Along the contiguous index, so consecutive threads load consecutive addresses: a
+// k-fast operand's column tid % 16 of rows tid / 16 + 16·r, another's row tid % 64 of columns
+// tid / 64 + 4·r. Fixed per thread, so their shared slots are worked out once per block.
+template <bool K_FAST>
+struct TcStaging {
+    static constexpr int R = TILE_M * TILE_K / TILE_THREADS;
+    static __device__ __forceinline__ int mn(int tid, int r) {
+        return K_FAST ? tid / TILE_K + r * (TILE_THREADS / TILE_K) : tid % TILE_M;
+    }
+    static __device__ __forceinline__ int kk(int tid, int r) {
+        return K_FAST ? tid % TILE_K : tid / TILE_M + r * (TILE_THREADS / TILE_M);
+    }
+};
 
-template <int PREC, class LA, class LB, class ST>
-__device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
-                                              const ST& st) {
-    __shared__ unsigned As[TILE_K][TC_PITCH];
-    __shared__ unsigned Bs[TILE_K][TC_PITCH];
+// One staged operand value at shared slot `slot` of `buf`: a TF32 word, or a BF16 half-word.
+template <int PREC>
+__device__ __forceinline__ void tc_store(unsigned* buf, int slot, float x) {
+    if (PREC == PREC_TF32) buf[slot] = cvt_tf32(x);
+    else reinterpret_cast<unsigned short*>(buf)[slot] = (unsigned short)(cvt_bf16_hi(x) >> 16);
+}
+
+// Words of one staged operand tile: 64 × TILE_K TF32 words (BF16 uses half of them).
+#define TC_TILE_WORDS (TILE_M * TILE_K)
+
+template <int PREC, bool AK, bool BK, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                                   const ST& st, unsigned (&As)[2][TC_TILE_WORDS],
+                                                   unsigned (&Bs)[2][TC_TILE_WORDS]) {
+    using SA = TcStaging<AK>;
+    using SB = TcStaging<BK>;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;
-    const int wm = (warp / 4) * 32, wn = (warp % 4) * 16;  // this warp's 32 × 16 block of the tile
+    // This warp's 32 × 16 block of C: row blocks fi, fi + 1 (of 16) and column blocks fj, fj + 1
+    // (of 8).
+    const int fi = (warp / 4) * 2, fj = (warp % 4) * 2;
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
     float acc[2][2][4];
 #pragma unroll
@@ -344,68 +402,67 @@ __device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_e
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (int e = tid; e < TILE_M * TILE_K; e += TILE_THREADS) {
-            int mm, kk;
-            if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TILE_M; mm = e % TILE_M; }
-            const int gm = m0 + mm, gk = k0 + kk;
-            const bool inside = gm < M && gk < k_end;
-            As[kk][mm] = stage_operand<PREC>(inside ? la(gm, gk) : 0.0f);
+    int slot_a[SA::R], slot_b[SB::R];
+#pragma unroll
+    for (int r = 0; r < SA::R; ++r) slot_a[r] = tc_slot_a<PREC>(SA::mn(tid, r), SA::kk(tid, r));
+#pragma unroll
+    for (int r = 0; r < SB::R; ++r) slot_b[r] = tc_slot_b<PREC>(SB::kk(tid, r), SB::mn(tid, r));
+    // The prefetch registers: this thread's elements of the next tile, loaded before the
+    // current tile's mma and stored (rounded) after them, into the buffer not being read.
+    float ra[SA::R], rb[SB::R];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int r = 0; r < SA::R; ++r) {
+            const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
+            ra[r] = (gm < M && gk < k_end) ? la(gm, gk) : 0.0f;
         }
-        for (int e = tid; e < TILE_N * TILE_K; e += TILE_THREADS) {
-            int nn, kk;
-            if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TILE_N; nn = e % TILE_N; }
-            const int gn = n0 + nn, gk = k0 + kk;
-            const bool inside = gn < N && gk < k_end;
-            Bs[kk][nn] = stage_operand<PREC>(inside ? lb(gk, gn) : 0.0f);
+#pragma unroll
+        for (int r = 0; r < SB::R; ++r) {
+            const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
+            rb[r] = (gn < N && gk < k_end) ? lb(gk, gn) : 0.0f;
         }
-        __syncthreads();
-        if (PREC == PREC_TF32) {
+    };
+    auto stage = [&](int buf) {
 #pragma unroll
-            for (int ks = 0; ks < TILE_K; ks += 8) {
-                unsigned a[2][4], b[2][2];
+        for (int r = 0; r < SA::R; ++r) tc_store<PREC>(As[buf], slot_a[r], ra[r]);
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const int r = wm + 16 * i + g;
-                    a[i][0] = As[ks + t][r];          // A[g][t]
-                    a[i][1] = As[ks + t][r + 8];      // A[g+8][t]
-                    a[i][2] = As[ks + t + 4][r];      // A[g][t+4]
-                    a[i][3] = As[ks + t + 4][r + 8];  // A[g+8][t+4]
-                }
+        for (int r = 0; r < SB::R; ++r) tc_store<PREC>(Bs[buf], slot_b[r], rb[r]);
+    };
+
+    const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
+    if (tiles > 0) {
+        fetch(k_begin);
+        stage(0);
+    }
+    __syncthreads();
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int buf = tile & 1;
+        const bool more = tile + 1 < tiles;
+        if (more) fetch(k_begin + (tile + 1) * TILE_K);
+        // K-slices of the tile: two of 8 (TF32), one of 16 (BF16).
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int c = wn + 8 * j + g;
-                    b[j][0] = Bs[ks + t][c];      // B[t][g]
-                    b[j][1] = Bs[ks + t + 4][c];  // B[t+4][g]
-                }
-#pragma unroll
-                for (int i = 0; i < 2; ++i)
-#pragma unroll
-                    for (int j = 0; j < 2; ++j) mma_tf32(acc[i][j], a[i], b[j], acc[i][j]);
-            }
-        } else {
+        for (int s = 0; s < (PREC == PREC_TF32 ? 2 : 1); ++s) {
             unsigned a[2][4], b[2][2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const int r = wm + 16 * i + g;
-                a[i][0] = pack_bf16(As[2 * t][r], As[2 * t + 1][r]);              // A[g][2t], A[g][2t+1]
-                a[i][1] = pack_bf16(As[2 * t][r + 8], As[2 * t + 1][r + 8]);      // rows g+8
-                a[i][2] = pack_bf16(As[2 * t + 8][r], As[2 * t + 9][r]);          // columns 2t+8, 2t+9
-                a[i][3] = pack_bf16(As[2 * t + 8][r + 8], As[2 * t + 9][r + 8]);  // both
+                const uint4 q = *reinterpret_cast<const uint4*>(&As[buf][((s * 4 + fi + i) * 32 + lane) * 4]);
+                a[i][0] = q.x, a[i][1] = q.y, a[i][2] = q.z, a[i][3] = q.w;
             }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const int c = wn + 8 * j + g;
-                b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);      // B[2t][g], B[2t+1][g]
-                b[j][1] = pack_bf16(Bs[2 * t + 8][c], Bs[2 * t + 9][c]);  // rows 2t+8, 2t+9
+                const uint2 q = *reinterpret_cast<const uint2*>(&Bs[buf][((s * 8 + fj + j) * 32 + lane) * 2]);
+                b[j][0] = q.x, b[j][1] = q.y;
             }
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) mma_bf16(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < 2; ++j) {
+                    if (PREC == PREC_TF32) mma_tf32(acc[i][j], a[i], b[j], acc[i][j]);
+                    else mma_bf16(acc[i][j], a[i], b[j], acc[i][j]);
+                }
         }
+        // The buffer written here was last read before the previous barrier.
+        if (more) stage(buf ^ 1);
         __syncthreads();
     }
     // c0..c3 of fragment (i, j): C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].
@@ -415,9 +472,25 @@ __device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_e
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int m = m0 + wm + 16 * i + g + 8 * (r / 2), n = n0 + wn + 8 * j + 2 * t + r % 2;
+                const int m = m0 + (fi + i) * 16 + g + 8 * (r / 2), n = n0 + (fj + j) * 8 + 2 * t + r % 2;
                 if (m < M && n < N) st(m, n, acc[i][j][r]);
             }
+}
+
+template <int PREC, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                              const ST& st) {
+    // Declared once here, not in the loop's four instantiations (each would get its own).
+    __shared__ __align__(16) unsigned As[2][TC_TILE_WORDS];
+    __shared__ __align__(16) unsigned Bs[2][TC_TILE_WORDS];
+    // k_fast picks the staging order once per block (a constant for the convolution loaders).
+    if (la.k_fast) {
+        if (lb.k_fast) tile_gemm_mma_loop<PREC, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        else           tile_gemm_mma_loop<PREC, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+    } else {
+        if (lb.k_fast) tile_gemm_mma_loop<PREC, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        else           tile_gemm_mma_loop<PREC, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+    }
 }
 
 // The FP32/FP64 tile engine of one tile shape, as a type the kernel templates take (so one

@@ -1178,20 +1178,26 @@ fn the_suite_catches_broken_kernels() {
 #[test]
 fn the_suite_catches_broken_tensor_cores() {
     let Some(mut plants) = Plants::start() else { return };
-    // A TF32 fragment element read by position: a2 (A[g][t+4]) given a1's element (A[g+8][t]).
+    // A TF32 fragment staged in the wrong register order: a1 (A[g+8][t]) and a2 (A[g][t+4])
+    // trade places.
     plants.source(
-        ("tf32-fragment", "common.cuh", "a[i][2] = As[ks + t + 4][r];", "a[i][2] = As[ks + t][r + 8];"),
-        "a TF32 fragment element read by position",
+        (
+            "tf32-fragment",
+            "common.cuh",
+            "const int lane = (mr & 7) * 4 + (kr & 3), reg = (mr >> 3) + 2 * (kr >> 2);",
+            "const int lane = (mr & 7) * 4 + (kr & 3), reg = 2 * (mr >> 3) + (kr >> 2);",
+        ),
+        "a TF32 fragment staged in the wrong register order",
         "tensor_core_products_match_cpu_at_their_precision",
         &["tf32:"],
     );
-    // A BF16 register packed the wrong way round (the lower-numbered element in the high half).
+    // A BF16 pair packed the wrong way round (the lower-numbered element in the high half).
     plants.source(
         (
             "bf16-pack",
             "common.cuh",
-            "b[j][0] = pack_bf16(Bs[2 * t][c], Bs[2 * t + 1][c]);",
-            "b[j][0] = pack_bf16(Bs[2 * t + 1][c], Bs[2 * t][c]);",
+            "return ((j * 32 + lane) * 2 + reg) * 2 + (kk & 1);",
+            "return ((j * 32 + lane) * 2 + reg) * 2 + 1 - (kk & 1);",
         ),
         "a BF16 pair packed the wrong way round",
         "tensor_core_products_match_cpu_at_their_precision",
