@@ -169,30 +169,77 @@ __device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
 // are instantiated (the host picks one per launch from the GEMM's shape, `choose_tile` in
 // src/backend/cuda/kernels.rs): 64 × 64 with TILE_THREADS = 256 threads, and for a small M
 // or N the 16 × 64 and 64 × 16 tiles with TILE_SMALL_THREADS = 64 threads, so one output
-// channel or a 20-wide latent head pads to 16 instead of 64. Thread (ty, tx) = (tid / TX,
-// tid % TX) with TX = TN/4, TY = TM/4 owns rows m0 + ty + TY·i and columns n0 + tx + TX·j
-// (i, j in 0..4): strided so that a warp reads consecutive B columns (no bank conflicts) and
-// writes consecutive C columns (coalesced). The micro-tile is 4 × 4 in every shape, so each
-// k-step does 16 FFMA per 8 shared loads whatever the tile.
+// channel or a 20-wide latent head pads to 16 instead of 64.
+//
+// What the loop is shaped for: an SM partition issues one warp instruction per clock, so an
+// FP32 tile runs at the FFMA share of its k-loop's instructions (the H200 model prices it so,
+// src/model/sass.rs). Everything in the loop that is not an FFMA is paid for in FFMAs not
+// issued, hence:
+// - Thread (ty, tx) = (tid / TX, tid % TX), TX = TN/4, owns the four consecutive rows
+//   m0 + 4·ty + i and columns n0 + 4·tx + j, so each k-step reads its a and b as one 16-byte
+//   shared load each (LDS.128; two for double): 16 FFMA per 2 loads, where four scalar loads
+//   per operand took 8. The rows of the staged tiles are padded by 4 elements, not 1, to keep
+//   those vectors 16-byte aligned; a quarter-warp's eight vectors then cover 128 consecutive
+//   bytes (no bank conflicts on the loads that run 16 times per tile).
+// - Two shared buffers and a register prefetch: the global loads of tile t+1 are issued
+//   before tile t's FFMAs and stored to the other buffer after them, so their latency hides
+//   behind the math and one barrier per tile suffices (the buffer written in step t was last
+//   read in step t−1, before the previous barrier).
+// - Which index of an operand is contiguous in memory (`k_fast`) is a template parameter of
+//   the loop, dispatched once per block, not a branch per element. Each thread stages a
+//   fixed set of elements: of a k-fast operand one column kk = tid % TILE_K of rows
+//   tid / TILE_K + r·(THREADS / TILE_K); of the other one row mm = tid % TM (or TN) of columns
+//   tid / TM + r·(THREADS / TM), so consecutive threads still load consecutive addresses. A
+//   loader called with an index that is the same for all of a thread's elements, and for
+//   all tiles, lets the compiler compute that index's part of the address (a convolution
+//   loader's FastDiv of a pixel, say) once per tile or once per block instead of per element.
 //
 // Operands are read through loader functors, so the same engine does plain GEMM with any
 // transposes (strided loads) and implicit-GEMM convolutions (index math in the loader):
 //   struct Loader { bool k_fast; T operator()(int mn, int k) const; };
-// `k_fast` says which index is contiguous in memory, so consecutive threads load
-// consecutive addresses. Out-of-range elements (ragged M, N, K tails) load as 0 and the
-// loader is never called for them. The store functor is called once per in-range (m, n).
+// Out-of-range elements (ragged M, N, K tails) load as 0 and the loader is never called for
+// them. The store functor is called once per in-range (m, n). The sum of each output runs
+// over k in increasing order, one FMA per k, whatever the tile: fixed by the shapes alone.
 static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "the 64x64 tile has 256 threads");
 static_assert(TILE_SMALL == 16 && TILE_SMALL_THREADS == 64, "the 16-wide tiles have 64 threads");
 
-template <typename T, int TM, int TN, class LA, class LB, class ST>
-__device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
-                                          const ST& st) {
-    constexpr int TX = TN / 4, TY = TM / 4, THREADS = TX * TY;
-    static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
-    // +1 padding: the k-fast store pattern (consecutive threads → consecutive kk) hits
-    // distinct banks.
-    __shared__ T As[TILE_K][TM + 1];
-    __shared__ T Bs[TILE_K][TN + 1];
+// Row padding of the staged tiles: a multiple of 4 elements keeps every row 16-byte aligned.
+#define TILE_PAD 4
+
+// Four consecutive elements of shared memory at a 16-byte aligned address, as 128-bit loads.
+__device__ __forceinline__ void lds4(const float* p, float (&v)[4]) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void lds4(const double* p, double (&v)[4]) {
+    const double2 q0 = reinterpret_cast<const double2*>(p)[0];
+    const double2 q1 = reinterpret_cast<const double2*>(p)[1];
+    v[0] = q0.x; v[1] = q0.y; v[2] = q1.x; v[3] = q1.y;
+}
+
+// The elements thread `tid` stages of a D × TILE_K operand tile (D = TM or TN): element r is
+// at (mn, kk). See the engine's comment for why the split depends on K_FAST only.
+template <int D, int THREADS, bool K_FAST>
+struct Staging {
+    static constexpr int R = D * TILE_K / THREADS;
+    static_assert(THREADS % TILE_K == 0 && D % (THREADS / TILE_K) == 0 && THREADS % D == 0 &&
+                      TILE_K % (THREADS / D) == 0,
+                  "a tile's elements split evenly over its threads");
+    static __device__ __forceinline__ int mn(int tid, int r) {
+        return K_FAST ? tid / TILE_K + r * (THREADS / TILE_K) : tid % D;
+    }
+    static __device__ __forceinline__ int kk(int tid, int r) {
+        return K_FAST ? tid % TILE_K : tid / D + r * (THREADS / D);
+    }
+};
+
+template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                               const ST& st, T (&As)[2][TILE_K][TM + TILE_PAD],
+                                               T (&Bs)[2][TILE_K][TN + TILE_PAD]) {
+    constexpr int TX = TN / 4, THREADS = (TM / 4) * TX;
+    using SA = Staging<TM, THREADS, AK>;
+    using SB = Staging<TN, THREADS, BK>;
     const int tid = threadIdx.x;
     const int tx = tid % TX, ty = tid / TX;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
@@ -202,45 +249,96 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
 
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        // A tile: TM × TILE_K elements, 4 per thread (TM·TILE_K / THREADS = 4 for every shape).
-        for (int e = tid; e < TM * TILE_K; e += THREADS) {
-            int mm, kk;
-            if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TM; mm = e % TM; }
-            const int gm = m0 + mm, gk = k0 + kk;
-            As[kk][mm] = (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+    // This thread's element r of the A and B tiles at k0.
+    auto a_at = [&](int k0, int r) {
+        const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
+        return (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+    };
+    auto b_at = [&](int k0, int r) {
+        const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
+        return (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+    };
+    // The prefetch registers: this thread's elements of the next tile, held across the
+    // k-step's FFMAs (`fetch`, then `stage`). A double tile does not hold them: its values
+    // take two registers each, and the 16-wide tiles' 16 elements of the long operand per
+    // thread, with the loaders' per-element index math hoisted beside them, spill. It
+    // stages each element as it arrives (`fill`, a loop not unrolled), still into the
+    // buffer the k-step does not read.
+    constexpr bool HOLD = sizeof(T) == 4;
+    T ra[SA::R], rb[SB::R];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int r = 0; r < SA::R; ++r) ra[r] = a_at(k0, r);
+#pragma unroll
+        for (int r = 0; r < SB::R; ++r) rb[r] = b_at(k0, r);
+    };
+    auto stage = [&](int buf) {
+#pragma unroll
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = ra[r];
+#pragma unroll
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = rb[r];
+    };
+    auto fill = [&](int k0, int buf) {
+#pragma unroll 1
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, r);
+#pragma unroll 1
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, r);
+    };
+
+    const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
+    if (tiles > 0) {
+        if (HOLD) {
+            fetch(k_begin);
+            stage(0);
+        } else {
+            fill(k_begin, 0);
         }
-        // B tile: TILE_K × TN elements.
-        for (int e = tid; e < TN * TILE_K; e += THREADS) {
-            int nn, kk;
-            if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TN; nn = e % TN; }
-            const int gn = n0 + nn, gk = k0 + kk;
-            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+    }
+    __syncthreads();
+    for (int t = 0; t < tiles; ++t) {
+        const int buf = t & 1;
+        const bool more = t + 1 < tiles;
+        if (more) {
+            if (HOLD) fetch(k_begin + (t + 1) * TILE_K);
+            else      fill(k_begin + (t + 1) * TILE_K, buf ^ 1);
         }
-        __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < TILE_K; ++kk) {
             T a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + TY * i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + TX * j];
+            lds4(&As[buf][kk][4 * ty], a);
+            lds4(&Bs[buf][kk][4 * tx], b);
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
         }
+        if (more && HOLD) stage(buf ^ 1);
         __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int m = m0 + ty + TY * i, n = n0 + tx + TX * j;
+            const int m = m0 + 4 * ty + i, n = n0 + 4 * tx + j;
             if (m < M && n < N) st(m, n, acc[i][j]);
         }
+}
+
+template <typename T, int TM, int TN, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                          const ST& st) {
+    static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
+    // Declared here, once, not in the loop's four instantiations (each would get its own).
+    __shared__ __align__(16) T As[2][TILE_K][TM + TILE_PAD];
+    __shared__ __align__(16) T Bs[2][TILE_K][TN + TILE_PAD];
+    // The convolution loaders' k_fast are constants, so only one branch survives there.
+    if (la.k_fast) {
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        else           tile_gemm_loop<T, TM, TN, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+    } else {
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        else           tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+    }
 }
 
 // Unsigned division by a divisor fixed for the whole launch, without a divide instruction per

@@ -1056,14 +1056,35 @@ fn the_suite_catches_broken_kernels() {
         // Whichever tile shape the first shape takes reads past the end first.
         &["illegal memory access", "kernel gemm", "past the end of"],
     );
-    // The barrier between loading the tiles and reading them, removed.
-    let barrier =
-        "            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);\n        }\n        __syncthreads();\n";
+    // The barrier between staging a tile and reading it, removed.
+    let barrier = "        if (more && HOLD) stage(buf ^ 1);\n        __syncthreads();\n";
     plants.source(
         ("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", "")),
         "a barrier removed from the tile GEMM",
         "linear_matches_cpu",
         &["linear_forward"],
+    );
+    // The register prefetch fetching the tile being computed again instead of the next one.
+    plants.source(
+        ("prefetch", "common.cuh", "fetch(k_begin + (t + 1) * TILE_K);", "fetch(k_begin + t * TILE_K);"),
+        "the tile GEMM prefetching the wrong K-tile",
+        "linear_matches_cpu",
+        &["linear_forward"],
+    );
+    // The next tile staged into the buffer this step reads (double buffering undone).
+    plants.source(
+        ("buffer", "common.cuh", "if (more && HOLD) stage(buf ^ 1);", "if (more && HOLD) stage(buf);"),
+        "the tile GEMM staging into the buffer it reads",
+        "conv2d_matches_cpu",
+        &["conv2d_forward"],
+    );
+    // The micro-tile's vector load at a column offset of one element per thread, not four:
+    // a float4 at a 4-byte boundary, which a GPU faults on.
+    plants.source(
+        ("lds128", "common.cuh", "lds4(&Bs[buf][kk][4 * tx], b);", "lds4(&Bs[buf][kk][tx], b);"),
+        "a vectorised shared load at a misaligned offset",
+        "linear_matches_cpu",
+        &["misaligned", "kernel gemm"],
     );
     // A grid-stride loop that runs to i <= n.
     plants.source(
