@@ -20,16 +20,28 @@ struct ConvDiv {
         : khw(a.kh * a.kw), kw(a.kw), L(a.oh * a.ow), ow(a.ow) {}
 };
 
-// x at image `img`, im2col row k = (c·kh + p)·kw + q, output pixel l = i·ow + j: the input at
-// row i·s − pad + p, column j·s − pad + q; 0 in the padding.
+// Addresses are split into an image's base (64-bit, from the index the tile engine holds
+// fixed for a thread's elements, so computed once per block or tile) and an offset inside it:
+// a channel's plane by one wide multiply, a pixel in the plane in 32 bits (a plane's size is
+// an int throughout, as L = oh·ow is). A 64-bit multiply chain per element was most of a
+// loader's instructions.
+
+// The image `img` of x.
 template <typename T>
-__device__ __forceinline__ T x_tap(const T* x, const ConvArgs& a, const ConvDiv& dv, int img, int k, int l) {
+__device__ __forceinline__ const T* x_image(const T* x, const ConvArgs& a, int img) {
+    return x + (long long)img * a.c_in * (a.h * a.w);
+}
+
+// x at im2col row k = (c·kh + p)·kw + q, output pixel l = i·ow + j of image `xi`: the input
+// at row i·s − pad + p, column j·s − pad + q; 0 in the padding.
+template <typename T>
+__device__ __forceinline__ T x_tap(const T* xi, const ConvArgs& a, const ConvDiv& dv, int k, int l) {
     const int c = dv.khw.div(k), r = k - c * (a.kh * a.kw);
     const int p = dv.kw.div(r), q = r - p * a.kw;
     const int i = dv.ow.div(l), j = l - i * a.ow;
     const int yy = i * a.stride - a.pad + p, xx = j * a.stride - a.pad + q;
     if (yy < 0 || yy >= a.h || xx < 0 || xx >= a.w) return T(0);
-    return x[(((long long)img * a.c_in + c) * a.h + yy) * a.w + xx];
+    return xi[(long long)c * (a.h * a.w) + (yy * a.w + xx)];
 }
 
 // ---- forward: y[img, co, l] = Σ_k W[co, k]·col_img[k, l] (+ b[co]) ----
@@ -49,7 +61,7 @@ struct FwdX {  // B(k, col) with col = img·L + l
     bool k_fast;
     __device__ T operator()(int k, int col) const {
         const int img = dv.L.div(col);
-        return x_tap(x, a, dv, img, k, col - img * (a.oh * a.ow));
+        return x_tap(x_image(x, a, img), a, dv, k, col - img * (a.oh * a.ow));
     }
 };
 template <typename T>
@@ -125,7 +137,7 @@ struct BdW {  // A(c, k) = W[co, c, p, q] with p = φy + s·u, q = φx + s·v
         const int co = ph.uhw.div(k), r = k - co * (ph.y.taps * ph.x.taps);
         const int u = ph.uw.div(r), v = r - u * ph.x.taps;
         const int p = ph.y.f + a.stride * u, q = ph.x.f + a.stride * v;
-        return w[(((long long)co * a.c_in + c) * a.kh + p) * a.kw + q];
+        return w[(long long)co * (a.c_in * a.kh * a.kw) + ((c * a.kh + p) * a.kw + q)];
     }
 };
 template <typename T>
@@ -141,7 +153,8 @@ struct BdDy {  // B(k, col) = dy[img, co, t0y + ty − u, t0x + tx − v], 0 out
         const int ty = ph.nw.div(pix), tx = pix - ty * ph.x.n;
         const int i = ph.y.t0 + ty - u, j = ph.x.t0 + tx - v;
         if (i < 0 || i >= a.oh || j < 0 || j >= a.ow) return T(0);
-        return dy[(((long long)img * a.c_out + co) * a.oh + i) * a.ow + j];
+        const T* dyi = dy + (long long)img * a.c_out * (a.oh * a.ow);
+        return dyi[(long long)co * (a.oh * a.ow) + (i * a.ow + j)];
     }
 };
 template <typename T>
@@ -185,7 +198,8 @@ struct BwDy {  // A(co, t) = dy[img, co, l]
     __device__ T operator()(int co, int t) const {
         const int L = a.oh * a.ow;
         const int img = dv.L.div(t);
-        return dy[((long long)img * a.c_out + co) * L + (t - img * L)];
+        const T* dyi = dy + (long long)img * a.c_out * L;
+        return dyi[(long long)co * L + (t - img * L)];
     }
 };
 template <typename T>
@@ -196,7 +210,7 @@ struct BwX {  // B(t, k) = col_img[k, l]
     bool k_fast;
     __device__ T operator()(int t, int k) const {
         const int img = dv.L.div(t);
-        return x_tap(x, a, dv, img, k, t - img * (a.oh * a.ow));
+        return x_tap(x_image(x, a, img), a, dv, k, t - img * (a.oh * a.ow));
     }
 };
 
