@@ -189,19 +189,41 @@ __device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
 //   the loop, dispatched once per block, not a branch per element. Each thread stages a
 //   fixed set of elements: of a k-fast operand one column kk = tid % TILE_K of rows
 //   tid / TILE_K + r·(THREADS / TILE_K); of the other one row mm = tid % TM (or TN) of columns
-//   tid / TM + r·(THREADS / TM), so consecutive threads still load consecutive addresses. A
-//   loader called with an index that is the same for all of a thread's elements, and for
-//   all tiles, lets the compiler compute that index's part of the address (a convolution
-//   loader's FastDiv of a pixel, say) once per tile or once per block instead of per element.
+//   tid / TM + r·(THREADS / TM), so consecutive threads still load consecutive addresses,
+//   and one of an element's two indices is the same for all of a thread's elements.
+// - That shared index is what the loaders' tables (below) exploit: a convolution gather's
+//   FastDivs and address arithmetic run once per tile or block, not once per element.
+// A tile of the 16-wide shapes stages 20 elements per thread for the same 256 FFMA as the
+// 64 × 64 tile's 8 (a tile's loads per FMA go as 1/TM + 1/TN), so its loop share stays lower
+// whatever the loaders do.
 //
 // Operands are read through loader functors, so the same engine does plain GEMM with any
 // transposes (strided loads) and implicit-GEMM convolutions (index math in the loader):
-//   struct Loader { bool k_fast; T operator()(int mn, int k) const; };
+//   struct Loader { bool k_fast; T operator()(int mn, int k) const; ... };
 // Out-of-range elements (ragged M, N, K tails) load as 0 and the loader is never called for
 // them. The store functor is called once per in-range (m, n). The sum of each output runs
 // over k in increasing order, one FMA per k, whatever the tile: fixed by the shapes alone.
 static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "the 64x64 tile has 256 threads");
 static_assert(TILE_SMALL == 16 && TILE_SMALL_THREADS == 64, "the 16-wide tiles have 64 threads");
+
+// A loader may split an element's address into a part that depends on k alone and a part
+// that depends on mn alone: `KDESC = true`, `KD kdesc(int k)`, `MD mdesc(int mn)` and
+// `T at(const KD&, const MD&)`, so that an element costs only what joins the two (for a
+// convolution: a tap's bounds and a 64-bit add, where it was four FastDivs, the bounds and a
+// 64-bit multiply chain). The part a thread's elements share is computed by the thread in
+// registers; the part that differs between them comes from a table in shared memory that
+// the block fills once:
+// - an operand that is not k-fast (one mn per thread, several k): its mn part once per
+//   thread before the loop; its k part for each tile's TILE_K values of k, in a table of two
+//   buffers filled a tile ahead (so no barrier is added to the loop);
+// - a k-fast operand (one k per thread and tile, several mn): its k part once per tile; its
+//   mn part for the tile's TM (or TN) values of mn, in a table filled once per block.
+// (The compiler does not hoist these itself: they sit under each element's bounds check.)
+// A loader without the split says `KDESC = false`, `using KD = NoKDesc` and `using MD =
+// NoKDesc`.
+struct NoKDesc {
+    int unused;
+};
 
 // Row padding of the staged tiles: a multiple of 4 elements keeps every row 16-byte aligned.
 #define TILE_PAD 4
@@ -233,13 +255,19 @@ struct Staging {
     }
 };
 
-template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST>
+template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST, class KTA, class KTB,
+          class MTA, class MTB>
 __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
                                                const ST& st, T (&As)[2][TILE_K][TM + TILE_PAD],
-                                               T (&Bs)[2][TILE_K][TN + TILE_PAD]) {
+                                               T (&Bs)[2][TILE_K][TN + TILE_PAD], KTA& Ka, KTB& Kb, MTA& Ma,
+                                               MTB& Mb) {
     constexpr int TX = TN / 4, THREADS = (TM / 4) * TX;
     using SA = Staging<TM, THREADS, AK>;
     using SB = Staging<TN, THREADS, BK>;
+    // Whether an operand's k parts (TA, TB) or mn parts (UA, UB) come from the block's
+    // tables (see NoKDesc).
+    constexpr bool TA = !AK && LA::KDESC, TB = !BK && LB::KDESC;
+    constexpr bool UA = AK && LA::KDESC, UB = BK && LB::KDESC;
     const int tid = threadIdx.x;
     const int tx = tid % TX, ty = tid / TX;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
@@ -249,14 +277,50 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
 
-    // This thread's element r of the A and B tiles at k0.
-    auto a_at = [&](int k0, int r) {
+    // The mn parts of a tabled operand's addresses: one mn per thread (clamped into range:
+    // a thread past the edge loads nothing but still describes a valid index).
+    typename LA::MD ma{};
+    typename LB::MD mb{};
+    // The k parts of a k-fast operand's elements in the tile being fetched: one k per thread.
+    typename LA::KD ka{};
+    typename LB::KD kb_{};
+    if constexpr (TA) ma = la.mdesc(min(m0 + SA::mn(tid, 0), M - 1));
+    if constexpr (TB) mb = lb.mdesc(min(n0 + SB::mn(tid, 0), N - 1));
+    // This thread's element r of the A and B tiles at k0, whose k table is number kb.
+    auto a_at = [&](int k0, int kb, int r) {
         const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
-        return (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+        if constexpr (TA) {
+            const typename LA::KD d = Ka[kb][SA::kk(tid, r)];
+            return (gm < M && gk < k_end) ? la.at(d, ma) : T(0);
+        } else if constexpr (UA) {
+            const typename LA::MD d = Ma[SA::mn(tid, r)];
+            return (gm < M && gk < k_end) ? la.at(ka, d) : T(0);
+        } else {
+            return (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+        }
     };
-    auto b_at = [&](int k0, int r) {
+    auto b_at = [&](int k0, int kb, int r) {
         const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
-        return (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+        if constexpr (TB) {
+            const typename LB::KD d = Kb[kb][SB::kk(tid, r)];
+            return (gn < N && gk < k_end) ? lb.at(d, mb) : T(0);
+        } else if constexpr (UB) {
+            const typename LB::MD d = Mb[SB::mn(tid, r)];
+            return (gn < N && gk < k_end) ? lb.at(kb_, d) : T(0);
+        } else {
+            return (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+        }
+    };
+    // The k tables of the tile at k0 into table kb, by the block's first TILE_K threads (k
+    // past the end described as the last k: never loaded, but a valid index).
+    auto describe = [&](int k0, int kb) {
+        if (TA || TB) {
+            if (tid < TILE_K) {
+                const int k = min(k0 + tid, k_end - 1);
+                if constexpr (TA) Ka[kb][tid] = la.kdesc(k);
+                if constexpr (TB) Kb[kb][tid] = lb.kdesc(k);
+            }
+        }
     };
     // The prefetch registers: this thread's elements of the next tile, held across the
     // k-step's FFMAs (`fetch`, then `stage`). A double tile does not hold them: its values
@@ -266,11 +330,17 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
     // buffer the k-step does not read.
     constexpr bool HOLD = sizeof(T) == 4;
     T ra[SA::R], rb[SB::R];
-    auto fetch = [&](int k0) {
+    // A k-fast operand's k part of the tile at k0 (k past the end: the last k, not loaded).
+    auto k_parts = [&](int k0) {
+        if constexpr (UA) ka = la.kdesc(min(k0 + SA::kk(tid, 0), k_end - 1));
+        if constexpr (UB) kb_ = lb.kdesc(min(k0 + SB::kk(tid, 0), k_end - 1));
+    };
+    auto fetch = [&](int k0, int kb) {
+        k_parts(k0);
 #pragma unroll
-        for (int r = 0; r < SA::R; ++r) ra[r] = a_at(k0, r);
+        for (int r = 0; r < SA::R; ++r) ra[r] = a_at(k0, kb, r);
 #pragma unroll
-        for (int r = 0; r < SB::R; ++r) rb[r] = b_at(k0, r);
+        for (int r = 0; r < SB::R; ++r) rb[r] = b_at(k0, kb, r);
     };
     auto stage = [&](int buf) {
 #pragma unroll
@@ -279,16 +349,31 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
         for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = rb[r];
     };
     auto fill = [&](int k0, int buf) {
+        k_parts(k0);
 #pragma unroll 1
-        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, r);
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, buf, r);
 #pragma unroll 1
-        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, r);
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, buf, r);
     };
 
     const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
+    // Tile t is staged in buffer t & 1 from k table t & 1; the table of tile t + 2 is written
+    // in step t, after the fetch that read that table (tile t's, in step t − 1) and before
+    // the barrier that ends the step.
+    if (TA || TB || UA || UB) {
+        if (tiles > 0) {
+            describe(k_begin, 0);
+            describe(k_begin + TILE_K, 1);
+        }
+        if constexpr (UA)
+            for (int i = tid; i < TM; i += THREADS) Ma[i] = la.mdesc(min(m0 + i, M - 1));
+        if constexpr (UB)
+            for (int i = tid; i < TN; i += THREADS) Mb[i] = lb.mdesc(min(n0 + i, N - 1));
+        __syncthreads();
+    }
     if (tiles > 0) {
         if (HOLD) {
-            fetch(k_begin);
+            fetch(k_begin, 0);
             stage(0);
         } else {
             fill(k_begin, 0);
@@ -299,7 +384,7 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
         const int buf = t & 1;
         const bool more = t + 1 < tiles;
         if (more) {
-            if (HOLD) fetch(k_begin + (t + 1) * TILE_K);
+            if (HOLD) fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);
             else      fill(k_begin + (t + 1) * TILE_K, buf ^ 1);
         }
 #pragma unroll
@@ -313,6 +398,7 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
                 for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
         }
         if (more && HOLD) stage(buf ^ 1);
+        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, buf);
         __syncthreads();
     }
 #pragma unroll
@@ -331,13 +417,18 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
     // Declared here, once, not in the loop's four instantiations (each would get its own).
     __shared__ __align__(16) T As[2][TILE_K][TM + TILE_PAD];
     __shared__ __align__(16) T Bs[2][TILE_K][TN + TILE_PAD];
+    // The loaders' tables (see NoKDesc); one element where a loader has none.
+    __shared__ __align__(16) typename LA::KD Ka[2][LA::KDESC ? TILE_K : 1];
+    __shared__ __align__(16) typename LB::KD Kb[2][LB::KDESC ? TILE_K : 1];
+    __shared__ __align__(16) typename LA::MD Ma[LA::KDESC ? TM : 1];
+    __shared__ __align__(16) typename LB::MD Mb[LB::KDESC ? TN : 1];
     // The convolution loaders' k_fast are constants, so only one branch survives there.
     if (la.k_fast) {
-        if (lb.k_fast) tile_gemm_loop<T, TM, TN, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
-        else           tile_gemm_loop<T, TM, TN, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+        else           tile_gemm_loop<T, TM, TN, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
     } else {
-        if (lb.k_fast) tile_gemm_loop<T, TM, TN, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
-        else           tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+        else           tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
     }
 }
 

@@ -1066,7 +1066,12 @@ fn the_suite_catches_broken_kernels() {
     );
     // The register prefetch fetching the tile being computed again instead of the next one.
     plants.source(
-        ("prefetch", "common.cuh", "fetch(k_begin + (t + 1) * TILE_K);", "fetch(k_begin + t * TILE_K);"),
+        (
+            "prefetch",
+            "common.cuh",
+            "fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);",
+            "fetch(k_begin + t * TILE_K, buf ^ 1);",
+        ),
         "the tile GEMM prefetching the wrong K-tile",
         "linear_matches_cpu",
         &["linear_forward"],
@@ -1077,6 +1082,26 @@ fn the_suite_catches_broken_kernels() {
         "the tile GEMM staging into the buffer it reads",
         "conv2d_matches_cpu",
         &["conv2d_forward"],
+    );
+    // The k table of the tile after next written over the next tile's (one tile early): a
+    // convolution's gather then reads the wrong taps.
+    plants.source(
+        (
+            "k-table",
+            "common.cuh",
+            "describe(k_begin + (t + 2) * TILE_K, buf);",
+            "describe(k_begin + (t + 1) * TILE_K, buf);",
+        ),
+        "the tile GEMM's k table filled for the wrong tile",
+        "conv2d_matches_cpu",
+        &["conv2d_forward"],
+    );
+    // The mn table of a k-fast operand one entry off: the weight gradient's columns shift.
+    plants.source(
+        ("mn-table", "common.cuh", "Mb[i] = lb.mdesc(min(n0 + i, N - 1));", "Mb[i] = lb.mdesc(min(n0 + i + 1, N - 1));"),
+        "the tile GEMM's mn table one entry off",
+        "conv2d_matches_cpu",
+        &["conv2d_backward_weight"],
     );
     // The micro-tile's vector load at a column offset of one element per thread, not four:
     // a float4 at a 4-byte boundary, which a GPU faults on.
