@@ -255,11 +255,11 @@ struct Staging {
     }
 };
 
-template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST, class KTA, class KTB,
-          class MTA, class MTB>
+template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST, int NB, class KTA,
+          class KTB, class MTA, class MTB>
 __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
-                                               const ST& st, T (&As)[2][TILE_K][TM + TILE_PAD],
-                                               T (&Bs)[2][TILE_K][TN + TILE_PAD], KTA& Ka, KTB& Kb, MTA& Ma,
+                                               const ST& st, T (&As)[NB][TILE_K][TM + TILE_PAD],
+                                               T (&Bs)[NB][TILE_K][TN + TILE_PAD], KTA& Ka, KTB& Kb, MTA& Ma,
                                                MTB& Mb) {
     constexpr int TX = TN / 4, THREADS = (TM / 4) * TX;
     using SA = Staging<TM, THREADS, AK>;
@@ -325,10 +325,12 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
     // The prefetch registers: this thread's elements of the next tile, held across the
     // k-step's FFMAs (`fetch`, then `stage`). A double tile does not hold them: its values
     // take two registers each, and the 16-wide tiles' 16 elements of the long operand per
-    // thread, with the loaders' per-element index math hoisted beside them, spill. It
-    // stages each element as it arrives (`fill`, a loop not unrolled), still into the
-    // buffer the k-step does not read.
-    constexpr bool HOLD = sizeof(T) == 4;
+    // thread spill. Nor does it take two buffers: eight blocks of a 16-wide double tile
+    // would not fit sm_80's shared memory. It refills its one buffer after a barrier,
+    // staging each element as it arrives (`fill`, a loop not unrolled): f64 is the
+    // reference precision here, not the fast one.
+    constexpr bool HOLD = NB == 2;
+    static_assert(NB == (sizeof(T) == 4 ? 2 : 1), "float double-buffers, double does not");
     T ra[SA::R], rb[SB::R];
     // A k-fast operand's k part of the tile at k0 (k past the end: the last k, not loaded).
     auto k_parts = [&](int k0) {
@@ -348,18 +350,18 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
 #pragma unroll
         for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = rb[r];
     };
-    auto fill = [&](int k0, int buf) {
+    auto fill = [&](int k0, int kb, int buf) {
         k_parts(k0);
 #pragma unroll 1
-        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, buf, r);
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, kb, r);
 #pragma unroll 1
-        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, buf, r);
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, kb, r);
     };
 
     const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
-    // Tile t is staged in buffer t & 1 from k table t & 1; the table of tile t + 2 is written
-    // in step t, after the fetch that read that table (tile t's, in step t − 1) and before
-    // the barrier that ends the step.
+    // Tile t is staged from k table t & 1 (into buffer t & 1, or a double tile's one buffer);
+    // the table of tile t + 2 is written in step t, after the fetch that read that table
+    // (tile t's, in step t − 1) and before the barrier that ends the step.
     if (TA || TB || UA || UB) {
         if (tiles > 0) {
             describe(k_begin, 0);
@@ -372,20 +374,19 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
         __syncthreads();
     }
     if (tiles > 0) {
-        if (HOLD) {
+        if constexpr (HOLD) {
             fetch(k_begin, 0);
             stage(0);
         } else {
-            fill(k_begin, 0);
+            fill(k_begin, 0, 0);
         }
     }
     __syncthreads();
     for (int t = 0; t < tiles; ++t) {
-        const int buf = t & 1;
+        const int buf = HOLD ? t & 1 : 0;
         const bool more = t + 1 < tiles;
-        if (more) {
-            if (HOLD) fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);
-            else      fill(k_begin + (t + 1) * TILE_K, buf ^ 1);
+        if constexpr (HOLD) {
+            if (more) fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);
         }
 #pragma unroll
         for (int kk = 0; kk < TILE_K; ++kk) {
@@ -397,8 +398,13 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
         }
-        if (more && HOLD) stage(buf ^ 1);
-        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, buf);
+        if constexpr (HOLD) {
+            if (more) stage(buf ^ 1);
+        } else if (more) {
+            __syncthreads();  // every thread has read the one buffer before it is refilled
+            fill(k_begin + (t + 1) * TILE_K, (t + 1) & 1, 0);
+        }
+        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, t & 1);
         __syncthreads();
     }
 #pragma unroll
@@ -415,8 +421,10 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
                                           const ST& st) {
     static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
     // Declared here, once, not in the loop's four instantiations (each would get its own).
-    __shared__ __align__(16) T As[2][TILE_K][TM + TILE_PAD];
-    __shared__ __align__(16) T Bs[2][TILE_K][TN + TILE_PAD];
+    // Two staging buffers for float, one for double (see HOLD in the loop).
+    constexpr int NB = sizeof(T) == 4 ? 2 : 1;
+    __shared__ __align__(16) T As[NB][TILE_K][TM + TILE_PAD];
+    __shared__ __align__(16) T Bs[NB][TILE_K][TN + TILE_PAD];
     // The loaders' tables (see NoKDesc); one element where a loader has none.
     __shared__ __align__(16) typename LA::KD Ka[2][LA::KDESC ? TILE_K : 1];
     __shared__ __align__(16) typename LB::KD Kb[2][LB::KDESC ? TILE_K : 1];

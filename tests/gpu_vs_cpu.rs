@@ -1057,7 +1057,7 @@ fn the_suite_catches_broken_kernels() {
         &["illegal memory access", "kernel gemm", "past the end of"],
     );
     // The barrier between staging a tile and reading it, removed.
-    let barrier = "        if (more && HOLD) stage(buf ^ 1);\n        __syncthreads();\n";
+    let barrier = "        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, t & 1);\n        __syncthreads();\n";
     plants.source(
         ("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", "")),
         "a barrier removed from the tile GEMM",
@@ -1078,7 +1078,7 @@ fn the_suite_catches_broken_kernels() {
     );
     // The next tile staged into the buffer this step reads (double buffering undone).
     plants.source(
-        ("buffer", "common.cuh", "if (more && HOLD) stage(buf ^ 1);", "if (more && HOLD) stage(buf);"),
+        ("buffer", "common.cuh", "if (more) stage(buf ^ 1);", "if (more) stage(buf);"),
         "the tile GEMM staging into the buffer it reads",
         "conv2d_matches_cpu",
         &["conv2d_forward"],
@@ -1089,8 +1089,8 @@ fn the_suite_catches_broken_kernels() {
         (
             "k-table",
             "common.cuh",
-            "describe(k_begin + (t + 2) * TILE_K, buf);",
-            "describe(k_begin + (t + 1) * TILE_K, buf);",
+            "describe(k_begin + (t + 2) * TILE_K, t & 1);",
+            "describe(k_begin + (t + 1) * TILE_K, t & 1);",
         ),
         "the tile GEMM's k table filled for the wrong tile",
         "conv2d_matches_cpu",
@@ -1098,7 +1098,12 @@ fn the_suite_catches_broken_kernels() {
     );
     // The mn table of a k-fast operand one entry off: the weight gradient's columns shift.
     plants.source(
-        ("mn-table", "common.cuh", "Mb[i] = lb.mdesc(min(n0 + i, N - 1));", "Mb[i] = lb.mdesc(min(n0 + i + 1, N - 1));"),
+        (
+            "mn-table",
+            "common.cuh",
+            "Mb[i] = lb.mdesc(min(n0 + i, N - 1));",
+            "Mb[i] = lb.mdesc(min(n0 + i + 1, N - 1));",
+        ),
         "the tile GEMM's mn table one entry off",
         "conv2d_matches_cpu",
         &["conv2d_backward_weight"],
