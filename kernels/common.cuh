@@ -289,26 +289,28 @@ __device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_
     // This thread's element r of the A and B tiles at k0, whose k table is number kb.
     auto a_at = [&](int k0, int kb, int r) {
         const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
+        const bool in = (gm < M && gk < k_end);
         if constexpr (TA) {
             const typename LA::KD d = Ka[kb][SA::kk(tid, r)];
-            return (gm < M && gk < k_end) ? la.at(d, ma) : T(0);
+            return in ? la.at(d, ma) : T(0);
         } else if constexpr (UA) {
             const typename LA::MD d = Ma[SA::mn(tid, r)];
-            return (gm < M && gk < k_end) ? la.at(ka, d) : T(0);
+            return in ? la.at(ka, d) : T(0);
         } else {
-            return (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+            return in ? la(gm, gk) : T(0);
         }
     };
     auto b_at = [&](int k0, int kb, int r) {
         const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
+        const bool in = (gn < N && gk < k_end);
         if constexpr (TB) {
             const typename LB::KD d = Kb[kb][SB::kk(tid, r)];
-            return (gn < N && gk < k_end) ? lb.at(d, mb) : T(0);
+            return in ? lb.at(d, mb) : T(0);
         } else if constexpr (UB) {
             const typename LB::MD d = Mb[SB::mn(tid, r)];
-            return (gn < N && gk < k_end) ? lb.at(kb_, d) : T(0);
+            return in ? lb.at(kb_, d) : T(0);
         } else {
-            return (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+            return in ? lb(gk, gn) : T(0);
         }
     };
     // The k tables of the tile at k0 into table kb, by the block's first TILE_K threads (k
