@@ -169,30 +169,105 @@ __device__ __forceinline__ T unary_df(int op, T x, T y, T dy, T slope) {
 // are instantiated (the host picks one per launch from the GEMM's shape, `choose_tile` in
 // src/backend/cuda/kernels.rs): 64 × 64 with TILE_THREADS = 256 threads, and for a small M
 // or N the 16 × 64 and 64 × 16 tiles with TILE_SMALL_THREADS = 64 threads, so one output
-// channel or a 20-wide latent head pads to 16 instead of 64. Thread (ty, tx) = (tid / TX,
-// tid % TX) with TX = TN/4, TY = TM/4 owns rows m0 + ty + TY·i and columns n0 + tx + TX·j
-// (i, j in 0..4): strided so that a warp reads consecutive B columns (no bank conflicts) and
-// writes consecutive C columns (coalesced). The micro-tile is 4 × 4 in every shape, so each
-// k-step does 16 FFMA per 8 shared loads whatever the tile.
+// channel or a 20-wide latent head pads to 16 instead of 64.
+//
+// What the loop is shaped for: an SM partition issues one warp instruction per clock, so an
+// FP32 tile runs at the FFMA share of its k-loop's instructions (the H200 model prices it so,
+// src/model/sass.rs). Everything in the loop that is not an FFMA is paid for in FFMAs not
+// issued, hence:
+// - Thread (ty, tx) = (tid / TX, tid % TX), TX = TN/4, owns the four consecutive rows
+//   m0 + 4·ty + i and columns n0 + 4·tx + j, so each k-step reads its a and b as one 16-byte
+//   shared load each (LDS.128; two for double): 16 FFMA per 2 loads, where four scalar loads
+//   per operand took 8. The rows of the staged tiles are padded by 4 elements, not 1, to keep
+//   those vectors 16-byte aligned; a quarter-warp's eight vectors then cover 128 consecutive
+//   bytes (no bank conflicts on the loads that run 16 times per tile).
+// - Two shared buffers and a register prefetch: the global loads of tile t+1 are issued
+//   before tile t's FFMAs and stored to the other buffer after them, so their latency hides
+//   behind the math and one barrier per tile suffices (the buffer written in step t was last
+//   read in step t−1, before the previous barrier).
+// - Which index of an operand is contiguous in memory (`k_fast`) is a template parameter of
+//   the loop, dispatched once per block, not a branch per element. Each thread stages a
+//   fixed set of elements: of a k-fast operand one column kk = tid % TILE_K of rows
+//   tid / TILE_K + r·(THREADS / TILE_K); of the other one row mm = tid % TM (or TN) of columns
+//   tid / TM + r·(THREADS / TM), so consecutive threads still load consecutive addresses,
+//   and one of an element's two indices is the same for all of a thread's elements.
+// - That shared index is what the loaders' tables (below) exploit: a convolution gather's
+//   FastDivs and address arithmetic run once per tile or block, not once per element.
+// A tile of the 16-wide shapes stages 20 elements per thread for the same 256 FFMA as the
+// 64 × 64 tile's 8 (a tile's loads per FMA go as 1/TM + 1/TN), so its loop share stays lower
+// whatever the loaders do.
 //
 // Operands are read through loader functors, so the same engine does plain GEMM with any
 // transposes (strided loads) and implicit-GEMM convolutions (index math in the loader):
-//   struct Loader { bool k_fast; T operator()(int mn, int k) const; };
-// `k_fast` says which index is contiguous in memory, so consecutive threads load
-// consecutive addresses. Out-of-range elements (ragged M, N, K tails) load as 0 and the
-// loader is never called for them. The store functor is called once per in-range (m, n).
+//   struct Loader { bool k_fast; T operator()(int mn, int k) const; ... };
+// Out-of-range elements (ragged M, N, K tails) load as 0 and the loader is never called for
+// them. The store functor is called once per in-range (m, n). The sum of each output runs
+// over k in increasing order, one FMA per k, whatever the tile: fixed by the shapes alone.
 static_assert(TILE_M == 64 && TILE_N == 64 && TILE_THREADS == 256, "the 64x64 tile has 256 threads");
 static_assert(TILE_SMALL == 16 && TILE_SMALL_THREADS == 64, "the 16-wide tiles have 64 threads");
 
-template <typename T, int TM, int TN, class LA, class LB, class ST>
-__device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
-                                          const ST& st) {
-    constexpr int TX = TN / 4, TY = TM / 4, THREADS = TX * TY;
-    static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
-    // +1 padding: the k-fast store pattern (consecutive threads → consecutive kk) hits
-    // distinct banks.
-    __shared__ T As[TILE_K][TM + 1];
-    __shared__ T Bs[TILE_K][TN + 1];
+// A loader may split an element's address into a part that depends on k alone and a part
+// that depends on mn alone: `KDESC = true`, `KD kdesc(int k)`, `MD mdesc(int mn)` and
+// `T at(const KD&, const MD&)`, so that an element costs only what joins the two (for a
+// convolution: a tap's bounds and a 64-bit add, where it was four FastDivs, the bounds and a
+// 64-bit multiply chain). The part a thread's elements share is computed by the thread in
+// registers; the part that differs between them comes from a table in shared memory that
+// the block fills once:
+// - an operand that is not k-fast (one mn per thread, several k): its mn part once per
+//   thread before the loop; its k part for each tile's TILE_K values of k, in a table of two
+//   buffers filled a tile ahead (so no barrier is added to the loop);
+// - a k-fast operand (one k per thread and tile, several mn): its k part once per tile; its
+//   mn part for the tile's TM (or TN) values of mn, in a table filled once per block.
+// (The compiler does not hoist these itself: they sit under each element's bounds check.)
+// A loader without the split says `KDESC = false`, `using KD = NoKDesc` and `using MD =
+// NoKDesc`.
+struct NoKDesc {
+    int unused;
+};
+
+// Row padding of the staged tiles: a multiple of 4 elements keeps every row 16-byte aligned.
+#define TILE_PAD 4
+
+// Four consecutive elements of shared memory at a 16-byte aligned address, as 128-bit loads.
+__device__ __forceinline__ void lds4(const float* p, float (&v)[4]) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void lds4(const double* p, double (&v)[4]) {
+    const double2 q0 = reinterpret_cast<const double2*>(p)[0];
+    const double2 q1 = reinterpret_cast<const double2*>(p)[1];
+    v[0] = q0.x; v[1] = q0.y; v[2] = q1.x; v[3] = q1.y;
+}
+
+// The elements thread `tid` stages of a D × TILE_K operand tile (D = TM or TN): element r is
+// at (mn, kk). See the engine's comment for why the split depends on K_FAST only.
+template <int D, int THREADS, bool K_FAST>
+struct Staging {
+    static constexpr int R = D * TILE_K / THREADS;
+    static_assert(THREADS % TILE_K == 0 && D % (THREADS / TILE_K) == 0 && THREADS % D == 0 &&
+                      TILE_K % (THREADS / D) == 0,
+                  "a tile's elements split evenly over its threads");
+    static __device__ __forceinline__ int mn(int tid, int r) {
+        return K_FAST ? tid / TILE_K + r * (THREADS / TILE_K) : tid % D;
+    }
+    static __device__ __forceinline__ int kk(int tid, int r) {
+        return K_FAST ? tid % TILE_K : tid / D + r * (THREADS / D);
+    }
+};
+
+template <typename T, int TM, int TN, bool AK, bool BK, class LA, class LB, class ST, int NB, class KTA,
+          class KTB, class MTA, class MTB>
+__device__ __forceinline__ void tile_gemm_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                               const ST& st, T (&As)[NB][TILE_K][TM + TILE_PAD],
+                                               T (&Bs)[NB][TILE_K][TN + TILE_PAD], KTA& Ka, KTB& Kb, MTA& Ma,
+                                               MTB& Mb) {
+    constexpr int TX = TN / 4, THREADS = (TM / 4) * TX;
+    using SA = Staging<TM, THREADS, AK>;
+    using SB = Staging<TN, THREADS, BK>;
+    // Whether an operand's k parts (TA, TB) or mn parts (UA, UB) come from the block's
+    // tables (see NoKDesc).
+    constexpr bool TA = !AK && LA::KDESC, TB = !BK && LB::KDESC;
+    constexpr bool UA = AK && LA::KDESC, UB = BK && LB::KDESC;
     const int tid = threadIdx.x;
     const int tx = tid % TX, ty = tid / TX;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
@@ -202,45 +277,169 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
 
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        // A tile: TM × TILE_K elements, 4 per thread (TM·TILE_K / THREADS = 4 for every shape).
-        for (int e = tid; e < TM * TILE_K; e += THREADS) {
-            int mm, kk;
-            if (la.k_fast) { mm = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TM; mm = e % TM; }
-            const int gm = m0 + mm, gk = k0 + kk;
-            As[kk][mm] = (gm < M && gk < k_end) ? la(gm, gk) : T(0);
+    // The mn parts of a tabled operand's addresses: one mn per thread (clamped into range:
+    // a thread past the edge loads nothing but still describes a valid index).
+    typename LA::MD ma{};
+    typename LB::MD mb{};
+    // The k parts of a k-fast operand's elements in the tile being fetched: one k per thread.
+    typename LA::KD ka{};
+    typename LB::KD kb_{};
+    if constexpr (TA) ma = la.mdesc(min(m0 + SA::mn(tid, 0), M - 1));
+    if constexpr (TB) mb = lb.mdesc(min(n0 + SB::mn(tid, 0), N - 1));
+    // This thread's element r of the A and B tiles at k0, whose k table is number kb.
+    auto a_at = [&](int k0, int kb, int r) {
+        const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
+        const bool in = (gm < M && gk < k_end);
+        if constexpr (TA) {
+            const typename LA::KD d = Ka[kb][SA::kk(tid, r)];
+            return in ? la.at(d, ma) : T(0);
+        } else if constexpr (UA) {
+            const typename LA::MD d = Ma[SA::mn(tid, r)];
+            return in ? la.at(ka, d) : T(0);
+        } else {
+            return in ? la(gm, gk) : T(0);
         }
-        // B tile: TILE_K × TN elements.
-        for (int e = tid; e < TN * TILE_K; e += THREADS) {
-            int nn, kk;
-            if (lb.k_fast) { nn = e / TILE_K; kk = e % TILE_K; }
-            else           { kk = e / TN; nn = e % TN; }
-            const int gn = n0 + nn, gk = k0 + kk;
-            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);
+    };
+    auto b_at = [&](int k0, int kb, int r) {
+        const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
+        const bool in = (gn < N && gk < k_end);
+        if constexpr (TB) {
+            const typename LB::KD d = Kb[kb][SB::kk(tid, r)];
+            return in ? lb.at(d, mb) : T(0);
+        } else if constexpr (UB) {
+            const typename LB::MD d = Mb[SB::mn(tid, r)];
+            return in ? lb.at(kb_, d) : T(0);
+        } else {
+            return in ? lb(gk, gn) : T(0);
         }
+    };
+    // The k tables of the tile at k0 into table kb, by the block's first TILE_K threads (k
+    // past the end described as the last k: never loaded, but a valid index).
+    auto describe = [&](int k0, int kb) {
+        if (TA || TB) {
+            if (tid < TILE_K) {
+                const int k = min(k0 + tid, k_end - 1);
+                if constexpr (TA) Ka[kb][tid] = la.kdesc(k);
+                if constexpr (TB) Kb[kb][tid] = lb.kdesc(k);
+            }
+        }
+    };
+    // The prefetch registers: this thread's elements of the next tile, held across the
+    // k-step's FFMAs (`fetch`, then `stage`). A double tile does not hold them: its values
+    // take two registers each, and the 16-wide tiles' 16 elements of the long operand per
+    // thread spill. Nor does it take two buffers: eight blocks of a 16-wide double tile
+    // would not fit sm_80's shared memory. It refills its one buffer after a barrier,
+    // staging each element as it arrives (`fill`, a loop not unrolled): f64 is the
+    // reference precision here, not the fast one.
+    constexpr bool HOLD = NB == 2;
+    static_assert(NB == (sizeof(T) == 4 ? 2 : 1), "float double-buffers, double does not");
+    T ra[SA::R], rb[SB::R];
+    // A k-fast operand's k part of the tile at k0 (k past the end: the last k, not loaded).
+    auto k_parts = [&](int k0) {
+        if constexpr (UA) ka = la.kdesc(min(k0 + SA::kk(tid, 0), k_end - 1));
+        if constexpr (UB) kb_ = lb.kdesc(min(k0 + SB::kk(tid, 0), k_end - 1));
+    };
+    auto fetch = [&](int k0, int kb) {
+        k_parts(k0);
+#pragma unroll
+        for (int r = 0; r < SA::R; ++r) ra[r] = a_at(k0, kb, r);
+#pragma unroll
+        for (int r = 0; r < SB::R; ++r) rb[r] = b_at(k0, kb, r);
+    };
+    auto stage = [&](int buf) {
+#pragma unroll
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = ra[r];
+#pragma unroll
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = rb[r];
+    };
+    auto fill = [&](int k0, int kb, int buf) {
+        k_parts(k0);
+#pragma unroll 1
+        for (int r = 0; r < SA::R; ++r) As[buf][SA::kk(tid, r)][SA::mn(tid, r)] = a_at(k0, kb, r);
+#pragma unroll 1
+        for (int r = 0; r < SB::R; ++r) Bs[buf][SB::kk(tid, r)][SB::mn(tid, r)] = b_at(k0, kb, r);
+    };
+
+    const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
+    // Tile t is staged from k table t & 1 (into buffer t & 1, or a double tile's one buffer);
+    // the table of tile t + 2 is written in step t, after the fetch that read that table
+    // (tile t's, in step t − 1) and before the barrier that ends the step.
+    if (TA || TB || UA || UB) {
+        if (tiles > 0) {
+            describe(k_begin, 0);
+            describe(k_begin + TILE_K, 1);
+        }
+        if constexpr (UA)
+            for (int i = tid; i < TM; i += THREADS) Ma[i] = la.mdesc(min(m0 + i, M - 1));
+        if constexpr (UB)
+            for (int i = tid; i < TN; i += THREADS) Mb[i] = lb.mdesc(min(n0 + i, N - 1));
         __syncthreads();
+    }
+    if (tiles > 0) {
+        if constexpr (HOLD) {
+            fetch(k_begin, 0);
+            stage(0);
+        } else {
+            fill(k_begin, 0, 0);
+        }
+    }
+    __syncthreads();
+    for (int t = 0; t < tiles; ++t) {
+        const int buf = HOLD ? t & 1 : 0;
+        const bool more = t + 1 < tiles;
+        if constexpr (HOLD) {
+            if (more) fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);
+        }
 #pragma unroll
         for (int kk = 0; kk < TILE_K; ++kk) {
             T a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + TY * i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + TX * j];
+            lds4(&As[buf][kk][4 * ty], a);
+            lds4(&Bs[buf][kk][4 * tx], b);
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
         }
+        if constexpr (HOLD) {
+            if (more) stage(buf ^ 1);
+        } else if (more) {
+            __syncthreads();  // every thread has read the one buffer before it is refilled
+            fill(k_begin + (t + 1) * TILE_K, (t + 1) & 1, 0);
+        }
+        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, t & 1);
         __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int m = m0 + ty + TY * i, n = n0 + tx + TX * j;
+            const int m = m0 + 4 * ty + i, n = n0 + 4 * tx + j;
             if (m < M && n < N) st(m, n, acc[i][j]);
         }
+}
+
+template <typename T, int TM, int TN, class LA, class LB, class ST>
+__device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
+                                          const ST& st) {
+    static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
+    // Declared here, once, not in the loop's four instantiations (each would get its own).
+    // Two staging buffers for float, one for double (see HOLD in the loop).
+    constexpr int NB = sizeof(T) == 4 ? 2 : 1;
+    __shared__ __align__(16) T As[NB][TILE_K][TM + TILE_PAD];
+    __shared__ __align__(16) T Bs[NB][TILE_K][TN + TILE_PAD];
+    // The loaders' tables (see NoKDesc); one element where a loader has none.
+    __shared__ __align__(16) typename LA::KD Ka[2][LA::KDESC ? TILE_K : 1];
+    __shared__ __align__(16) typename LB::KD Kb[2][LB::KDESC ? TILE_K : 1];
+    __shared__ __align__(16) typename LA::MD Ma[LA::KDESC ? TM : 1];
+    __shared__ __align__(16) typename LB::MD Mb[LB::KDESC ? TN : 1];
+    // The convolution loaders' k_fast are constants, so only one branch survives there.
+    if (la.k_fast) {
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+        else           tile_gemm_loop<T, TM, TN, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+    } else {
+        if (lb.k_fast) tile_gemm_loop<T, TM, TN, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+        else           tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+    }
 }
 
 // Unsigned division by a divisor fixed for the whole launch, without a divide instruction per
@@ -357,21 +556,6 @@ __device__ __forceinline__ int tc_slot_b(int kk, int nn) {
     return ((j * 32 + lane) * 2 + reg) * 2 + (kk & 1);
 }
 
-// The elements of a 64 × TILE_K operand tile that thread `tid` of 256 stages: element r at
-// (mn, kk). Along the contiguous index, so consecutive threads load consecutive addresses: a
-// k-fast operand's column tid % 16 of rows tid / 16 + 16·r, another's row tid % 64 of columns
-// tid / 64 + 4·r. Fixed per thread, so their shared slots are worked out once per block.
-template <bool K_FAST>
-struct TcStaging {
-    static constexpr int R = TILE_M * TILE_K / TILE_THREADS;
-    static __device__ __forceinline__ int mn(int tid, int r) {
-        return K_FAST ? tid / TILE_K + r * (TILE_THREADS / TILE_K) : tid % TILE_M;
-    }
-    static __device__ __forceinline__ int kk(int tid, int r) {
-        return K_FAST ? tid % TILE_K : tid / TILE_M + r * (TILE_THREADS / TILE_M);
-    }
-};
-
 // One staged operand value at shared slot `slot` of `buf`: a TF32 word, or a BF16 half-word.
 template <int PREC>
 __device__ __forceinline__ void tc_store(unsigned* buf, int slot, float x) {
@@ -386,8 +570,10 @@ template <int PREC, bool AK, bool BK, class LA, class LB, class ST>
 __device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
                                                    const ST& st, unsigned (&As)[2][TC_TILE_WORDS],
                                                    unsigned (&Bs)[2][TC_TILE_WORDS]) {
-    using SA = TcStaging<AK>;
-    using SB = TcStaging<BK>;
+    // Each thread stages the elements tile_gemm's threads do (Staging): fixed per thread, so
+    // their shared slots are worked out once per block.
+    using SA = Staging<TILE_M, TILE_THREADS, AK>;
+    using SB = Staging<TILE_N, TILE_THREADS, BK>;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int g = lane / 4, t = lane % 4;
     // This warp's 32 × 16 block of C: row blocks fi, fi + 1 (of 16) and column blocks fj, fj + 1
@@ -410,19 +596,21 @@ __device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, in
     // The prefetch registers: this thread's elements of the next tile, loaded before the
     // current tile's mma and stored (rounded) after them, into the buffer not being read.
     float ra[SA::R], rb[SB::R];
-    auto fetch = [&](int k0) {
+    auto prefetch = [&](int k0) {
 #pragma unroll
         for (int r = 0; r < SA::R; ++r) {
             const int gm = m0 + SA::mn(tid, r), gk = k0 + SA::kk(tid, r);
-            ra[r] = (gm < M && gk < k_end) ? la(gm, gk) : 0.0f;
+            const bool inside = gm < M && gk < k_end;
+            ra[r] = inside ? la(gm, gk) : 0.0f;
         }
 #pragma unroll
         for (int r = 0; r < SB::R; ++r) {
             const int gn = n0 + SB::mn(tid, r), gk = k0 + SB::kk(tid, r);
-            rb[r] = (gn < N && gk < k_end) ? lb(gk, gn) : 0.0f;
+            const bool inside = gn < N && gk < k_end;
+            rb[r] = inside ? lb(gk, gn) : 0.0f;
         }
     };
-    auto stage = [&](int buf) {
+    auto stage_into = [&](int buf) {
 #pragma unroll
         for (int r = 0; r < SA::R; ++r) tc_store<PREC>(As[buf], slot_a[r], ra[r]);
 #pragma unroll
@@ -431,14 +619,14 @@ __device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, in
 
     const int tiles = k_end > k_begin ? (k_end - k_begin + TILE_K - 1) / TILE_K : 0;
     if (tiles > 0) {
-        fetch(k_begin);
-        stage(0);
+        prefetch(k_begin);
+        stage_into(0);
     }
     __syncthreads();
     for (int tile = 0; tile < tiles; ++tile) {
         const int buf = tile & 1;
         const bool more = tile + 1 < tiles;
-        if (more) fetch(k_begin + (tile + 1) * TILE_K);
+        if (more) prefetch(k_begin + (tile + 1) * TILE_K);
         // K-slices of the tile: two of 8 (TF32), one of 16 (BF16).
 #pragma unroll
         for (int s = 0; s < (PREC == PREC_TF32 ? 2 : 1); ++s) {
@@ -462,7 +650,7 @@ __device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, in
                 }
         }
         // The buffer written here was last read before the previous barrier.
-        if (more) stage(buf ^ 1);
+        if (more) stage_into(buf ^ 1);
         __syncthreads();
     }
     // c0..c3 of fragment (i, j): C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].

@@ -20,16 +20,50 @@ struct ConvDiv {
         : khw(a.kh * a.kw), kw(a.kw), L(a.oh * a.ow), ow(a.ow) {}
 };
 
-// x at image `img`, im2col row k = (c·kh + p)·kw + q, output pixel l = i·ow + j: the input at
-// row i·s − pad + p, column j·s − pad + q; 0 in the padding.
+// Every gather is split into a part that depends on the GEMM's k alone and a part that
+// depends on its m or n alone (`kdesc`, `mdesc`), joined per element by `at`: the tile
+// engine computes each part once per tile or block (see NoKDesc in common.cuh), so an element
+// costs a bounds check and an add. An image's base is 64-bit, an offset inside an image a
+// wide multiply of the channel plus a 32-bit pixel offset (a plane's size is an int
+// throughout, as L = oh·ow is). The `operator()` every loader also has (for the tensor-core
+// tile) joins the same parts.
+
+// The image `img` of x.
 template <typename T>
-__device__ __forceinline__ T x_tap(const T* x, const ConvArgs& a, const ConvDiv& dv, int img, int k, int l) {
+__device__ __forceinline__ const T* x_image(const T* x, const ConvArgs& a, int img) {
+    return x + (long long)img * a.c_in * (a.h * a.w);
+}
+
+// x at im2col row k = (c·kh + p)·kw + q, output pixel l = i·ow + j: the input at row
+// i·s − pad + p, column j·s − pad + q; 0 in the padding. Its k part: the tap (p, q) with its
+// offset in an image, (c·h + p)·w + q; its pixel part: the image and the window's corner
+// (y0, x0) = (i·s − pad, j·s − pad) with that corner's offset.
+struct __align__(16) XTap {
+    long long off;
+    int p, q;
+};
+template <typename T>
+struct XPix {
+    const T* xi;
+    int y0, x0, at;
+};
+__device__ __forceinline__ XTap x_tap_part(const ConvArgs& a, const ConvDiv& dv, int k) {
     const int c = dv.khw.div(k), r = k - c * (a.kh * a.kw);
     const int p = dv.kw.div(r), q = r - p * a.kw;
+    return XTap{(long long)c * (a.h * a.w) + (p * a.w + q), p, q};
+}
+template <typename T>
+__device__ __forceinline__ XPix<T> x_pix_part(const T* x, const ConvArgs& a, const ConvDiv& dv, int col) {
+    const int img = dv.L.div(col), l = col - img * (a.oh * a.ow);
     const int i = dv.ow.div(l), j = l - i * a.ow;
-    const int yy = i * a.stride - a.pad + p, xx = j * a.stride - a.pad + q;
-    if (yy < 0 || yy >= a.h || xx < 0 || xx >= a.w) return T(0);
-    return x[(((long long)img * a.c_in + c) * a.h + yy) * a.w + xx];
+    const int y0 = i * a.stride - a.pad, x0 = j * a.stride - a.pad;
+    return XPix<T>{x_image(x, a, img), y0, x0, y0 * a.w + x0};
+}
+template <typename T>
+__device__ __forceinline__ T x_join(const ConvArgs& a, const XTap& d, const XPix<T>& m) {
+    // Unsigned: a row or column above the padding's edge is negative, so huge.
+    if ((unsigned)(m.y0 + d.p) >= (unsigned)a.h || (unsigned)(m.x0 + d.q) >= (unsigned)a.w) return T(0);
+    return m.xi[d.off + m.at];
 }
 
 // ---- forward: y[img, co, l] = Σ_k W[co, k]·col_img[k, l] (+ b[co]) ----
@@ -39,6 +73,9 @@ struct FwdW {  // A(co, k) = W[co, k]
     const T* w;
     int K;
     bool k_fast;
+    static constexpr bool KDESC = false;
+    using KD = NoKDesc;
+    using MD = NoKDesc;
     __device__ T operator()(int co, int k) const { return w[(long long)co * K + k]; }
 };
 template <typename T>
@@ -47,10 +84,14 @@ struct FwdX {  // B(k, col) with col = img·L + l
     ConvArgs a;
     ConvDiv dv;
     bool k_fast;
-    __device__ T operator()(int k, int col) const {
-        const int img = dv.L.div(col);
-        return x_tap(x, a, dv, img, k, col - img * (a.oh * a.ow));
-    }
+    // k: the tap; mn: the output pixel.
+    static constexpr bool KDESC = true;
+    using KD = XTap;
+    using MD = XPix<T>;
+    __device__ KD kdesc(int k) const { return x_tap_part(a, dv, k); }
+    __device__ MD mdesc(int col) const { return x_pix_part(x, a, dv, col); }
+    __device__ T at(const KD& d, const MD& m) const { return x_join(a, d, m); }
+    __device__ T operator()(int k, int col) const { return at(kdesc(k), mdesc(col)); }
 };
 template <typename T>
 struct FwdStore {  // y[img, co, l] = v + b[co]  (overwrites; b is null without bias)
@@ -121,12 +162,23 @@ struct BdW {  // A(c, k) = W[co, c, p, q] with p = φy + s·u, q = φx + s·v
     ConvArgs a;
     Phase ph;
     bool k_fast;
-    __device__ T operator()(int c, int k) const {
+    // k: the tap's offset in W, co·c_in·kh·kw + p·kw + q; mn: the input channel's, c·kh·kw.
+    static constexpr bool KDESC = true;
+    struct KD {
+        long long off;
+    };
+    struct MD {
+        int off;
+    };
+    __device__ KD kdesc(int k) const {
         const int co = ph.uhw.div(k), r = k - co * (ph.y.taps * ph.x.taps);
         const int u = ph.uw.div(r), v = r - u * ph.x.taps;
         const int p = ph.y.f + a.stride * u, q = ph.x.f + a.stride * v;
-        return w[(((long long)co * a.c_in + c) * a.kh + p) * a.kw + q];
+        return KD{(long long)co * (a.c_in * a.kh * a.kw) + (p * a.kw + q)};
     }
+    __device__ MD mdesc(int c) const { return MD{c * (a.kh * a.kw)}; }
+    __device__ T at(const KD& d, const MD& m) const { return w[d.off + m.off]; }
+    __device__ T operator()(int c, int k) const { return at(kdesc(k), mdesc(c)); }
 };
 template <typename T>
 struct BdDy {  // B(k, col) = dy[img, co, t0y + ty − u, t0x + tx − v], 0 outside dy
@@ -134,15 +186,35 @@ struct BdDy {  // B(k, col) = dy[img, co, t0y + ty − u, t0x + tx − v], 0 out
     ConvArgs a;
     Phase ph;
     bool k_fast;
-    __device__ T operator()(int k, int col) const {
+    // A tap (u, v) of the phase and its offset in an image of dy, co·oh·ow − (u·ow + v) for
+    // output channel co (added to the offset of the pixel (i0, j0) of tap (0, 0)).
+    static constexpr bool KDESC = true;
+    struct __align__(16) KD {
+        long long off;
+        int u, v;
+    };
+    __device__ KD kdesc(int k) const {
         const int co = ph.uhw.div(k), r = k - co * (ph.y.taps * ph.x.taps);
         const int u = ph.uw.div(r), v = r - u * ph.x.taps;
+        return KD{(long long)co * (a.oh * a.ow) - (u * a.ow + v), u, v};
+    }
+    // A pixel of the phase: its image, the dy pixel (i0, j0) of tap (0, 0) and its offset.
+    struct MD {
+        const T* dyi;
+        int i0, j0, at;
+    };
+    __device__ MD mdesc(int col) const {
         const int img = ph.nhw.div(col), pix = col - img * (ph.y.n * ph.x.n);
         const int ty = ph.nw.div(pix), tx = pix - ty * ph.x.n;
-        const int i = ph.y.t0 + ty - u, j = ph.x.t0 + tx - v;
-        if (i < 0 || i >= a.oh || j < 0 || j >= a.ow) return T(0);
-        return dy[(((long long)img * a.c_out + co) * a.oh + i) * a.ow + j];
+        const int i0 = ph.y.t0 + ty, j0 = ph.x.t0 + tx;
+        return MD{dy + (long long)img * a.c_out * (a.oh * a.ow), i0, j0, i0 * a.ow + j0};
     }
+    __device__ T at(const KD& d, const MD& m) const {
+        // Unsigned: a tap before the first row or column is negative, so huge.
+        if ((unsigned)(m.i0 - d.u) >= (unsigned)a.oh || (unsigned)(m.j0 - d.v) >= (unsigned)a.ow) return T(0);
+        return m.dyi[d.off + m.at];
+    }
+    __device__ T operator()(int k, int col) const { return at(kdesc(k), mdesc(col)); }
 };
 template <typename T>
 struct BdStore {  // dx[img, c, yy, xx] += v with yy = φy − pad + s·(t0y + ty)
@@ -182,11 +254,22 @@ struct BwDy {  // A(co, t) = dy[img, co, l]
     ConvArgs a;
     ConvDiv dv;
     bool k_fast;
-    __device__ T operator()(int co, int t) const {
+    // k (here t): the pixel's address in channel 0 of its image; mn: the channel's offset.
+    static constexpr bool KDESC = true;
+    struct KD {
+        const T* p;
+    };
+    struct MD {
+        long long off;
+    };
+    __device__ KD kdesc(int t) const {
         const int L = a.oh * a.ow;
         const int img = dv.L.div(t);
-        return dy[((long long)img * a.c_out + co) * L + (t - img * L)];
+        return KD{dy + (long long)img * a.c_out * L + (t - img * L)};
     }
+    __device__ MD mdesc(int co) const { return MD{(long long)co * (a.oh * a.ow)}; }
+    __device__ T at(const KD& d, const MD& m) const { return d.p[m.off]; }
+    __device__ T operator()(int co, int t) const { return at(kdesc(t), mdesc(co)); }
 };
 template <typename T>
 struct BwX {  // B(t, k) = col_img[k, l]
@@ -194,10 +277,14 @@ struct BwX {  // B(t, k) = col_img[k, l]
     ConvArgs a;
     ConvDiv dv;
     bool k_fast;
-    __device__ T operator()(int t, int k) const {
-        const int img = dv.L.div(t);
-        return x_tap(x, a, dv, img, k, t - img * (a.oh * a.ow));
-    }
+    // k (here t): the output pixel; mn (a weight column): the tap.
+    static constexpr bool KDESC = true;
+    using KD = XPix<T>;
+    using MD = XTap;
+    __device__ KD kdesc(int t) const { return x_pix_part(x, a, dv, t); }
+    __device__ MD mdesc(int k) const { return x_tap_part(a, dv, k); }
+    __device__ T at(const KD& m, const MD& d) const { return x_join(a, d, m); }
+    __device__ T operator()(int t, int k) const { return at(kdesc(t), mdesc(k)); }
 };
 
 // Grid: (ceil(K / TN), ceil(c_out / TM), splits); part is [splits, c_out, K].

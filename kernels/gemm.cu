@@ -9,6 +9,9 @@ struct StridedA {
     const T* p;
     int rs, cs;
     bool k_fast;
+    static constexpr bool KDESC = false;
+    using KD = NoKDesc;
+    using MD = NoKDesc;
     __device__ T operator()(int m, int k) const { return p[(long long)m * rs + (long long)k * cs]; }
 };
 template <typename T>
@@ -16,6 +19,9 @@ struct StridedB {
     const T* p;
     int rs, cs;
     bool k_fast;
+    static constexpr bool KDESC = false;
+    using KD = NoKDesc;
+    using MD = NoKDesc;
     __device__ T operator()(int k, int n) const { return p[(long long)k * rs + (long long)n * cs]; }
 };
 

@@ -1106,14 +1106,65 @@ fn the_suite_catches_broken_kernels() {
         // Whichever tile shape the first shape takes reads past the end first.
         &["illegal memory access", "kernel gemm", "past the end of"],
     );
-    // The barrier between loading the tiles and reading them, removed.
-    let barrier =
-        "            Bs[kk][nn] = (gn < N && gk < k_end) ? lb(gk, gn) : T(0);\n        }\n        __syncthreads();\n";
+    // The barrier between staging a tile and reading it, removed.
+    let barrier = "        if (t + 2 < tiles) describe(k_begin + (t + 2) * TILE_K, t & 1);\n        __syncthreads();\n";
     plants.source(
         ("barrier", "common.cuh", barrier, &barrier.replace("        __syncthreads();\n", "")),
         "a barrier removed from the tile GEMM",
         "linear_matches_cpu",
         &["linear_forward"],
+    );
+    // The register prefetch fetching the tile being computed again instead of the next one.
+    plants.source(
+        (
+            "prefetch",
+            "common.cuh",
+            "fetch(k_begin + (t + 1) * TILE_K, buf ^ 1);",
+            "fetch(k_begin + t * TILE_K, buf ^ 1);",
+        ),
+        "the tile GEMM prefetching the wrong K-tile",
+        "linear_matches_cpu",
+        &["linear_forward"],
+    );
+    // The next tile staged into the buffer this step reads (double buffering undone).
+    plants.source(
+        ("buffer", "common.cuh", "if (more) stage(buf ^ 1);", "if (more) stage(buf);"),
+        "the tile GEMM staging into the buffer it reads",
+        "conv2d_matches_cpu",
+        &["conv2d_forward"],
+    );
+    // The k table of the tile after next written over the next tile's (one tile early): a
+    // convolution's gather then reads the wrong taps.
+    plants.source(
+        (
+            "k-table",
+            "common.cuh",
+            "describe(k_begin + (t + 2) * TILE_K, t & 1);",
+            "describe(k_begin + (t + 1) * TILE_K, t & 1);",
+        ),
+        "the tile GEMM's k table filled for the wrong tile",
+        "conv2d_matches_cpu",
+        &["conv2d_forward"],
+    );
+    // The mn table of a k-fast operand one entry off: the weight gradient's columns shift.
+    plants.source(
+        (
+            "mn-table",
+            "common.cuh",
+            "Mb[i] = lb.mdesc(min(n0 + i, N - 1));",
+            "Mb[i] = lb.mdesc(min(n0 + i + 1, N - 1));",
+        ),
+        "the tile GEMM's mn table one entry off",
+        "conv2d_matches_cpu",
+        &["conv2d_backward_weight"],
+    );
+    // The micro-tile's vector load at a column offset of one element per thread, not four:
+    // a float4 at a 4-byte boundary, which a GPU faults on.
+    plants.source(
+        ("lds128", "common.cuh", "lds4(&Bs[buf][kk][4 * tx], b);", "lds4(&Bs[buf][kk][tx], b);"),
+        "a vectorised shared load at a misaligned offset",
+        "linear_matches_cpu",
+        &["misaligned", "kernel gemm"],
     );
     // A grid-stride loop that runs to i <= n.
     plants.source(
