@@ -72,8 +72,7 @@ pub struct Cli {
     /// numbers do not depend on the precision a device happens to offer. (PyTorch runs
     /// convolutions in TF32 by default; here TF32 stays opt-in until its quality is shown
     /// within 0.3 nats of f32, where two seeds so far gave +0.56 and -0.80 after 10 conv
-    /// epochs, and until the modelled H200 prices its kernels clearly faster than f32's:
-    /// bench/results/.)
+    /// epochs; the modelled H200 prices a TF32 conv step 22% under f32's: bench/results/.)
     #[arg(long, global = true, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     /// Run every step eagerly, one kernel launch at a time. By default a GPU step (training or
