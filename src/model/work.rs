@@ -57,17 +57,10 @@ fn tiled_flops(tile: Tile, m: f64, n: f64, k: f64, kc: f64, splits: f64) -> f64 
     2.0 * up(m, tile.m()) * up(n, tile.n()) * k_exec
 }
 
-/// The kernel a tile-shape variant is of (`gemm_m16` → `gemm`), the others unchanged.
+/// The kernel a tile-shape or precision variant is of (`gemm_m16` → `gemm`), the others
+/// unchanged.
 fn base_kernel(k: Kernel) -> Kernel {
-    use Kernel::*;
-    match k {
-        GemmM16 | GemmN16 | GemmTf32 | GemmBf16 => Gemm,
-        GemmSplitKM16 | GemmSplitKN16 | GemmSplitKTf32 | GemmSplitKBf16 => GemmSplitK,
-        ConvFwdM16 | ConvFwdN16 | ConvFwdTf32 | ConvFwdBf16 => ConvFwd,
-        ConvBwdDataM16 | ConvBwdDataN16 | ConvBwdDataTf32 | ConvBwdDataBf16 => ConvBwdData,
-        ConvBwdWeightM16 | ConvBwdWeightN16 | ConvBwdWeightTf32 | ConvBwdWeightBf16 => ConvBwdWeight,
-        other => other,
-    }
+    crate::backend::cuda::kernels::tile_family(k).unwrap_or(k)
 }
 
 fn conv_dims(a: &ConvArgs) -> [f64; 11] {

@@ -450,15 +450,32 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// The engine of a kernel of the table (Fma for the kernels outside the tile engine).
+    /// The engine of a kernel of the table (Fma for the kernels outside the tile engine): the
+    /// tensor-core kernels are the `_tf32` and `_bf16` variants.
     pub fn of(k: Kernel) -> Engine {
-        use Kernel::*;
-        match k {
-            GemmTf32 | GemmSplitKTf32 | ConvFwdTf32 | ConvBwdDataTf32 | ConvBwdWeightTf32 => Engine::Tf32,
-            GemmBf16 | GemmSplitKBf16 | ConvFwdBf16 | ConvBwdDataBf16 | ConvBwdWeightBf16 => Engine::Bf16,
-            _ => Engine::Fma,
+        let name = KERNELS[k as usize].name;
+        if name.contains("_tf32") {
+            Engine::Tf32
+        } else if name.contains("_bf16") {
+            Engine::Bf16
+        } else {
+            Engine::Fma
         }
     }
+}
+
+/// The kernels of the tile engine, by base name: every other tile kernel is one of these with
+/// a precision (`_tf32`, `_bf16`) or a tile shape (`_m16`, `_n16`) appended.
+pub const TILE_FAMILIES: [&str; 5] = ["gemm", "gemm_splitk", "conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];
+
+/// The tile-engine family of a kernel (`gemm_splitk_m16` → `gemm_splitk`), None for the
+/// kernels outside the tile engine: what the model's work formulas go by.
+pub fn tile_family(k: Kernel) -> Option<Kernel> {
+    let mut name = KERNELS[k as usize].name;
+    for suffix in ["_m16", "_n16", "_tf32", "_bf16"] {
+        name = name.strip_suffix(suffix).unwrap_or(name);
+    }
+    TILE_FAMILIES.contains(&name).then(|| ALL_KERNELS[KERNELS.iter().position(|s| s.name == name).expect("a family")])
 }
 
 /// The output tile of a tile-engine kernel (`tile_gemm` in kernels/common.cuh): every kernel of
@@ -499,18 +516,15 @@ impl Tile {
             Tile::Short | Tile::Narrow => TILE_SMALL_THREADS,
         }
     }
-    /// The tile shape of a kernel of the table, None for the kernels outside the tile engine.
+    /// The tile shape of a kernel of the table, None for the kernels outside the tile engine
+    /// (the tensor-core kernels run the 64 × 64 tile).
     pub fn of(k: Kernel) -> Option<Tile> {
-        use Kernel::*;
-        match k {
-            Gemm | GemmSplitK | ConvFwd | ConvBwdData | ConvBwdWeight => Some(Tile::Square),
-            // The tensor-core kernels run the 64 × 64 tile too.
-            GemmTf32 | GemmSplitKTf32 | ConvFwdTf32 | ConvBwdDataTf32 | ConvBwdWeightTf32 => Some(Tile::Square),
-            GemmBf16 | GemmSplitKBf16 | ConvFwdBf16 | ConvBwdDataBf16 | ConvBwdWeightBf16 => Some(Tile::Square),
-            GemmM16 | GemmSplitKM16 | ConvFwdM16 | ConvBwdDataM16 | ConvBwdWeightM16 => Some(Tile::Short),
-            GemmN16 | GemmSplitKN16 | ConvFwdN16 | ConvBwdDataN16 | ConvBwdWeightN16 => Some(Tile::Narrow),
-            _ => None,
-        }
+        let name = KERNELS[k as usize].name;
+        tile_family(k).map(|_| match () {
+            _ if name.ends_with("_m16") => Tile::Short,
+            _ if name.ends_with("_n16") => Tile::Narrow,
+            _ => Tile::Square,
+        })
     }
 }
 
@@ -746,6 +760,14 @@ mod tests {
         assert_eq!(choose_tile(&[Tile::Square], 1, 16 * 784, 288, 1), Tile::Square);
         assert_eq!(block_threads(Kernel::GemmM16), 64);
         assert_eq!(block_threads(Kernel::GemmTf32), 256);
+        assert_eq!(block_threads(Kernel::ConvBwdWeightN16), 64);
+        assert_eq!(Tile::of(Kernel::GemmSplitKM16), Some(Tile::Short));
+        assert_eq!(Tile::of(Kernel::ConvBwdDataBf16), Some(Tile::Square));
+        assert_eq!(Tile::of(Kernel::SplitKReduce), None);
+        assert_eq!(tile_family(Kernel::ConvBwdDataN16), Some(Kernel::ConvBwdData));
+        assert_eq!(tile_family(Kernel::GemmSplitKTf32), Some(Kernel::GemmSplitK));
+        assert_eq!(tile_family(Kernel::BiasAdd), None);
+        assert_eq!((Engine::of(Kernel::GemmSplitKBf16), Engine::of(Kernel::ConvFwdM16)), (Engine::Bf16, Engine::Fma));
         assert_eq!(block_threads_of_symbol("conv2d_bwd_data_n16_f64"), Some(64));
         assert_eq!(block_threads_of_symbol("adam_f32"), Some(BLOCK));
     }
