@@ -422,7 +422,7 @@ template <typename T, int TM, int TN, class LA, class LB, class ST>
 __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
                                           const ST& st) {
     static_assert(TM % 16 == 0 && TN % 16 == 0, "4 x 4 micro-tiles over a tile of whole warps");
-    // Declared here, once, not in the loop's four instantiations (each would get its own).
+    // Declared here, once, not in the loop's instantiations (each would get its own).
     // Two staging buffers for float, one for double (see HOLD in the loop).
     constexpr int NB = sizeof(T) == 4 ? 2 : 1;
     __shared__ __align__(16) T As[NB][TILE_K][TM + TILE_PAD];
@@ -433,17 +433,16 @@ __device__ __forceinline__ void tile_gemm(int M, int N, int k_begin, int k_end, 
     __shared__ __align__(16) typename LA::MD Ma[LA::KDESC ? TM : 1];
     __shared__ __align__(16) typename LB::MD Mb[LB::KDESC ? TN : 1];
     // The convolution loaders' k_fast are constants, so only one branch survives there.
-    // f64, the reference precision, takes one staging order whatever the operands' (any order
-    // is correct; k_fast only picks the coalesced one): three fewer copies of the loop for
-    // NVRTC to compile in every file, every kernel and every planted-bug build.
-    if (sizeof(T) == 8) {
-        tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
-    } else if (la.k_fast) {
+    // Any staging order is correct; k_fast only picks the coalesced one. So f64, the
+    // reference precision, takes one order whatever the operands', and the pair no caller
+    // makes (A m-fast, B k-fast: a linear layer's three products are k-k, k-n and m-n; the
+    // convolutions' k-n, k-n and k-k) shares the m-n copy. Every copy of the loop is NVRTC
+    // time in every file, every kernel and every planted-bug build.
+    if (sizeof(T) == 4 && la.k_fast) {
         if (lb.k_fast) tile_gemm_loop<T, TM, TN, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
         else           tile_gemm_loop<T, TM, TN, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
     } else {
-        if (lb.k_fast) tile_gemm_loop<T, TM, TN, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
-        else           tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
+        tile_gemm_loop<T, TM, TN, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs, Ka, Kb, Ma, Mb);
     }
 }
 
@@ -673,16 +672,16 @@ __device__ __forceinline__ void tile_gemm_mma_loop(int M, int N, int k_begin, in
 template <int PREC, class LA, class LB, class ST>
 __device__ __forceinline__ void tile_gemm_mma(int M, int N, int k_begin, int k_end, const LA& la, const LB& lb,
                                               const ST& st) {
-    // Declared once here, not in the loop's four instantiations (each would get its own).
+    // Declared once here, not in the loop's three instantiations (each would get its own).
     __shared__ __align__(16) unsigned As[2][TC_TILE_WORDS];
     __shared__ __align__(16) unsigned Bs[2][TC_TILE_WORDS];
-    // k_fast picks the staging order once per block (a constant for the convolution loaders).
+    // k_fast picks the staging order once per block (a constant for the convolution loaders);
+    // the pair no caller makes shares the m-n copy, as in tile_gemm.
     if (la.k_fast) {
         if (lb.k_fast) tile_gemm_mma_loop<PREC, true, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
         else           tile_gemm_mma_loop<PREC, true, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
     } else {
-        if (lb.k_fast) tile_gemm_mma_loop<PREC, false, true>(M, N, k_begin, k_end, la, lb, st, As, Bs);
-        else           tile_gemm_mma_loop<PREC, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
+        tile_gemm_mma_loop<PREC, false, false>(M, N, k_begin, k_end, la, lb, st, As, Bs);
     }
 }
 
