@@ -1061,10 +1061,13 @@ impl Plants {
     }
 
     /// [`Plants::check`] with the kernel sources edited: `(tag, file, from, to)` as
-    /// [`broken_sources`] takes them.
+    /// [`broken_sources`] takes them. The broken sources are built fast (`FAST_BUILD_ENV`):
+    /// each child builds them afresh, and would otherwise spend most of its time on NVRTC
+    /// optimizing device code that the emulated device does not run (it runs host builds).
     fn source(&mut self, (tag, file, from, to): (&str, &str, &str, &str), what: &str, test: &str, expect: &[&str]) {
+        use vaecuda::backend::cuda::compile::{FAST_BUILD_ENV, SOURCES_ENV};
         let dir = broken_sources(tag, file, from, to);
-        self.check(what, test, &[("VAECUDA_KERNEL_SOURCES", &dir.to_string_lossy())], expect);
+        self.check(what, test, &[(SOURCES_ENV, &dir.to_string_lossy()), (FAST_BUILD_ENV, "1")], expect);
     }
 
     /// Runs every plant, two children at a time, and fails with each one the suite missed.

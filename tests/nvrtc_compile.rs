@@ -1,5 +1,5 @@
 //! Every kernel file compiles through NVRTC for sm_80 and sm_90 with an empty log (no
-//! warnings), and defines every `<kernel>_f32` / `<kernel>_f64` the backend loads. Needs no
+//! warnings; ptxas's resource report, which the model's compile turns on, aside), and defines every `<kernel>_f32` / `<kernel>_f64` the backend loads. Needs no
 //! GPU, only NVRTC (`source scripts/nvrtc-env.sh`; `scripts/test.sh` does it). When NVRTC is
 //! missing the test fails under CI (env `CI` set) and otherwise prints a note and passes.
 
@@ -65,6 +65,23 @@ fn compile_errors_name_file_and_line() {
     let err = vaecuda::backend::cuda::compile::compile_file(&bad, "sm_80").err().expect("a broken kernel compiled");
     let err = err.to_string();
     assert!(err.contains("broken.cu(3)"), "the log does not point at broken.cu line 3:\n{err}");
+}
+
+/// Taking ptxas's resource report out of a log leaves every other line, warnings included.
+#[test]
+fn only_the_ptxas_report_is_taken_out_of_a_log() {
+    use vaecuda::backend::cuda::compile::without_ptxas_report;
+    let log = "ptxas info    : Compiling entry function 'k_f32' for 'sm_90'\n\
+               ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+               gemm.cu(7): warning #177-D: variable \"x\" was declared but never referenced\n\
+               ptxas info    : Used 32 registers, used 0 barriers\n\
+               ptxas warning : Registers are spilled to local memory in function 'k_f32'";
+    let left = without_ptxas_report(log);
+    assert_eq!(
+        left,
+        "gemm.cu(7): warning #177-D: variable \"x\" was declared but never referenced\n\
+         ptxas warning : Registers are spilled to local memory in function 'k_f32'"
+    );
 }
 
 /// The symbol check behind `missing_kernels` finds what a file defines and nothing else.

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::cuda::compile::{compile_program_with, program_source, FILES};
+use crate::backend::cuda::compile::{compile_file_cached_with, KernelFile, FILES, PTXAS_REPORT};
 use crate::backend::cuda::GpuError;
 
 /// What the CUBIN and ptxas say about one kernel function.
@@ -71,24 +71,26 @@ pub struct CompiledFile {
     pub kernels: Vec<KernelFacts>,
 }
 
-/// Compiles every kernel file for `arch` (`sm_90`, `sm_80`) with ptxas's report on and reads
-/// the facts of every kernel function.
+/// Compiles every kernel file for `arch` (`sm_90`, `sm_80`) with ptxas's report on (or takes
+/// the CUBIN and report from the disk cache) and reads the facts of every kernel function.
+/// The files compile side by side: NVRTC is single-threaded.
 pub fn compile_facts(arch: &str) -> Result<Vec<CompiledFile>, GpuError> {
-    FILES
-        .iter()
-        .map(|f| {
-            let c = compile_program_with(f.name, &program_source(f)?, arch, &["--ptxas-options=-v"])?;
-            let mut kernels = facts_of(&c.binary).map_err(|e| GpuError::Compile {
-                file: f.name.to_string(),
-                log: format!("cannot read the CUBIN NVRTC made for {arch}: {e}"),
-            })?;
-            merge_ptxas_report(&mut kernels, &c.log);
-            for k in &mut kernels {
-                k.file = f.name.to_string();
-            }
-            Ok(CompiledFile { file: f.name, cubin: c.binary, kernels })
-        })
-        .collect()
+    let of_file = |f: &'static KernelFile| {
+        let c = compile_file_cached_with(f, arch, &[PTXAS_REPORT])?;
+        let mut kernels = facts_of(&c.binary).map_err(|e| GpuError::Compile {
+            file: f.name.to_string(),
+            log: format!("cannot read the CUBIN NVRTC made for {arch}: {e}"),
+        })?;
+        merge_ptxas_report(&mut kernels, &c.log);
+        for k in &mut kernels {
+            k.file = f.name.to_string();
+        }
+        Ok(CompiledFile { file: f.name, cubin: c.binary, kernels })
+    };
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = FILES.iter().map(|f| s.spawn(move || of_file(f))).collect();
+        jobs.into_iter().map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
 }
 
 /// Little-endian reads that fail instead of panicking on a short buffer.

@@ -44,6 +44,31 @@ pub const FILES: &[KernelFile] = &[
 /// Options every program is compiled with (besides the architecture).
 const OPTIONS: &[&str] = &["-std=c++17"];
 
+/// When set to `1`, builds favour build time over the speed of the code they make: NVRTC
+/// compiles the kernel files with `--Ofast-compile=max` (about a sixth of the time: gemm.cu
+/// 4 s instead of 20–30 s) and the emulated device's host builds of the kernel files take
+/// `-O1` instead of `-O2` (a third less). For runs where the device code's speed does not
+/// matter: the planted-bug tests set it for each build of broken sources, whose kernels run
+/// on the emulated device as host builds (the CUBIN gives the driver only names, launch
+/// bounds and register counts).
+/// The performance model never uses it: it compiles its own CUBINs (`model::cubin`).
+pub const FAST_BUILD_ENV: &str = "VAECUDA_FAST_BUILD";
+
+/// Whether [`FAST_BUILD_ENV`] asks for fast builds.
+pub fn fast_build() -> bool {
+    std::env::var(FAST_BUILD_ENV).is_ok_and(|v| v == "1")
+}
+
+/// The options a kernel file is compiled with: [`OPTIONS`], and the fast-compile one when
+/// [`FAST_BUILD_ENV`] asks for it.
+fn file_options() -> Vec<&'static str> {
+    let mut o = OPTIONS.to_vec();
+    if fast_build() {
+        o.push("--Ofast-compile=max");
+    }
+    o
+}
+
 /// Where kernel sources are read from instead of the copies built into the binary, when set:
 /// a folder holding `common.cuh` and the `.cu` files. For kernel work without rebuilding, and
 /// for the tests that break a kernel on purpose to show the suite catches it.
@@ -134,7 +159,8 @@ fn log_of(prog: sys::nvrtcProgram) -> String {
 /// Compiles one kernel file for `arch` (e.g. "sm_90") to CUBIN. An error carries NVRTC's log,
 /// whose messages name the file and line.
 pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, GpuError> {
-    compile_program(file.name, &program_source(file)?, arch)
+    let extra = file_options().split_off(OPTIONS.len());
+    compile_program_with(file.name, &program_source(file)?, arch, &extra)
 }
 
 /// Compiles the program text `text` (as `program_source` makes it), named `file` in messages,
@@ -226,16 +252,37 @@ pub fn has_symbol(binary: &[u8], name: &str) -> bool {
 }
 
 /// Compiles every kernel file for `arch` (e.g. "sm_80") with NVRTC alone: no GPU, no driver.
+/// It is the performance model's compile (ptxas's report on, [`compile_file_cached_with`]),
+/// so a text the model compiled before comes from the disk cache; the report's lines are left
+/// out of [`FileReport::log`] ([`without_ptxas_report`]).
 pub fn compile_all_for_arch(arch: &str) -> Result<CompileReport, GpuError> {
     let nvrtc_version = nvrtc_version()?;
     let mut files = vec![];
     for f in FILES {
-        let c = compile_file(f, arch)?;
+        let c = compile_file_cached_with(f, arch, &[PTXAS_REPORT])?;
         let missing_kernels = kernel_names(f).into_iter().filter(|n| !has_symbol(&c.binary, n)).collect();
         let (binary_bytes, whole) = (c.binary.len(), cubin_is_whole(&c.binary));
-        files.push(FileReport { file: f.name, log: c.log, binary_bytes, whole, missing_kernels });
+        files.push(FileReport {
+            file: f.name,
+            log: without_ptxas_report(&c.log),
+            binary_bytes,
+            whole,
+            missing_kernels,
+        });
     }
     Ok(CompileReport { arch: arch.to_string(), nvrtc_version, files })
+}
+
+/// The NVRTC option that turns ptxas's resource report on (registers, shared memory, spills
+/// per kernel; the performance model reads it from the log).
+pub const PTXAS_REPORT: &str = "--ptxas-options=-v";
+
+/// An NVRTC log without the lines of ptxas's resource report (`ptxas info    : ...` and their
+/// `ptxas         .` continuations): what is left are the compiler's messages, warnings
+/// included.
+pub fn without_ptxas_report(log: &str) -> String {
+    let report = |l: &str| l.starts_with("ptxas info") || l.starts_with("ptxas         .");
+    log.lines().filter(|l| !report(l)).collect::<Vec<_>>().join("\n")
 }
 
 /// `$VAECUDA_CACHE`, else `$XDG_CACHE_HOME/vaecuda`, else `~/.cache/vaecuda`.
@@ -248,13 +295,13 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// Hex key of everything that determines a file's CUBIN: the whole program text (contract,
 /// common.cuh, declarations, the file), the architecture, the options and NVRTC's version.
-fn cache_key(file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> Result<String, GpuError> {
+fn cache_key(file: &KernelFile, arch: &str, options: &[&str], nvrtc: (i32, i32)) -> Result<String, GpuError> {
     let mut h = Sha256::new();
     for part in [&program_source(file)?, file.name, arch, &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1)] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
-    for o in OPTIONS {
+    for o in options {
         h.update(o.as_bytes());
     }
     Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
@@ -320,7 +367,7 @@ pub fn cubin_is_whole(bytes: &[u8]) -> bool {
 /// Where the CUBIN of `file` for `arch` is cached under `dir`.
 fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> Result<PathBuf, GpuError> {
     let stem = file.name.trim_end_matches(".cu");
-    Ok(dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, nvrtc)?)))
+    Ok(dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, &file_options(), nvrtc)?)))
 }
 
 /// A CUBIN and whether it was read from the disk cache (rather than compiled just now).
@@ -399,4 +446,32 @@ fn cubin_fresh_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<C
         let _ = write_atomic(&p, &c.binary);
     }
     Ok(Cubin { binary: c.binary, from_cache: false })
+}
+
+/// [`compile_program_with`] of `file` with `extra` options (the performance model's
+/// `--ptxas-options=-v`), its CUBIN and log cached on disk beside the backend's CUBINs under
+/// a key that includes the options: the model, its tests and `vae bench --model` then compile
+/// each file once per architecture, not on every run. [`FAST_BUILD_ENV`] does not apply.
+pub fn compile_file_cached_with(file: &KernelFile, arch: &str, extra: &[&str]) -> Result<Compiled, GpuError> {
+    let fresh = || compile_program_with(file.name, &program_source(file)?, arch, extra);
+    let Some(dir) = cache_dir() else { return fresh() };
+    let options: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
+    let stem =
+        format!("{}-{arch}-{}", file.name.trim_end_matches(".cu"), cache_key(file, arch, &options, nvrtc_version()?)?);
+    let (cubin, log) = (dir.join(format!("{stem}.cubin")), dir.join(format!("{stem}.log")));
+    // The log is written first and the CUBIN last, so a whole CUBIN means a whole entry.
+    let cached = || {
+        let binary = std::fs::read(&cubin).ok().filter(|b| cubin_is_whole(b))?;
+        Some(Compiled { binary, log: std::fs::read_to_string(&log).ok()? })
+    };
+    if let Some(c) = cached() {
+        return Ok(c);
+    }
+    let _lock = CompileLock::take(&cubin);
+    if let Some(c) = cached() {
+        return Ok(c);
+    }
+    let c = fresh()?;
+    let _ = write_atomic(&log, c.log.as_bytes()).and_then(|_| write_atomic(&cubin, &c.binary));
+    Ok(c)
 }
