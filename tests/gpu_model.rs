@@ -168,6 +168,7 @@ fn modelled_step_of_each_architecture() {
         let parts: f64 = a.breakdown().iter().map(|p| p.1).sum();
         assert!((parts - s.eager_s).abs() < 1e-9 * s.eager_s.max(1.0), "{}: parts {parts} vs {}", a.arch, s.eager_s);
         assert!(s.eager_s > 0.0 && s.graph_s > 0.0 && s.graph_s <= s.eager_s);
+        assert!(s.outside_graph_s > 0.0 && s.outside_graph_s < s.graph_s);
         // Every launch is labelled with the backend method and shape it served.
         if let Some(l) = s.launches.iter().find(|l| l.op.starts_with("- ")) {
             panic!("{}: {} launched outside any labelled backend method ({:?})", a.arch, l.kernel, l.op);
@@ -184,11 +185,12 @@ fn modelled_step_of_each_architecture() {
             s.syncs
         );
         report!(
-            "modelled H200 step, {} at batch 128: {:.1} µs eager ({:.3} s/epoch), {:.1} µs as one graph; {} launches, {} memsets, {} copies",
+            "modelled H200 step, {} at batch 128: {:.1} µs eager ({:.3} s/epoch), {:.1} µs as one graph ({:.1} µs of it outside); {} launches, {} memsets, {} copies",
             a.arch,
             s.eager_s * 1e6,
             a.epoch_eager_s(),
             s.graph_s * 1e6,
+            s.outside_graph_s * 1e6,
             s.launches.len(),
             s.memsets,
             s.copies
@@ -241,4 +243,43 @@ fn warm_up_batch_does_not_change_the_trace() {
     let warm_small = trace_step_after(&be, Arch::Mlp, 128, 2);
     assert!(warm_full.iter().filter(|e| matches!(e.kind, EventKind::Launch(_))).count() > 40);
     assert!(warm_full == warm_small, "the MLP step traced after a warm-up at 2 differs from one after 128");
+}
+
+/// What the model prices outside the graph of a replayed step (`training_replay`: the gather,
+/// the noise, the host copies, the inputs' copies, the loss read back) is what a replayed
+/// step does outside its graph: traced with graphs on, the third step at a batch is one
+/// graph launch and exactly those events.
+#[test]
+fn a_replayed_step_leaves_outside_the_graph_what_the_model_prices() {
+    use vaecuda::backend::cuda::trace::{Event, EventKind};
+    use vaecuda::model::report::{trace_replayed_step, trace_step_after, training_replay};
+    use vaecuda::nn::Arch;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let Some(be) = common::cuda_device::<f32>() else { return };
+    let batch = 16;
+    // What an event asked of the device, without the label of the method that asked it.
+    let what = |e: &Event| match &e.kind {
+        EventKind::Launch(l) => format!("launch {:?} grid {:?}", l.kernel, l.grid),
+        other => format!("{other:?}"),
+    };
+    let replay = training_replay(Arch::Mlp, batch);
+    let eager = trace_step_after(&be, Arch::Mlp, batch, batch);
+    let mut expected: Vec<String> = eager.iter().filter(|e| replay.is_outside(e)).map(what).collect();
+    expected.extend(replay.input_copy_bytes.iter().map(|&bytes| {
+        what(&Event {
+            op: "copy",
+            shape: String::new(),
+            kind: EventKind::Copy { dir: vaecuda::backend::cuda::trace::CopyDir::DeviceToDevice, bytes },
+        })
+    }));
+    let replayed = trace_replayed_step(&be, Arch::Mlp, batch);
+    let graphs = replayed.iter().filter(|e| e.kind == EventKind::GraphLaunch).count();
+    let mut outside: Vec<String> = replayed.iter().filter(|e| e.kind != EventKind::GraphLaunch).map(what).collect();
+    expected.sort();
+    outside.sort();
+    assert_eq!(graphs, 1, "a replayed step is one graph launch: {replayed:#?}");
+    assert_eq!(outside, expected, "outside the graph, the replayed step differs from what the model prices");
+    assert!(outside.len() >= 6, "too few events outside the graph to be a whole step: {outside:?}");
 }

@@ -44,9 +44,16 @@
 //!
 //! ```text
 //! step (eager) = max(Σ t, n_issued · h) + n_waits · w
-//! step (graph) = graph launch (1.8 µs) + Σ (t with g = 0.5 µs) + n_waits · w
+//! step (graph) = graph launch (1.8 µs) + Σ_inside (t with g = 0.5 µs)
+//!                + max(Σ_outside t, n_outside · h) + n_waits · w
 //! epoch        = ⌈60000 / batch⌉ · step
 //! ```
+//!
+//! A step replayed as one graph (what `vae train` runs) leaves some work outside the graph,
+//! issued by the host one call at a time ([`price::Replay`], [`report::training_replay`]):
+//! the batch's indices and gather and the noise before it, Adam's constants staged before it,
+//! the batch and the noise copied into the graph's input buffers, and the loss read back
+//! after it. `tests/gpu_model.rs` checks that list against the trace of a replayed step.
 //!
 //! The breakdown the report prints is `Σ t_roof` (roofline), `Σ (t_eff − t_roof)` (efficiency),
 //! `Σ (t_pad − t_eff)` (padding and zero taps), `Σ (t_pad/(fill·issue) − t_pad)` (idle SMs and schedulers), and the
@@ -71,5 +78,5 @@ pub mod sass;
 pub mod work;
 
 pub use machine::{Machine, SmLimits, H200, SM_80, SM_90};
-pub use price::{price, StepPrice};
+pub use price::{price, Replay, StepPrice};
 pub use report::{ModelReport, StaticFacts};

@@ -147,18 +147,59 @@ pub struct StepPrice {
     pub eager_s: f64,
     /// Host-bound share of the eager step: what the host's issuing adds over the device time.
     pub host_bound_s: f64,
-    /// The step captured as one CUDA graph per step.
+    /// The step as it runs replayed as one CUDA graph (`graph::Replayer`): the graph's
+    /// launch and its nodes at graph gaps, plus what stays outside it at eager cost (see
+    /// [`Replay`]), plus the waits.
     pub graph_s: f64,
+    /// Of `graph_s`: the part outside the graph (the longer of its device and host time).
+    pub outside_graph_s: f64,
 }
 
-/// Prices `events` with the kernels' `models` (by symbol) on `m`. Panics on a launch of a
-/// kernel the models lack (they come from the same kernel table).
-pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machine) -> StepPrice {
+/// What a step replayed as one CUDA graph leaves outside the graph (`graph::Replayer`): the
+/// events of some backend methods (the batch's gather and the noise before it, the loss read
+/// back after it), every copy to or from the host (a graph holds none: Adam's constants are
+/// staged before the replay), and the copies of its inputs into the graph's own buffers.
+/// These run eagerly, each issued by the host on its own.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    /// Backend methods whose events run before or after the graph, eagerly.
+    pub outside_ops: Vec<&'static str>,
+    /// Bytes of each input copied into the graph's buffers before a replay, on the device.
+    pub input_copy_bytes: Vec<u64>,
+}
+
+impl Replay {
+    /// Whether `ev` runs outside the graph.
+    pub fn is_outside(&self, ev: &Event) -> bool {
+        let host_copy = matches!(ev.kind, EventKind::Copy { dir, .. } if dir != CopyDir::DeviceToDevice);
+        host_copy || self.outside_ops.contains(&ev.op)
+    }
+}
+
+/// Prices `events` with the kernels' `models` (by symbol) on `m`, eagerly and as replayed
+/// with `replay` left outside the graph. Panics on a launch of a kernel the models lack
+/// (they come from the same kernel table).
+pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machine, replay: &Replay) -> StepPrice {
     let mut launches = vec![];
     let (mut memsets, mut copies, mut syncs) = (0, 0, 0);
     let mut device = Cost::default();
     let mut graph_device = 0.0;
     let mut host = 0.0;
+    // The part of a replayed step outside the graph: device time and host issue.
+    let (mut outside_device, mut outside_host) = (0.0, 0.0);
+    // The inputs' copies into the graph's buffers: read and written, so at half the bandwidth.
+    for &bytes in &replay.input_copy_bytes {
+        outside_device += bytes as f64 / (m.dram_bytes_per_s / 2.0) + m.device_gap_eager_s;
+        outside_host += m.host_issue_s;
+    }
+    let mut in_graph = |ev: &Event, t: f64| {
+        if replay.is_outside(ev) {
+            outside_device += t + m.device_gap_eager_s;
+            outside_host += m.host_issue_s;
+        } else {
+            graph_device += t + m.device_gap_graph_s;
+        }
+    };
     for ev in events {
         match &ev.kind {
             EventKind::Launch(l) => {
@@ -209,7 +250,7 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                     overhead: m.device_gap_eager_s,
                 };
                 device.add(&cost);
-                graph_device += filled + m.device_gap_graph_s;
+                in_graph(ev, filled);
                 host += m.host_issue_s;
                 let family = spec.file.trim_end_matches(".cu");
                 let op = format!("{} {}", ev.op, ev.shape);
@@ -230,7 +271,7 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 memsets += 1;
                 let t = *bytes as f64 / m.dram_bytes_per_s;
                 device.overhead += t + m.device_gap_eager_s;
-                graph_device += t + m.device_gap_graph_s;
+                in_graph(ev, t);
                 host += m.host_issue_s;
             }
             EventKind::Copy { dir, bytes } => {
@@ -238,7 +279,7 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
                 let bw = if *dir == CopyDir::DeviceToDevice { m.dram_bytes_per_s / 2.0 } else { m.pcie_bytes_per_s };
                 let t = *bytes as f64 / bw;
                 device.overhead += t + m.device_gap_eager_s;
-                graph_device += t + m.device_gap_graph_s;
+                in_graph(ev, t);
                 host += m.host_issue_s;
             }
             EventKind::Synchronize => syncs += 1,
@@ -260,7 +301,8 @@ pub fn price(events: &[Event], models: &BTreeMap<String, KernelModel>, m: &Machi
         host_issue_s: host,
         eager_s,
         host_bound_s: (host - dev).max(0.0),
-        graph_s: m.graph_launch_s + graph_device + waits,
+        graph_s: m.graph_launch_s + graph_device + outside_device.max(outside_host) + waits,
+        outside_graph_s: outside_device.max(outside_host),
     }
 }
 
@@ -301,7 +343,7 @@ mod tests {
             elem_bytes: 4,
             args: vec![Arg::Gemm(g), Arg::Null, Arg::Null, Arg::Null, Arg::Null],
         };
-        let p = price(&[event(EventKind::Launch(l))], &models(64), &H200);
+        let p = price(&[event(EventKind::Launch(l))], &models(64), &H200, &Replay::default());
         let pl = &p.launches[0];
         assert_eq!((pl.blocks_per_sm, pl.waves), (4, 8));
         let flops = 2.0 * 4096f64.powi(3);
@@ -312,6 +354,37 @@ mod tests {
         // One launch issued in 4 µs, far less than its device time: not host-bound.
         assert_eq!(p.host_bound_s, 0.0);
         assert!((p.eager_s - want).abs() < 1e-12);
+    }
+
+    /// A replayed step: the launches of an outside method, host copies and the inputs' copies
+    /// are issued one by one outside the graph; the rest runs inside it at graph gaps.
+    #[test]
+    fn a_replay_prices_what_stays_outside_the_graph_eagerly() {
+        let fill = Launch {
+            kernel: Kernel::Fill,
+            grid: [1, 1, 1],
+            block: [256, 1, 1],
+            dynamic_shared_bytes: 0,
+            elem_bytes: 4,
+            args: vec![Arg::Buf { elems: 100, elem_bytes: 4 }, Arg::Float(0.0), Arg::Int(100)],
+        };
+        let at = |op: &'static str, kind: EventKind| Event { op, shape: String::new(), kind };
+        let ev = vec![
+            at("normal_noise", EventKind::Launch(fill.clone())),
+            at("adam_step_all", EventKind::Copy { dir: CopyDir::HostToDevice, bytes: 44 }),
+            at("unary_forward", EventKind::Launch(fill.clone())),
+            at("unary_forward", EventKind::Launch(fill)),
+        ];
+        let replay = Replay { outside_ops: vec!["normal_noise"], input_copy_bytes: vec![4800] };
+        let p = price(&ev, &models(16), &H200, &replay);
+        let inside = price(&ev[2..], &models(16), &H200, &Replay::default());
+        // Inside: the two launches at graph gaps, and the graph's launch.
+        let graph_inside = inside.graph_s;
+        // Outside: three host calls (the noise, the constants, the input copy), host-bound.
+        assert!((p.outside_graph_s - 3.0 * 4.0e-6).abs() < 1e-12, "{}", p.outside_graph_s);
+        assert!((p.graph_s - (graph_inside + p.outside_graph_s)).abs() < 1e-12, "{} vs {graph_inside}", p.graph_s);
+        // The eager step is the same with or without a replay's account.
+        assert_eq!(p.eager_s, price(&ev, &models(16), &H200, &Replay::default()).eager_s);
     }
 
     /// Many tiny launches are host-bound: the step is the issue time, plus the waits.
@@ -327,7 +400,7 @@ mod tests {
         };
         let mut ev: Vec<Event> = (0..10).map(|_| event(EventKind::Launch(fill(100)))).collect();
         ev.push(event(EventKind::Synchronize));
-        let p = price(&ev, &models(16), &H200);
+        let p = price(&ev, &models(16), &H200, &Replay::default());
         assert!((p.eager_s - (10.0 * 4.0e-6 + 5.8e-6)).abs() < 1e-12, "{}", p.eager_s);
         assert!(p.host_bound_s > 0.0 && p.graph_s < p.eager_s);
         assert_eq!(p.syncs, 1);

@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::cubin::{compile_facts, KernelFacts};
 use super::machine::Machine;
-use super::price::{price, Cost, KernelModel, StepPrice};
+use super::price::{price, Cost, KernelModel, Replay, StepPrice};
 use super::sass::{find_tool, sass_facts};
 use crate::backend::cuda::trace::{record, Event};
 use crate::backend::cuda::{Cuda, GpuError};
@@ -80,12 +80,24 @@ pub const WARM_UP_BATCH: usize = 2;
 /// [`trace_step`] with a first, untraced step at batch `warm_up`.
 pub fn trace_step_after(be: &Cuda<f32>, arch: Arch, batch: usize, warm_up: usize) -> Vec<Event> {
     // Eagerly: a replayed graph's launches are not traced (the model prices the step as one
-    // graph from the eager trace).
-    let be = &be.with_graphs(false);
+    // graph from the eager trace, with `training_replay` outside the graph).
+    trace_after(&be.with_graphs(false), arch, batch, &[warm_up])
+}
+
+/// The events of a training step of `arch` at `batch` replayed as one CUDA graph: two steps
+/// at `batch` come first (run eagerly, then captured), the third is traced. What
+/// `tests/gpu_model.rs` checks [`training_replay`] against.
+pub fn trace_replayed_step(be: &Cuda<f32>, arch: Arch, batch: usize) -> Vec<Event> {
+    trace_after(&be.with_graphs(true), arch, batch, &[batch, batch])
+}
+
+/// The events of a training step at `batch` on a fresh trainer, after untraced steps at
+/// the batches `before`.
+fn trace_after(be: &Cuda<f32>, arch: Arch, batch: usize, before: &[usize]) -> Vec<Event> {
     let config = ModelConfig::mnist(arch);
     let mut t = Trainer::new(be.clone(), config, LossConfig::default(), AdamConfig::default(), 0);
     let mut rng = Rng::new(1);
-    let images = batch.max(warm_up);
+    let images = before.iter().copied().fold(batch, usize::max);
     let pixels: Vec<u8> = (0..images * 784).map(|_| (rng.next_f64() * 256.0) as u8).collect();
     let data: DeviceData<Cuda<f32>> =
         DeviceData { pixels: be.upload_bytes(&std::sync::Arc::new(pixels)), len: images, shape: [1, 28, 28] };
@@ -94,9 +106,26 @@ pub fn trace_step_after(be: &Cuda<f32>, arch: Arch, batch: usize, warm_up: usize
         let x = data.batch(be, &idx);
         t.step(x, 1.0).expect("a finite loss on random pixels");
     };
-    step(warm_up);
+    for &n in before {
+        step(n);
+    }
     be.synchronize();
     record(|| step(batch)).1
+}
+
+/// What a training step replayed as a CUDA graph leaves outside it (`Trainer::step`): the
+/// batch gathered on the device (its indices uploaded) and the noise drawn before, the loss
+/// read back after, Adam's constants staged before (a host copy, outside by rule), and the
+/// batch and the noise copied into the graph's input buffers.
+/// `tests/gpu_model.rs` checks this against the trace of a replayed step.
+pub fn training_replay(arch: Arch, batch: usize) -> Replay {
+    let config = ModelConfig::mnist(arch);
+    let f32_bytes = std::mem::size_of::<f32>();
+    let image = config.channels * config.height * config.width;
+    Replay {
+        outside_ops: vec!["gather_rows_u8", "normal_noise", "download"],
+        input_copy_bytes: vec![(batch * image * f32_bytes) as u64, (batch * config.latent * f32_bytes) as u64],
+    }
 }
 
 /// One architecture's priced step.
@@ -170,7 +199,7 @@ pub fn model_report(be: &Cuda<f32>, machine: Machine, batch: usize) -> Result<Mo
                 arch: arch.name().to_string(),
                 batch,
                 steps_per_epoch: MNIST_TRAIN_IMAGES.div_ceil(batch),
-                step: price(&events, &facts.kernels, &machine),
+                step: price(&events, &facts.kernels, &machine, &training_replay(arch, batch)),
             }
         })
         .collect();
@@ -245,6 +274,14 @@ impl fmt::Display for ModelReport {
             for (name, t) in a.breakdown() {
                 writeln!(f, "  modelled {:<40} {:>9.1} µs {:>5.1}%", name, us(t), 100.0 * t / a.step.eager_s)?;
             }
+            writeln!(
+                f,
+                "  as one graph: modelled step {:.1} µs, of which {:.1} µs outside the graph (the batch's \
+                 indices and gather, the noise, Adam's constants, the inputs' copies, the loss read back: \
+                 each issued by the host on its own)",
+                us(a.step.graph_s),
+                us(a.step.outside_graph_s)
+            )?;
             writeln!(
                 f,
                 "  {:<25} {:>5} {:>12} {:>3} {:>6} {:>9} {:>10} {:>12} {:>7}",
