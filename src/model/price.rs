@@ -325,6 +325,18 @@ mod tests {
             .collect()
     }
 
+    /// A one-block fill of `n` floats: a launch whose device time is nearly all gap.
+    fn fill(n: usize) -> Launch {
+        Launch {
+            kernel: Kernel::Fill,
+            grid: [1, 1, 1],
+            block: [256, 1, 1],
+            dynamic_shared_bytes: 0,
+            elem_bytes: 4,
+            args: vec![Arg::Buf { elems: n, elem_bytes: 4 }, Arg::Float(0.0), Arg::Int(n as i32)],
+        }
+    }
+
     fn event(kind: EventKind) -> Event {
         Event { op: "test", shape: String::new(), kind }
     }
@@ -360,20 +372,12 @@ mod tests {
     /// are issued one by one outside the graph; the rest runs inside it at graph gaps.
     #[test]
     fn a_replay_prices_what_stays_outside_the_graph_eagerly() {
-        let fill = Launch {
-            kernel: Kernel::Fill,
-            grid: [1, 1, 1],
-            block: [256, 1, 1],
-            dynamic_shared_bytes: 0,
-            elem_bytes: 4,
-            args: vec![Arg::Buf { elems: 100, elem_bytes: 4 }, Arg::Float(0.0), Arg::Int(100)],
-        };
         let at = |op: &'static str, kind: EventKind| Event { op, shape: String::new(), kind };
         let ev = vec![
-            at("normal_noise", EventKind::Launch(fill.clone())),
+            at("normal_noise", EventKind::Launch(fill(100))),
             at("adam_step_all", EventKind::Copy { dir: CopyDir::HostToDevice, bytes: 44 }),
-            at("unary_forward", EventKind::Launch(fill.clone())),
-            at("unary_forward", EventKind::Launch(fill)),
+            at("unary_forward", EventKind::Launch(fill(100))),
+            at("unary_forward", EventKind::Launch(fill(100))),
         ];
         let replay = Replay { outside_ops: vec!["normal_noise"], input_copy_bytes: vec![4800] };
         let p = price(&ev, &models(16), &H200, &replay);
@@ -390,14 +394,6 @@ mod tests {
     /// Many tiny launches are host-bound: the step is the issue time, plus the waits.
     #[test]
     fn tiny_launches_are_host_bound() {
-        let fill = |n| Launch {
-            kernel: Kernel::Fill,
-            grid: [1, 1, 1],
-            block: [256, 1, 1],
-            dynamic_shared_bytes: 0,
-            elem_bytes: 4,
-            args: vec![Arg::Buf { elems: n, elem_bytes: 4 }, Arg::Float(0.0), Arg::Int(n as i32)],
-        };
         let mut ev: Vec<Event> = (0..10).map(|_| event(EventKind::Launch(fill(100)))).collect();
         ev.push(event(EventKind::Synchronize));
         let p = price(&ev, &models(16), &H200, &Replay::default());
