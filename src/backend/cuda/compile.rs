@@ -59,14 +59,14 @@ pub fn fast_build() -> bool {
     std::env::var(FAST_BUILD_ENV).is_ok_and(|v| v == "1")
 }
 
-/// The options a kernel file is compiled with: [`OPTIONS`], and the fast-compile one when
+/// The options a kernel file is compiled with after [`OPTIONS`]: the fast-compile one when
 /// [`FAST_BUILD_ENV`] asks for it.
-fn file_options() -> Vec<&'static str> {
-    let mut o = OPTIONS.to_vec();
+fn file_extra_options() -> &'static [&'static str] {
     if fast_build() {
-        o.push("--Ofast-compile=max");
+        &["--Ofast-compile=max"]
+    } else {
+        &[]
     }
-    o
 }
 
 /// Where kernel sources are read from instead of the copies built into the binary, when set:
@@ -159,8 +159,7 @@ fn log_of(prog: sys::nvrtcProgram) -> String {
 /// Compiles one kernel file for `arch` (e.g. "sm_90") to CUBIN. An error carries NVRTC's log,
 /// whose messages name the file and line.
 pub fn compile_file(file: &KernelFile, arch: &str) -> Result<Compiled, GpuError> {
-    let extra = file_options().split_off(OPTIONS.len());
-    compile_program_with(file.name, &program_source(file)?, arch, &extra)
+    compile_program_with(file.name, &program_source(file)?, arch, file_extra_options())
 }
 
 /// Compiles the program text `text` (as `program_source` makes it), named `file` in messages,
@@ -294,14 +293,15 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// Hex key of everything that determines a file's CUBIN: the whole program text (contract,
-/// common.cuh, declarations, the file), the architecture, the options and NVRTC's version.
-fn cache_key(file: &KernelFile, arch: &str, options: &[&str], nvrtc: (i32, i32)) -> Result<String, GpuError> {
+/// common.cuh, declarations, the file), the architecture, the options ([`OPTIONS`], then
+/// `extra`) and NVRTC's version.
+fn cache_key(file: &KernelFile, arch: &str, extra: &[&str], nvrtc: (i32, i32)) -> Result<String, GpuError> {
     let mut h = Sha256::new();
     for part in [&program_source(file)?, file.name, arch, &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1)] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
-    for o in options {
+    for o in OPTIONS.iter().chain(extra) {
         h.update(o.as_bytes());
     }
     Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
@@ -367,7 +367,7 @@ pub fn cubin_is_whole(bytes: &[u8]) -> bool {
 /// Where the CUBIN of `file` for `arch` is cached under `dir`.
 fn cache_path(dir: &Path, file: &KernelFile, arch: &str, nvrtc: (i32, i32)) -> Result<PathBuf, GpuError> {
     let stem = file.name.trim_end_matches(".cu");
-    Ok(dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, &file_options(), nvrtc)?)))
+    Ok(dir.join(format!("{stem}-{arch}-{}.cubin", cache_key(file, arch, file_extra_options(), nvrtc)?)))
 }
 
 /// A CUBIN and whether it was read from the disk cache (rather than compiled just now).
@@ -455,9 +455,8 @@ fn cubin_fresh_in(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Result<C
 pub fn compile_file_cached_with(file: &KernelFile, arch: &str, extra: &[&str]) -> Result<Compiled, GpuError> {
     let fresh = || compile_program_with(file.name, &program_source(file)?, arch, extra);
     let Some(dir) = cache_dir() else { return fresh() };
-    let options: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
     let stem =
-        format!("{}-{arch}-{}", file.name.trim_end_matches(".cu"), cache_key(file, arch, &options, nvrtc_version()?)?);
+        format!("{}-{arch}-{}", file.name.trim_end_matches(".cu"), cache_key(file, arch, extra, nvrtc_version()?)?);
     let (cubin, log) = (dir.join(format!("{stem}.cubin")), dir.join(format!("{stem}.log")));
     // The log is written first and the CUBIN last, so a whole CUBIN means a whole entry.
     let cached = || {
