@@ -34,45 +34,87 @@ impl BatchNormDims {
 // Per-channel sums run one task per channel, each over its elements in (sample, position)
 // order, so the result does not depend on the thread count; the elementwise passes run one
 // task per block of samples. Both are parallel and read contiguous rows of `inner` values.
+//
+// Every hot loop is an `#[inline(always)]` function called from a one-line closure given to
+// `ops::simd`, so the loop itself is compiled in the AVX2 frame: a loop inside a larger
+// closure was left out of line there and ran scalar, SSE2 code (perf: batch norm was a
+// quarter of a conv-bn training step). The activation is matched once per row, outside the
+// loop (`with_act`), not once per element.
 
-/// Σ f(a[k], b[k]) over channel c's elements k, in f64, in a fixed order: element j of each
-/// row goes to lane j mod 8 and the lanes are added at the end. One running sum would be a
-/// chain of dependent additions (4 cycles each) and made batch norm latency-bound.
-fn channel_sum<E: Float>(d: &BatchNormDims, c: usize, a: &[E], b: &[E], f: impl Fn(f64, f64) -> f64) -> f64 {
-    channel_sums(d, c, a, b, |x, y| (f(x, y), 0.0)).0
-}
+/// Lanes of a channel sum: element j of each row goes to lane j mod 8 and the lanes are
+/// added at the end. One running sum would be a chain of dependent additions (4 cycles
+/// each) and made batch norm latency-bound.
+const LANES: usize = 8;
 
-/// Two such sums in one pass over the channel, each added in `channel_sum`'s order, so each
-/// is the same to the bit as its own `channel_sum`.
-fn channel_sums<E: Float>(
-    d: &BatchNormDims,
-    c: usize,
-    a: &[E],
-    b: &[E],
-    f: impl Fn(f64, f64) -> (f64, f64),
-) -> (f64, f64) {
-    let (mut first, mut second) = ([0.0f64; 8], [0.0f64; 8]);
-    crate::ops::simd(|| {
-        for o in 0..d.outer {
-            let row = d.at(o, c, 0);
-            let (ra, rb) = (&a[row..][..d.inner], &b[row..][..d.inner]);
-            let (ca, cb) = (ra.chunks_exact(8), rb.chunks_exact(8));
-            let (ta, tb) = (ca.remainder(), cb.remainder());
-            for (xa, xb) in ca.zip(cb) {
-                for l in 0..8 {
-                    let (u, v) = f(xa[l].f64(), xb[l].f64());
-                    first[l] += u;
-                    second[l] += v;
-                }
+/// Binds `$f` to `act`'s forward (`y = f(x)`) or, after `df`, to its backward from the
+/// output (`g = f(y, dy)`), then runs `$body`: one copy of the loop per activation, so the
+/// loop does not branch on the activation per element.
+macro_rules! with_act {
+    ($act:expr, $f:ident => $body:expr) => {
+        match $act {
+            None => {
+                let $f = |v| v;
+                $body
             }
-            for (l, (&xa, &xb)) in ta.iter().zip(tb).enumerate() {
-                let (u, v) = f(xa.f64(), xb.f64());
-                first[l] += u;
-                second[l] += v;
+            Some(Unary::Relu) => {
+                let $f = |v| Unary::Relu.f(v);
+                $body
+            }
+            Some(Unary::LeakyRelu(s)) => {
+                let $f = move |v| Unary::LeakyRelu(s).f(v);
+                $body
+            }
+            Some(op) => {
+                let $f = move |v| op.f(v);
+                $body
             }
         }
-    });
+    };
+    (df $act:expr, $f:ident => $body:expr) => {
+        match $act {
+            None => {
+                let $f = |_, dy| dy;
+                $body
+            }
+            Some(Unary::Relu) => {
+                let $f = |y, dy| Unary::Relu.df(y, y, dy);
+                $body
+            }
+            Some(Unary::LeakyRelu(s)) => {
+                let $f = move |y, dy| Unary::LeakyRelu(s).df(y, y, dy);
+                $body
+            }
+            Some(op) => {
+                let $f = move |y, dy| op.df(y, y, dy);
+                $body
+            }
+        }
+    };
+}
+
+/// Two sums over channel c's elements k in one pass, Σ f(x[k]).0 and .1, in f64 and in a
+/// fixed order (rows in sample order, each into [`LANES`] lanes, the lanes added last).
+#[inline(always)]
+fn channel_sums<E: Float>(d: &BatchNormDims, c: usize, x: &[E], f: impl Fn(E) -> (f64, f64) + Copy) -> (f64, f64) {
+    let (mut first, mut second) = ([0.0f64; LANES], [0.0f64; LANES]);
+    for o in 0..d.outer {
+        let row = &x[d.at(o, c, 0)..][..d.inner];
+        sums_of_row(row, row, row, &mut first, &mut second, |v, _, _| f(v));
+    }
     (first.iter().sum(), second.iter().sum())
+}
+
+/// Σ x and then Σ (x − mean)² over channel c (two passes, as the textbook, for accuracy).
+fn mean_and_squares<E: Float>(d: &BatchNormDims, c: usize, x: &[E]) -> (f64, f64) {
+    let m = d.m() as f64;
+    let mean = crate::ops::simd(|| channel_sums(d, c, x, |v| (v.f64(), 0.0))).0 / m;
+    let squares = crate::ops::simd(|| {
+        channel_sums(d, c, x, |v| {
+            let dev = v.f64() - mean;
+            (dev * dev, 0.0)
+        })
+    });
+    (mean, squares.0)
 }
 
 /// For every (sample, channel) row of `out`, in parallel over blocks of samples:
@@ -81,11 +123,9 @@ fn per_row<E: Float>(out: &mut [E], d: &BatchNormDims, f: impl Fn(usize, usize, 
     let block = (d.channels * d.inner).max(1);
     let min = (crate::ops::PAR_MIN / block).max(1);
     out.par_chunks_mut(block).with_min_len(min).enumerate().for_each(|(o, sample)| {
-        crate::ops::simd(|| {
-            for (c, row) in sample.chunks_mut(d.inner.max(1)).enumerate() {
-                f(c, d.at(o, c, 0), row);
-            }
-        })
+        for (c, row) in sample.chunks_mut(d.inner.max(1)).enumerate() {
+            f(c, d.at(o, c, 0), row);
+        }
     });
 }
 
@@ -93,18 +133,11 @@ fn per_row<E: Float>(out: &mut [E], d: &BatchNormDims, f: impl Fn(usize, usize, 
 /// rounded to E before the activation (as the unfused ops round their intermediate tensor).
 #[inline(always)]
 fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: f64, beta: f64, act: Option<Unary>) {
-    match act {
-        None => {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = E::of((x.f64() - mean) * invstd * gamma + beta);
-            }
+    with_act!(act, f => crate::ops::simd(|| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = f(E::of((x.f64() - mean) * invstd * gamma + beta));
         }
-        Some(op) => {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = op.f(E::of((x.f64() - mean) * invstd * gamma + beta));
-            }
-        }
-    }
+    }))
 }
 
 /// Training mode: per channel, the batch mean and biased variance (two passes, in f64), then
@@ -124,14 +157,7 @@ pub fn cpu_forward_train<E: Float>(
     d: BatchNormDims,
 ) {
     let m = d.m() as f64;
-    // (mean, Σ(x − mean)²) per channel: two passes, as the textbook, for accuracy.
-    let stats: Vec<(f64, f64)> = (0..d.channels)
-        .into_par_iter()
-        .map(|c| {
-            let mean = channel_sum(&d, c, x, x, |v, _| v) / m;
-            (mean, channel_sum(&d, c, x, x, |v, _| (v - mean) * (v - mean)))
-        })
-        .collect();
+    let stats: Vec<(f64, f64)> = (0..d.channels).into_par_iter().map(|c| mean_and_squares(&d, c, x)).collect();
     let invstd: Vec<f64> = stats.iter().map(|&(_, sq)| 1.0 / (sq / m + d.eps).sqrt()).collect();
     per_row(y, &d, |c, k0, row| {
         normalize_row(&x[k0..][..row.len()], row, stats[c].0, invstd[c], gamma[c].f64(), beta[c].f64(), d.act)
@@ -156,8 +182,8 @@ pub fn cpu_forward_eval<E: Float>(x: &[E], gamma: &[E], beta: &[E], rm: &[E], rv
 
 /// dβ = Σ dy, dγ = Σ dy·x̂, dx = γ·invstd/m · (m·dy − dβ − x̂·dγ), with x̂ = (x − mean)·invstd.
 /// With an activation fused (`d.act`, whose output `y` is given), dy is first taken through
-/// it: g = act'·dy from y (rounded to E, as the unfused activation's backward stores it), and
-/// g stands for dy above.
+/// it: g = act'·dy from y, rounded to E as the unfused activation's backward stores it, and
+/// g stands for dy above. g is formed where it is read, in both passes, not stored.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<E: Float>(
     dy: &[E],
@@ -171,23 +197,12 @@ pub fn cpu_backward<E: Float>(
     dbeta: Option<&mut [E]>,
     d: BatchNormDims,
 ) {
-    let through_act: Vec<E>;
-    let dy = match (d.act, y) {
+    let y = match (d.act, y) {
         (Some(op), Some(y)) => {
             assert!(op.reads_output() && y.len() == dy.len(), "batch_norm backward: cannot fuse {op:?}");
-            let mut g = vec![E::zero(); dy.len()];
-            g.par_chunks_mut(crate::ops::PAR_MIN)
-                .zip(dy.par_chunks(crate::ops::PAR_MIN).zip(y.par_chunks(crate::ops::PAR_MIN)))
-                .for_each(|(g, (dy, y))| {
-                    crate::ops::simd(|| {
-                        for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
-                            *g = op.df(y, y, dy);
-                        }
-                    })
-                });
-            through_act = g;
-            &through_act[..]
+            y
         }
+        // Without an activation `y` is not read: dy stands in for it.
         (None, None) => dy,
         _ => panic!("batch_norm backward: the activation's output y is given exactly when one is fused"),
     };
@@ -196,7 +211,18 @@ pub fn cpu_backward<E: Float>(
         .into_par_iter()
         .map(|c| {
             let (mu, is) = (mean[c].f64(), invstd[c].f64());
-            channel_sums(&d, c, dy, x, |g, v| (g, g * (v - mu) * is))
+            let (mut sdy, mut sdyx) = ([0.0f64; LANES], [0.0f64; LANES]);
+            for o in 0..d.outer {
+                let row = d.at(o, c, 0);
+                let (dyr, yr, xr) = (&dy[row..][..d.inner], &y[row..][..d.inner], &x[row..][..d.inner]);
+                with_act!(df d.act, g => crate::ops::simd(|| {
+                    sums_of_row(dyr, yr, xr, &mut sdy, &mut sdyx, |dy: E, y: E, x: E| {
+                        let g = g(y, dy).f64();
+                        (g, g * (x.f64() - mu) * is)
+                    })
+                }));
+            }
+            (sdy.iter().sum(), sdyx.iter().sum())
         })
         .collect();
     if let Some(db) = dbeta {
@@ -210,12 +236,41 @@ pub fn cpu_backward<E: Float>(
             let (mu, is) = (mean[c].f64(), invstd[c].f64());
             let (sdy, sdyx) = sums[c];
             let scale = gamma[c].f64() * is / m;
-            let (xr, dyr) = (&x[k0..][..row.len()], &dy[k0..][..row.len()]);
-            for ((d, &x), &g) in row.iter_mut().zip(xr).zip(dyr) {
-                let xhat = (x.f64() - mu) * is;
-                *d += E::of(scale * (m * g.f64() - sdy - xhat * sdyx));
-            }
+            let n = row.len();
+            let (xr, dyr, yr) = (&x[k0..][..n], &dy[k0..][..n], &y[k0..][..n]);
+            with_act!(df d.act, g => crate::ops::simd(|| {
+                for (((d, &x), &dy), &y) in row.iter_mut().zip(xr).zip(dyr).zip(yr) {
+                    let xhat = (x.f64() - mu) * is;
+                    *d += E::of(scale * (m * g(y, dy).f64() - sdy - xhat * sdyx));
+                }
+            }));
         });
+    }
+}
+
+/// Adds f(a[k], b[k], c[k]) over three rows into two sets of lanes (see [`LANES`]).
+#[inline(always)]
+fn sums_of_row<E: Float>(
+    a: &[E],
+    b: &[E],
+    c: &[E],
+    first: &mut [f64; LANES],
+    second: &mut [f64; LANES],
+    f: impl Fn(E, E, E) -> (f64, f64),
+) {
+    let (cd, cy, cx) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let (td, ty, tx) = (cd.remainder(), cy.remainder(), cx.remainder());
+    for ((a, b), c) in cd.zip(cy).zip(cx) {
+        for l in 0..LANES {
+            let (u, v) = f(a[l], b[l], c[l]);
+            first[l] += u;
+            second[l] += v;
+        }
+    }
+    for (l, ((&a, &b), &c)) in td.iter().zip(ty).zip(tx).enumerate() {
+        let (u, v) = f(a, b, c);
+        first[l] += u;
+        second[l] += v;
     }
 }
 
