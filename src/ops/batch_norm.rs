@@ -107,8 +107,8 @@ fn channel_sums<E: Float>(d: &BatchNormDims, c: usize, x: &[E], f: impl Fn(E) ->
 /// Σ x and then Σ (x − mean)² over channel c (two passes, as the textbook, for accuracy).
 fn mean_and_squares<E: Float>(d: &BatchNormDims, c: usize, x: &[E]) -> (f64, f64) {
     let m = d.m() as f64;
-    let mean = crate::ops::simd(|| channel_sums(d, c, x, |v| (v.f64(), 0.0))).0 / m;
-    let squares = crate::ops::simd(|| {
+    let mean = crate::ops::simd(#[inline(always)] || channel_sums(d, c, x, |v| (v.f64(), 0.0))).0 / m;
+    let squares = crate::ops::simd(#[inline(always)] || {
         channel_sums(d, c, x, |v| {
             let dev = v.f64() - mean;
             (dev * dev, 0.0)
@@ -133,7 +133,7 @@ fn per_row<E: Float>(out: &mut [E], d: &BatchNormDims, f: impl Fn(usize, usize, 
 /// rounded to E before the activation (as the unfused ops round their intermediate tensor).
 #[inline(always)]
 fn normalize_row<E: Float>(x: &[E], y: &mut [E], mean: f64, invstd: f64, gamma: f64, beta: f64, act: Option<Unary>) {
-    with_act!(act, f => crate::ops::simd(|| {
+    with_act!(act, f => crate::ops::simd(#[inline(always)] || {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = f(E::of((x.f64() - mean) * invstd * gamma + beta));
         }
@@ -215,7 +215,7 @@ pub fn cpu_backward<E: Float>(
             for o in 0..d.outer {
                 let row = d.at(o, c, 0);
                 let (dyr, yr, xr) = (&dy[row..][..d.inner], &y[row..][..d.inner], &x[row..][..d.inner]);
-                with_act!(df d.act, g => crate::ops::simd(|| {
+                with_act!(df d.act, g => crate::ops::simd(#[inline(always)] || {
                     sums_of_row(dyr, yr, xr, &mut sdy, &mut sdyx, |dy: E, y: E, x: E| {
                         let g = g(y, dy).f64();
                         (g, g * (x.f64() - mu) * is)
@@ -238,7 +238,7 @@ pub fn cpu_backward<E: Float>(
             let scale = gamma[c].f64() * is / m;
             let n = row.len();
             let (xr, dyr, yr) = (&x[k0..][..n], &dy[k0..][..n], &y[k0..][..n]);
-            with_act!(df d.act, g => crate::ops::simd(|| {
+            with_act!(df d.act, g => crate::ops::simd(#[inline(always)] || {
                 for (((d, &x), &dy), &y) in row.iter_mut().zip(xr).zip(dyr).zip(yr) {
                     let xhat = (x.f64() - mu) * is;
                     *d += E::of(scale * (m * g(y, dy).f64() - sdy - xhat * sdyx));

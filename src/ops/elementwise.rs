@@ -16,7 +16,7 @@ fn zip3<E: Float>(out: &mut [E], a: &[E], b: &[E], f: impl Fn(E, E, E) -> E + Sy
     out.par_chunks_mut(PAR_MIN)
         .zip(a.par_chunks(PAR_MIN))
         .zip(b.par_chunks(PAR_MIN))
-        .for_each(|((o, a), b)| simd(|| o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
+        .for_each(|((o, a), b)| simd(#[inline(always)] || o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
 }
 
 /// `y[i] = a[i]·b[i]`, overwriting y.

@@ -36,8 +36,10 @@ pub(crate) const PAR_MIN: usize = 1 << 14;
 /// Runs `f`, compiled for AVX2 when the CPU has it. The binary targets baseline x86-64 (it must
 /// run on any machine it is copied to), where the elementwise loops vectorize only 4 wide
 /// and `sqrt`/division not at all in practice; the Adam update alone took a quarter of an
-/// MLP step. The closure is inlined into the feature-enabled frame, so the loops inside it
-/// are compiled 8 wide. No FMA is enabled: Rust never contracts a·b + c, so results are
+/// MLP step. The closure must be inlined into the feature-enabled frame for the loops inside
+/// it to be compiled 8 wide, and LLVM declines to inline a large closure on its own: give it
+/// as `simd(#[inline(always)] || ...)` (batch norm's loops ran as scalar SSE2 code without
+/// that), and make the functions it calls `#[inline(always)]` too. No FMA is enabled: Rust never contracts a·b + c, so results are
 /// bit-identical either way.
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
