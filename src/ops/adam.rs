@@ -104,11 +104,14 @@ fn cpu_step_with<E: Float, const L2: bool, const DECOUPLED: bool>(
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adam: lengths differ");
     let chunks = p.par_chunks_mut(PAR_MIN).zip(m.par_chunks_mut(PAR_MIN)).zip(v.par_chunks_mut(PAR_MIN));
     chunks.zip(g.par_chunks(PAR_MIN)).for_each(move |(((p, m), v), g)| {
-        simd(#[inline(always)] move || {
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                (*p, *m, *v) = c.update::<L2, DECOUPLED>(*p, g, *m, *v);
-            }
-        })
+        simd(
+            #[inline(always)]
+            move || {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    (*p, *m, *v) = c.update::<L2, DECOUPLED>(*p, g, *m, *v);
+                }
+            },
+        )
     });
 }
 

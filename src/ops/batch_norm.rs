@@ -107,13 +107,20 @@ fn channel_sums<E: Float>(d: &BatchNormDims, c: usize, x: &[E], f: impl Fn(E) ->
 /// Σ x and then Σ (x − mean)² over channel c (two passes, as the textbook, for accuracy).
 fn mean_and_squares<E: Float>(d: &BatchNormDims, c: usize, x: &[E]) -> (f64, f64) {
     let m = d.m() as f64;
-    let mean = crate::ops::simd(#[inline(always)] || channel_sums(d, c, x, |v| (v.f64(), 0.0))).0 / m;
-    let squares = crate::ops::simd(#[inline(always)] || {
-        channel_sums(d, c, x, |v| {
-            let dev = v.f64() - mean;
-            (dev * dev, 0.0)
-        })
-    });
+    let mean = crate::ops::simd(
+        #[inline(always)]
+        || channel_sums(d, c, x, |v| (v.f64(), 0.0)),
+    )
+    .0 / m;
+    let squares = crate::ops::simd(
+        #[inline(always)]
+        || {
+            channel_sums(d, c, x, |v| {
+                let dev = v.f64() - mean;
+                (dev * dev, 0.0)
+            })
+        },
+    );
     (mean, squares.0)
 }
 

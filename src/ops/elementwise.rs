@@ -13,10 +13,12 @@ use crate::tensor::{numel, Float, Tensor};
 /// out[i] = f(out[i], a[i], b[i]) over chunks in parallel, vectorized (see `ops::simd`).
 fn zip3<E: Float>(out: &mut [E], a: &[E], b: &[E], f: impl Fn(E, E, E) -> E + Sync) {
     assert!(a.len() == out.len() && b.len() == out.len(), "elementwise: lengths differ");
-    out.par_chunks_mut(PAR_MIN)
-        .zip(a.par_chunks(PAR_MIN))
-        .zip(b.par_chunks(PAR_MIN))
-        .for_each(|((o, a), b)| simd(#[inline(always)] || o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b))));
+    out.par_chunks_mut(PAR_MIN).zip(a.par_chunks(PAR_MIN)).zip(b.par_chunks(PAR_MIN)).for_each(|((o, a), b)| {
+        simd(
+            #[inline(always)]
+            || o.iter_mut().zip(a).zip(b).for_each(|((o, &a), &b)| *o = f(*o, a, b)),
+        )
+    });
 }
 
 /// `y[i] = a[i]·b[i]`, overwriting y.

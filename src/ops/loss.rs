@@ -62,11 +62,14 @@ pub fn cpu_backward<E: Float>(kind: Recon, x: &[E], t: &[E], dout: E, dx: &mut [
     assert!(x.len() == dx.len() && t.len() == dx.len(), "{kind:?}: lengths differ");
     let g = dout.f64();
     dx.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).zip(t.par_chunks(PAR_MIN)).for_each(|((dx, x), t)| {
-        simd(#[inline(always)] || {
-            for ((d, &x), &t) in dx.iter_mut().zip(x).zip(t) {
-                *d += E::of(g * elementwise_grad(kind, x.f64(), t.f64()));
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for ((d, &x), &t) in dx.iter_mut().zip(x).zip(t) {
+                    *d += E::of(g * elementwise_grad(kind, x.f64(), t.f64()));
+                }
+            },
+        )
     });
 }
 

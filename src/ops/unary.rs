@@ -65,9 +65,12 @@ impl Unary {
 /// `y[i] = op.f(x[i])`, overwriting y; parallel over chunks and vectorized.
 pub fn cpu_forward<E: Float>(op: Unary, x: &[E], y: &mut [E]) {
     assert_eq!(x.len(), y.len());
-    y.par_chunks_mut(PAR_MIN)
-        .zip(x.par_chunks(PAR_MIN))
-        .for_each(|(y, x)| simd(#[inline(always)] || y.iter_mut().zip(x).for_each(|(y, &x)| *y = op.f(x))));
+    y.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).for_each(|(y, x)| {
+        simd(
+            #[inline(always)]
+            || y.iter_mut().zip(x).for_each(|(y, &x)| *y = op.f(x)),
+        )
+    });
 }
 
 /// `dx[i] += op.df(x[i], y[i], dy[i])`, with y the forward's output.
@@ -76,11 +79,14 @@ pub fn cpu_backward<E: Float>(op: Unary, x: &[E], y: &[E], dy: &[E], dx: &mut [E
     let chunks =
         dx.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).zip(y.par_chunks(PAR_MIN)).zip(dy.par_chunks(PAR_MIN));
     chunks.for_each(|(((dx, x), y), dy)| {
-        simd(#[inline(always)] || {
-            for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-                *dx += op.df(x, y, dy);
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+                    *dx += op.df(x, y, dy);
+                }
+            },
+        )
     });
 }
 
