@@ -257,25 +257,67 @@ pub fn time_case<B: Backend>(be: &B, case: &mut KernelCase, warmup: usize, reps:
 
 /// Seconds per training step at batch 128 (median of `steps` after two warm-up steps) and the
 /// implied seconds per 60,000-image epoch.
-pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> (f64, f64) {
+pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> StepTiming {
     let batch = 128;
     let mut t = Trainer::new(be.clone(), ModelConfig::mnist(arch), LossConfig::default(), AdamConfig::default(), 0);
     let mut rng = Rng::new(0);
     let data: Vec<B::E> = (0..batch * 784).map(|_| B::E::of(rng.next_f64())).collect();
     let x = Tensor::from_host(be, &[batch, 1, 28, 28], &data);
     let mut samples = vec![];
-    for i in 0..steps + 2 {
+    let (mut faults_before, mut fresh_before) = (None, None);
+    for i in 0..steps + WARM_UP_STEPS {
+        if i == WARM_UP_STEPS {
+            faults_before = minor_page_faults();
+            fresh_before = be.fresh_buffers();
+        }
         // Wall clock: a step reads its loss back to the host, and that is part of its cost.
         let start = Instant::now();
         t.step(x.duplicate(be), 1.0).expect("finite loss");
         be.synchronize();
-        if i >= 2 {
+        if i >= WARM_UP_STEPS {
             samples.push(start.elapsed().as_secs_f64());
         }
     }
+    let per_step = |before: Option<u64>, after: Option<u64>| {
+        before.zip(after).map(|(a, b)| b.saturating_sub(a) as f64 / steps.max(1) as f64)
+    };
+    let faults = per_step(faults_before, minor_page_faults());
+    let fresh = per_step(fresh_before, be.fresh_buffers());
     samples.sort_by(f64::total_cmp);
     let step = samples[samples.len() / 2];
-    (step, step * (60_000f64 / batch as f64).ceil())
+    StepTiming {
+        step_s: step,
+        epoch_s: step * (60_000f64 / batch as f64).ceil(),
+        page_faults_per_step: faults,
+        fresh_buffers_per_step: fresh,
+    }
+}
+
+/// Untimed steps before [`train_step_seconds`] starts its clock: the first step allocates
+/// every buffer; by the third the backend's pool holds them all.
+const WARM_UP_STEPS: usize = 2;
+
+/// What [`train_step_seconds`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct StepTiming {
+    /// Median wall-clock time of one step, in seconds.
+    pub step_s: f64,
+    /// That times the steps of a 60,000-image epoch at batch 128, in seconds.
+    pub epoch_s: f64,
+    /// Minor page faults of the whole process per timed step (Linux; `None` elsewhere): a
+    /// step that takes every buffer from the pool touches no fresh page, so this is 0 in
+    /// the steady state, and each fault is a page the kernel had to zero.
+    pub page_faults_per_step: Option<f64>,
+    /// Buffers per timed step the backend allocated because its pool had none
+    /// ([`Backend::fresh_buffers`]; `None` where it does not count): 0 in the steady state.
+    pub fresh_buffers_per_step: Option<f64>,
+}
+
+/// The process's minor page faults so far (`/proc/self/stat`, field 10), on Linux.
+pub fn minor_page_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(7)?.parse().ok()
 }
 
 /// The machine's measured roofline: peak bandwidth (GB/s, from a large copy) and peak
@@ -432,6 +474,10 @@ pub struct TrainRow {
     pub epoch_s: f64,
     /// 128 images divided by the step time.
     pub images_per_s: f64,
+    /// Minor page faults per step in the steady state ([`StepTiming::page_faults_per_step`]).
+    pub page_faults_per_step: Option<f64>,
+    /// Buffers allocated afresh per step ([`StepTiming::fresh_buffers_per_step`]).
+    pub fresh_buffers_per_step: Option<f64>,
 }
 
 /// What `vae bench` measures and prints (its `Display` is the report's text).
@@ -471,8 +517,15 @@ pub fn run_report<B: Backend + Roofline>(be: &B, large: bool, reps: usize, train
     let training = [Arch::Mlp, Arch::Conv, Arch::ConvBn]
         .into_iter()
         .map(|arch| {
-            let (step, epoch) = train_step_seconds(be, arch, train_steps);
-            TrainRow { arch: arch.name().into(), step_ms: step * 1e3, epoch_s: epoch, images_per_s: 128.0 / step }
+            let t = train_step_seconds(be, arch, train_steps);
+            TrainRow {
+                arch: arch.name().into(),
+                step_ms: t.step_s * 1e3,
+                epoch_s: t.epoch_s,
+                images_per_s: 128.0 / t.step_s,
+                page_faults_per_step: t.page_faults_per_step,
+                fresh_buffers_per_step: t.fresh_buffers_per_step,
+            }
         })
         .collect();
     BenchReport { device: be.describe(), peak_bandwidth_gbs: bw, peak_gflops: fl, kernels, training }
@@ -499,9 +552,23 @@ impl std::fmt::Display for BenchReport {
                 r.kernel, r.shape, r.median_us, g, r.gbs, r.roofline_pct
             )?;
         }
-        writeln!(f, "{:<10} {:>12} {:>18} {:>12}", "arch", "step ms", "epoch s (60k img)", "images/s")?;
+        writeln!(
+            f,
+            "{:<10} {:>12} {:>18} {:>12} {:>17} {:>17}",
+            "arch", "step ms", "epoch s (60k img)", "images/s", "page faults/step", "new buffers/step"
+        )?;
+        let or_dash = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
         for r in &self.training {
-            writeln!(f, "{:<10} {:>12.2} {:>18.2} {:>12.0}", r.arch, r.step_ms, r.epoch_s, r.images_per_s)?;
+            writeln!(
+                f,
+                "{:<10} {:>12.2} {:>18.2} {:>12.0} {:>17} {:>17}",
+                r.arch,
+                r.step_ms,
+                r.epoch_s,
+                r.images_per_s,
+                or_dash(r.page_faults_per_step),
+                or_dash(r.fresh_buffers_per_step)
+            )?;
         }
         Ok(())
     }

@@ -67,6 +67,18 @@ impl<B: Backend> Default for Replayer<B> {
     }
 }
 
+/// Runs `work` once, reads its output back and hands the tensors back to the backend's pool:
+/// the inputs `work` returns would otherwise be freed, and the pool would be one input
+/// short in the next step, which allocated it afresh (`vae bench`'s new buffers per step).
+fn eagerly<B: Backend>(be: &B, work: impl FnOnce(Vec<Tensor<B>>) -> Ran<B>, inputs: Vec<Tensor<B>>) -> Vec<B::E> {
+    let (output, inputs) = work(inputs);
+    let host = be.download(&output);
+    for buf in inputs.into_iter().map(|t| t.buf).chain([output]) {
+        be.recycle(buf);
+    }
+    host
+}
+
 impl<B: Backend> Replayer<B> {
     /// Graphs kept at once (each owns a step's worth of device memory): a run's full batch,
     /// its ragged last batch and an evaluation shape or two. Past that the oldest is dropped.
@@ -85,7 +97,7 @@ impl<B: Backend> Replayer<B> {
         work: impl FnOnce(Vec<Tensor<B>>) -> Ran<B>,
     ) -> Vec<B::E> {
         if !be.graphs() {
-            return be.download(&work(inputs).0);
+            return eagerly(be, work, inputs);
         }
         if let Some((_, c)) = self.captured.iter_mut().find(|(k, _)| *k == key) {
             for (dst, src) in c.inputs.iter_mut().zip(&inputs) {
@@ -99,7 +111,7 @@ impl<B: Backend> Replayer<B> {
         }
         if self.last.as_ref() != Some(&key) {
             self.last = Some(key);
-            return be.download(&work(inputs).0);
+            return eagerly(be, work, inputs);
         }
         stage();
         be.begin_capture();

@@ -25,3 +25,30 @@ fn roofline_probes_measure_something() {
     assert!(bw.is_finite() && bw > 0.1, "bandwidth {bw}");
     assert!(fl.is_finite() && fl > 0.1, "gflops {fl}");
 }
+
+/// After its warm-up steps a CPU training step takes every buffer from the backend's pool (it
+/// allocates none afresh) and touches no fresh page, which the kernel would have to fault in and zero (perf once put
+/// that at 7% of a conv-bn step). Measured in a child process, since the fault count is the
+/// whole process's and the other tests here allocate. Before the pool, and while mimalloc gave
+/// freed scratch back to the OS between steps (src/main.rs), a conv step faulted about 90
+/// times; an occasional stray fault (a thread's stack) is allowed, one per step is not.
+#[test]
+fn a_steady_state_cpu_step_faults_no_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["bench", "--device", "cpu", "--steps-only", "--train-steps", "5", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vae bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["training"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "one row per architecture");
+    for row in rows {
+        let faults = row["page_faults_per_step"].as_f64().expect("page faults are counted on Linux");
+        assert!(faults < 1.0, "{}: {faults} page faults per steady-state step", row["arch"]);
+        let fresh = row["fresh_buffers_per_step"].as_f64().expect("the CPU backend counts its fresh buffers");
+        assert_eq!(fresh, 0.0, "{}: buffers allocated afresh in a steady-state step", row["arch"]);
+    }
+}

@@ -26,6 +26,8 @@ use crate::tensor::Float;
 #[derive(Clone, Debug, Default)]
 pub struct Cpu<E: Float> {
     pool: Arc<Mutex<HashMap<usize, Vec<Vec<E>>>>>,
+    /// Buffers of pool size allocated because the pool had none ([`Backend::fresh_buffers`]).
+    fresh: Arc<std::sync::atomic::AtomicU64>,
     /// Testing: `empty` returns NaN everywhere, so an op that leaves part of an `empty`
     /// output unwritten shows up as NaN.
     poison_empty: bool,
@@ -37,6 +39,8 @@ pub struct Cpu<E: Float> {
 
 /// Buffers of one length the pool keeps at most (a step needs a few dozen of each size).
 const POOL_PER_LENGTH: usize = 64;
+/// Shorter buffers are not pooled: the allocator serves them from memory it already holds.
+const POOLED_MIN_LEN: usize = 1 << 12;
 
 impl<E: Float> Cpu<E> {
     /// A backend whose `empty` buffers are all NaN (see `poison_empty`); for tests.
@@ -70,7 +74,11 @@ impl<E: Float> Cpu<E> {
         }
     }
     fn take(&self, len: usize) -> Option<Vec<E>> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&len).and_then(Vec::pop)
+        let taken = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&len).and_then(Vec::pop);
+        if taken.is_none() && len >= POOLED_MIN_LEN {
+            self.fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        taken
     }
 }
 
@@ -108,8 +116,11 @@ impl<E: Float> Backend for Cpu<E> {
         }
         self.take(len).unwrap_or_else(|| vec![E::zero(); len])
     }
+    fn fresh_buffers(&self) -> Option<u64> {
+        Some(self.fresh.load(std::sync::atomic::Ordering::Relaxed))
+    }
     fn recycle(&self, buf: Vec<E>) {
-        if buf.len() >= 1 << 12 {
+        if buf.len() >= POOLED_MIN_LEN {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             let list = pool.entry(buf.len()).or_default();
             if list.len() < POOL_PER_LENGTH {
@@ -118,7 +129,14 @@ impl<E: Float> Backend for Cpu<E> {
         }
     }
     fn upload(&self, host: &[E]) -> Vec<E> {
-        host.to_vec()
+        // From the pool too: a training step uploads its batch, and the tape recycles it.
+        match self.take(host.len()) {
+            Some(mut v) => {
+                v.copy_from_slice(host);
+                v
+            }
+            None => host.to_vec(),
+        }
     }
     fn download(&self, buf: &Vec<E>) -> Vec<E> {
         buf.clone()

@@ -99,6 +99,12 @@ pub trait Backend: Clone + 'static {
     fn recycle(&self, buf: Self::Buf) {
         drop(buf)
     }
+    /// How many `zeros`/`empty` buffers of pool size this backend has had to allocate afresh
+    /// because its pool had none to give (`None`: it does not count). A training step in the
+    /// steady state allocates none.
+    fn fresh_buffers(&self) -> Option<u64> {
+        None
+    }
     /// A new buffer holding a copy of `host`.
     fn upload(&self, host: &[Self::E]) -> Self::Buf;
     /// The contents of `buf` on the host, once the work queued before has finished.
