@@ -6,9 +6,11 @@
 //! The CPU reference lowers each image to columns (im2col) and calls the blocked GEMM:
 //! forward y_n = W·col_n, backward-data dcol = Wᵀ·dy_n folded back (col2im),
 //! backward-weight dW = Σ_n dy_n·col_nᵀ. The `cpu_*` functions the CPU backend calls run
-//! layers with one output channel on the direct path (`conv2d_direct.rs`, f32 and f64), other
-//! f32 layers on the AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits
-//! it, and the reference (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
+//! f32 3×3 stride-1 layers with one input or output channel on the AVX-512 one-channel path
+//! (`conv2d_one_channel.rs`) when the CPU has it, other layers with one output channel on the
+//! direct path (`conv2d_direct.rs`, f32 and f64), other f32 layers on the AVX-512 path
+//! (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
+//! (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
 //! reference everywhere.
 
 use rayon::prelude::*;
@@ -18,6 +20,8 @@ use crate::ops::bias::bias_add;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::conv2d_avx512;
 use crate::ops::conv2d_direct;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::conv2d_one_channel;
 use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -247,6 +251,12 @@ fn takes_avx512_path(d: &Conv2dDims) -> bool {
 /// y = conv2d(x, w) + b, overwriting y.
 pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
     if fast_paths_allowed() {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(x), Some(w), Some(y)) = (E::as_f32_slice(x), E::as_f32_slice(w), E::as_f32_slice_mut(y)) {
+            if conv2d_one_channel::suits(&d) {
+                return conv2d_one_channel::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
+            }
+        }
         if conv2d_direct::suits(&d) {
             return conv2d_direct::forward(x, w, b, y, &d);
         }
@@ -263,6 +273,12 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
 /// dx += the gradient of conv2d with respect to its input.
 pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDims) {
     if fast_paths_allowed() {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(w), Some(dx)) = (E::as_f32_slice(dy), E::as_f32_slice(w), E::as_f32_slice_mut(dx)) {
+            if conv2d_one_channel::suits(&d) {
+                return conv2d_one_channel::backward_data(dy, w, dx, &d);
+            }
+        }
         if conv2d_direct::suits(&d) {
             return conv2d_direct::backward_data(dy, w, dx, &d);
         }
@@ -279,6 +295,12 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
 /// dw += the gradient of conv2d with respect to its weight.
 pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dDims) {
     if fast_paths_allowed() {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(dy), Some(x), Some(dw)) = (E::as_f32_slice(dy), E::as_f32_slice(x), E::as_f32_slice_mut(dw)) {
+            if conv2d_one_channel::suits(&d) {
+                return conv2d_one_channel::backward_weight(dy, x, dw, &d);
+            }
+        }
         if conv2d_direct::suits(&d) {
             return conv2d_direct::backward_weight(dy, x, dw, &d);
         }

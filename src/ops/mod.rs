@@ -11,6 +11,8 @@ pub mod conv2d;
 #[cfg(target_arch = "x86_64")]
 pub mod conv2d_avx512;
 pub mod conv2d_direct;
+#[cfg(target_arch = "x86_64")]
+pub mod conv2d_one_channel;
 pub mod conv_transpose2d;
 pub mod elementwise;
 pub mod gemm;
@@ -55,6 +57,19 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// For a test of an AVX-512 path: whether it can run on this CPU. Where it cannot, under CI
+/// (whose machines have AVX-512) the test fails, rather than pass having checked nothing;
+/// elsewhere it says so and is skipped.
+#[cfg(test)]
+pub(crate) fn avx512_tests_can_run(what: &str) -> bool {
+    if widest_simd() == Simd::Avx512 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{what}: no AVX-512F under CI, so this test checks nothing");
+    eprintln!("{what}: this CPU has no AVX-512F (or {NO_AVX512_ENV} is set); the path is never used here");
+    false
 }
 
 /// The widest vector instructions the CPU paths may use.
