@@ -9,8 +9,8 @@
 //! as `reduction='mean'` does.
 
 use crate::backend::Backend;
-use crate::ops::elementwise::{cpu_reduce, scale};
-use crate::ops::{simd, PAR_MIN};
+use crate::ops::elementwise::{scale, REDUCE_CHUNK};
+use crate::ops::{simd, vmath, PAR_MIN};
 use crate::tape::{Tape, Var};
 use crate::tensor::{numel, Float, Tensor};
 use rayon::prelude::*;
@@ -31,11 +31,14 @@ pub const BCE_LOG_CLAMP: f64 = -100.0;
 /// PyTorch's floor on p·(1 − p) in the BCE gradient.
 pub const BCE_GRAD_EPS: f64 = 1e-12;
 
-/// The loss of one element (the truth in f64; kernels repeat it).
+/// The loss of one element (the truth in f64; kernels repeat it). BCE-with-logits takes its
+/// exponential and logarithm from [`vmath`] (within a few ulp of libm's), so that the loops
+/// over pixels vectorize.
+#[inline(always)]
 pub fn elementwise_loss(kind: Recon, x: f64, t: f64) -> f64 {
     match kind {
         Recon::Bce => -(t * x.ln().max(BCE_LOG_CLAMP) + (1.0 - t) * (1.0 - x).ln().max(BCE_LOG_CLAMP)),
-        Recon::BceWithLogits => x.max(0.0) - x * t + (-x.abs()).exp().ln_1p(),
+        Recon::BceWithLogits => x.max(0.0) - x * t + vmath::ln_1p_unit(vmath::exp(-x.abs())),
         Recon::Mse => (x - t) * (x - t),
     }
 }
@@ -45,16 +48,53 @@ pub fn elementwise_loss(kind: Recon, x: f64, t: f64) -> f64 {
 pub fn elementwise_grad(kind: Recon, x: f64, t: f64) -> f64 {
     match kind {
         Recon::Bce => (x - t) / (x * (1.0 - x)).max(BCE_GRAD_EPS),
-        Recon::BceWithLogits => 1.0 / (1.0 + (-x).exp()) - t,
+        Recon::BceWithLogits => 1.0 / (1.0 + vmath::exp(-x)) - t,
         Recon::Mse => 2.0 * (x - t),
     }
 }
 
 // ---- CPU reference ----
 
-/// `Σᵢ elementwise_loss(x[i], t[i])`, every term in f64, summed deterministically.
+/// `f(&mut out[i], x[i], t[i], kind)` for every element, in one loop per loss with `kind` a
+/// constant in it (the match is outside the loops), compiled for AVX2.
+#[inline(always)]
+fn each_element<E: Float, O>(kind: Recon, x: &[E], t: &[E], out: &mut [O], f: impl Fn(&mut O, f64, f64, Recon)) {
+    macro_rules! each {
+        ($k:expr) => {
+            simd(
+                #[inline(always)]
+                || {
+                    for ((o, &x), &t) in out.iter_mut().zip(x).zip(t) {
+                        f(o, x.f64(), t.f64(), $k);
+                    }
+                },
+            )
+        };
+    }
+    match kind {
+        Recon::Bce => each!(Recon::Bce),
+        Recon::BceWithLogits => each!(Recon::BceWithLogits),
+        Recon::Mse => each!(Recon::Mse),
+    }
+}
+
+/// `Σᵢ elementwise_loss(x[i], t[i])`, every term in f64, summed deterministically: in
+/// chunks of [`REDUCE_CHUNK`] elements added in order, then the chunk sums in order (as
+/// `elementwise::cpu_reduce` sums). A chunk's terms are computed into a buffer first, so
+/// that loop vectorizes while the additions keep their order.
 pub fn cpu_forward<E: Float>(kind: Recon, x: &[E], t: &[E]) -> E {
-    E::of(cpu_reduce(x.len(), |i| elementwise_loss(kind, x[i].f64(), t[i].f64())))
+    assert_eq!(x.len(), t.len(), "{kind:?}: lengths differ");
+    let chunks: Vec<f64> = x
+        .par_chunks(REDUCE_CHUNK)
+        .zip(t.par_chunks(REDUCE_CHUNK))
+        .map(|(x, t)| {
+            let mut terms = [0.0f64; REDUCE_CHUNK];
+            let terms = &mut terms[..x.len()];
+            each_element(kind, x, t, terms, |o, x, t, kind| *o = elementwise_loss(kind, x, t));
+            terms.iter().sum::<f64>()
+        })
+        .collect();
+    E::of(chunks.into_iter().sum())
 }
 
 /// `dx[i] += dout·elementwise_grad(x[i], t[i])`, with dout the gradient of the summed loss.
@@ -62,14 +102,7 @@ pub fn cpu_backward<E: Float>(kind: Recon, x: &[E], t: &[E], dout: E, dx: &mut [
     assert!(x.len() == dx.len() && t.len() == dx.len(), "{kind:?}: lengths differ");
     let g = dout.f64();
     dx.par_chunks_mut(PAR_MIN).zip(x.par_chunks(PAR_MIN)).zip(t.par_chunks(PAR_MIN)).for_each(|((dx, x), t)| {
-        simd(
-            #[inline(always)]
-            || {
-                for ((d, &x), &t) in dx.iter_mut().zip(x).zip(t) {
-                    *d += E::of(g * elementwise_grad(kind, x.f64(), t.f64()));
-                }
-            },
-        )
+        each_element(kind, x, t, dx, |d, x, t, kind| *d += E::of(g * elementwise_grad(kind, x, t)));
     });
 }
 

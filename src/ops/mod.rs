@@ -21,6 +21,7 @@ pub mod loss;
 pub mod reparam_kl;
 pub(crate) mod scratch;
 pub mod unary;
+pub mod vmath;
 
 pub use batch_norm::{batch_norm, batch_norm_act};
 pub use conv2d::conv2d;
