@@ -314,6 +314,81 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dD
     reference_backward_weight(dy, x, dw, d)
 }
 
+/// A fast path's forward: (x, w, bias, y, dims).
+#[cfg(test)]
+pub(crate) type ForwardPass<E> = fn(&[E], &[E], Option<&[E]>, &mut [E], &Conv2dDims);
+/// A fast path's backward pass: (dy, w or x, dx or dw, dims).
+#[cfg(test)]
+pub(crate) type BackwardPass<E> = fn(&[E], &[E], &mut [E], &Conv2dDims);
+
+/// The three passes of one of conv2d's fast paths, for [`check_passes_against_reference`].
+#[cfg(test)]
+pub(crate) struct FastPath<E> {
+    pub forward: ForwardPass<E>,
+    pub backward_data: BackwardPass<E>,
+    pub backward_weight: BackwardPass<E>,
+}
+
+/// For the fast paths' tests: each pass of `path` against the reference on fresh unit
+/// normals (never zeros), outputs poisoned with NaN where the pass overwrites and random
+/// where it adds, forward with and without a bias. Both sum the same products of unit
+/// normals in different orders (and the AVX-512 paths with fused multiply-adds): such a sum
+/// of `terms` products is ~√terms in size and each order's rounding a random walk of ~√terms
+/// half-ulps of it, so `tol`·√terms·(1 + |value|) (2·10⁻⁶ for f32, 10⁻¹⁴ for f64) leaves a
+/// wide margin, while a wrong index, tap or mask gives errors of order 1. Terms: c_in·kh·kw
+/// (forward), c_out·kh·kw (backward-data), n·oh·ow (backward-weight).
+#[cfg(test)]
+pub(crate) fn check_passes_against_reference<E: Float>(path: FastPath<E>, shapes: &[Conv2dDims], tol: f64, seed: u64) {
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut draw = |len: usize| -> Vec<E> { (0..len).map(|_| E::of(rng.normal())).collect() };
+    for &d in shapes {
+        let (x, w, b, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.c_out), draw(d.y_len()));
+        let close = |got: &[E], want: &[E], terms: usize, what: &str| {
+            for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                let (g, w) = (g.f64(), w.f64());
+                let bound = tol * (terms as f64).sqrt() * (1.0 + w.abs());
+                assert!((g - w).abs() <= bound, "{what} {d:?} [{i}]: {g} vs {w}");
+            }
+        };
+        for bias in [Some(&b[..]), None] {
+            let (mut got, mut want) = (vec![E::nan(); d.y_len()], vec![E::nan(); d.y_len()]);
+            (path.forward)(&x, &w, bias, &mut got, &d);
+            reference_forward(&x, &w, bias, &mut want, d);
+            close(&got, &want, d.c_in * d.kh * d.kw, "forward");
+        }
+        let dx0 = draw(d.x_len());
+        let (mut got, mut want) = (dx0.clone(), dx0);
+        (path.backward_data)(&dy, &w, &mut got, &d);
+        reference_backward_data(&dy, &w, &mut want, d);
+        close(&got, &want, d.c_out * d.kh * d.kw, "backward_data");
+
+        let dw0 = draw(d.w_len());
+        let (mut got, mut want) = (dw0.clone(), dw0);
+        (path.backward_weight)(&dy, &x, &mut got, &d);
+        reference_backward_weight(&dy, &x, &mut want, d);
+        close(&got, &want, d.n * d.oh * d.ow, "backward_weight");
+    }
+}
+
+/// For the fast paths' tests: every pass of `path` gives the same bits on 1 and 3 threads.
+#[cfg(test)]
+pub(crate) fn check_thread_count_independence(path: FastPath<f32>, d: Conv2dDims) {
+    let mut rng = crate::rng::Rng::new(3);
+    let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+    let (x, w, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.y_len()));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (mut y, mut dx, mut dw) = (vec![0.0; d.y_len()], vec![0.0; d.x_len()], vec![0.0; d.w_len()]);
+            (path.forward)(&x, &w, None, &mut y, &d);
+            (path.backward_data)(&dy, &w, &mut dx, &d);
+            (path.backward_weight)(&dy, &x, &mut dw, &d);
+            (y, dx, dw)
+        })
+    };
+    assert_eq!(run(1), run(3), "{d:?}");
+}
+
 // ---- on the tape ----
 
 /// 2-D convolution of x `[n, c_in, h, w]` with w `[c_out, c_in, kh, kw]` and optional bias `[c_out]`.

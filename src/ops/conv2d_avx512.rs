@@ -444,13 +444,7 @@ unsafe fn pack_columns_transposed(xg: &[f32], k0: usize, images: usize, d: &Conv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::conv2d;
-    use crate::rng::Rng;
-
-    /// Fresh normal values, never zeros.
-    fn draw(rng: &mut Rng, len: usize) -> Vec<f32> {
-        (0..len).map(|_| rng.normal() as f32).collect()
-    }
+    use crate::ops::conv2d::{check_passes_against_reference, FastPath};
 
     /// The shapes the fast path must get right: the VAE's stride-2 layers, odd sizes that
     /// leave partial panels and partial tiles, one image, groups that straddle panels,
@@ -466,52 +460,15 @@ mod tests {
         ]
     }
 
-    /// Each pass against the reference on fresh random inputs, outputs poisoned with NaN
-    /// where the pass overwrites and random where it accumulates. Tolerance: both sum the
-    /// same k products of unit normals in f32, in different orders; such a sum is ~√k in
-    /// size and each order's rounding error a random walk of ~√k half-ulps of it (~6e-8·√k
-    /// relative). 2e-6·√k·(1 + |value|) leaves a wide margin over that, while a wrong index
-    /// or a missed tap gives errors of order 1. (k = pixels for the weight gradient.)
+    /// Each pass against the reference (see `check_passes_against_reference` for the
+    /// tolerance).
     #[test]
     fn every_pass_matches_the_reference() {
         if !crate::ops::avx512_tests_can_run("conv2d_avx512") {
             return;
         }
-        let mut rng = Rng::new(5);
-        for d in shapes() {
-            let (x, w, b, dy) = (
-                draw(&mut rng, d.x_len()),
-                draw(&mut rng, d.w_len()),
-                draw(&mut rng, d.c_out),
-                draw(&mut rng, d.y_len()),
-            );
-            let k = (d.c_in * d.kh * d.kw) as f32;
-            let close = |got: &[f32], want: &[f32], what: &str| {
-                for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-                    assert!((g - w).abs() <= 2e-6 * k.sqrt() * (1.0 + w.abs()), "{what} {d:?} [{i}]: {g} vs {w}");
-                }
-            };
-
-            let (mut got, mut want) = (vec![f32::NAN; d.y_len()], vec![f32::NAN; d.y_len()]);
-            forward(&x, &w, Some(&b), &mut got, &d);
-            conv2d::reference_forward(&x, &w, Some(&b), &mut want, d);
-            close(&got, &want, "forward");
-
-            let dx0 = draw(&mut rng, d.x_len());
-            let (mut got, mut want) = (dx0.clone(), dx0.clone());
-            backward_data(&dy, &w, &mut got, &d);
-            conv2d::reference_backward_data(&dy, &w, &mut want, d);
-            close(&got, &want, "backward_data");
-
-            let dw0 = draw(&mut rng, d.w_len());
-            let (mut got, mut want) = (dw0.clone(), dw0.clone());
-            backward_weight(&dy, &x, &mut got, &d);
-            conv2d::reference_backward_weight(&dy, &x, &mut want, d);
-            let l = (d.n * d.oh * d.ow) as f32;
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 2e-6 * l.sqrt() * (1.0 + w.abs()), "backward_weight {d:?} [{i}]: {g} vs {w}");
-            }
-        }
+        let path = FastPath { forward, backward_data, backward_weight };
+        check_passes_against_reference(path, &shapes(), 2e-6, 5);
     }
 
     #[test]

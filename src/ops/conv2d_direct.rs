@@ -365,8 +365,11 @@ fn backward_weight_group<E: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::conv2d;
-    use crate::rng::Rng;
+    use crate::ops::conv2d::{check_passes_against_reference, check_thread_count_independence, FastPath};
+
+    fn path<E: Float>() -> FastPath<E> {
+        FastPath { forward: forward::<E>, backward_data: backward_data::<E>, backward_weight: backward_weight::<E> }
+    }
 
     /// The VAE's one-channel layers (the last, and the first that stays on the reference but
     /// that this path computes as well; stride 1 and 2) at small batches, and
@@ -384,74 +387,21 @@ mod tests {
         ]
     }
 
-    fn check<E: Float>(tol: f64) {
-        let mut rng = Rng::new(9);
-        let mut draw = |len: usize| -> Vec<E> { (0..len).map(|_| E::of(rng.normal())).collect() };
-        for d in shapes() {
-            let (x, w, b, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.c_out), draw(d.y_len()));
-            let close = |got: &[E], want: &[E], terms: usize, what: &str| {
-                for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-                    let (g, w) = (g.f64(), w.f64());
-                    assert!(
-                        (g - w).abs() <= tol * (terms as f64).sqrt() * (1.0 + w.abs()),
-                        "{what} {d:?} [{i}]: {g} vs {w}"
-                    );
-                }
-            };
-            let k = d.c_in * d.kh * d.kw;
-            let (mut got, mut want) = (vec![E::nan(); d.y_len()], vec![E::nan(); d.y_len()]);
-            forward(&x, &w, Some(&b), &mut got, &d);
-            conv2d::reference_forward(&x, &w, Some(&b), &mut want, d);
-            close(&got, &want, k, "forward");
-            forward(&x, &w, None, &mut got, &d);
-            conv2d::reference_forward(&x, &w, None, &mut want, d);
-            close(&got, &want, k, "forward without bias");
-
-            let dx0 = draw(d.x_len());
-            let (mut got, mut want) = (dx0.clone(), dx0.clone());
-            backward_data(&dy, &w, &mut got, &d);
-            conv2d::reference_backward_data(&dy, &w, &mut want, d);
-            close(&got, &want, d.c_out * d.kh * d.kw, "backward_data");
-
-            let dw0 = draw(d.w_len());
-            let (mut got, mut want) = (dw0.clone(), dw0.clone());
-            backward_weight(&dy, &x, &mut got, &d);
-            conv2d::reference_backward_weight(&dy, &x, &mut want, d);
-            close(&got, &want, d.n * d.oh * d.ow, "backward_weight");
-        }
-    }
-
-    /// Each pass against the reference, outputs poisoned with NaN where the pass overwrites
-    /// and random where it adds. Both sum the same products of unit normals in different
-    /// orders; their rounding differs by a random walk of ~√terms half-ulps, far inside
-    /// the tolerance, while a wrong index or a missed tap gives errors of order 1.
+    /// Each pass against the reference (see `check_passes_against_reference` for the
+    /// tolerances).
     #[test]
     fn every_pass_matches_the_reference_f32() {
-        check::<f32>(2e-6);
+        check_passes_against_reference(path::<f32>(), &shapes(), 2e-6, 9);
     }
 
     #[test]
     fn every_pass_matches_the_reference_f64() {
-        check::<f64>(1e-14);
+        check_passes_against_reference(path::<f64>(), &shapes(), 1e-14, 9);
     }
 
     /// The same bits whatever the number of threads.
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let d = Conv2dDims::new(37, 8, 12, 12, 1, 3, 3, 1, 1);
-        let mut rng = Rng::new(3);
-        let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-        let (x, w, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.y_len()));
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let (mut y, mut dx, mut dw) = (vec![0.0; d.y_len()], vec![0.0; d.x_len()], vec![0.0; d.w_len()]);
-                forward(&x, &w, None, &mut y, &d);
-                backward_data(&dy, &w, &mut dx, &d);
-                backward_weight(&dy, &x, &mut dw, &d);
-                (y, dx, dw)
-            })
-        };
-        assert_eq!(run(1), run(3));
+        check_thread_count_independence(path::<f32>(), Conv2dDims::new(37, 8, 12, 12, 1, 3, 3, 1, 1));
     }
 }

@@ -323,14 +323,19 @@ unsafe fn taps_of_group(many: &[f32], one: &[f32], channels: usize, d: &Conv2dDi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::conv2d;
-    use crate::rng::Rng;
+    use crate::ops::conv2d::{check_passes_against_reference, check_thread_count_independence, FastPath};
+
+    const PATH: FastPath<f32> = FastPath { forward, backward_data, backward_weight };
 
     /// The VAE's layers at small batches (the conv VAE's first and last, conv-bn's last),
     /// and odd shapes: rows of 1, 13, 16, 17 and 32 pixels, heights not a multiple of the
     /// row block, one channel on both sides, batches that leave groups uneven.
-    fn shapes() -> Vec<Conv2dDims> {
-        vec![
+    #[test]
+    fn every_pass_matches_the_reference() {
+        if !crate::ops::avx512_tests_can_run("conv2d_one_channel") {
+            return;
+        }
+        let shapes = [
             Conv2dDims::new(3, 1, 28, 28, 32, 3, 3, 1, 1),
             Conv2dDims::new(2, 32, 28, 28, 1, 3, 3, 1, 1),
             Conv2dDims::new(17, 1, 7, 13, 5, 3, 3, 1, 1),
@@ -338,48 +343,9 @@ mod tests {
             Conv2dDims::new(2, 3, 5, 32, 1, 3, 3, 1, 1),
             Conv2dDims::new(33, 1, 6, 16, 2, 3, 3, 1, 1),
             Conv2dDims::new(4, 1, 3, 1, 1, 3, 3, 1, 1),
-        ]
-    }
-
-    /// Each pass against the reference on unit normals, outputs poisoned with NaN where the
-    /// pass overwrites and random where it adds. Both sum the same products in different
-    /// orders (and this path with fused multiply-adds): their difference is a random walk
-    /// of ~√terms half-ulps, far inside 2·10⁻⁶·√terms, while a wrong index, tap or mask
-    /// gives errors of order 1.
-    #[test]
-    fn every_pass_matches_the_reference() {
-        if !crate::ops::avx512_tests_can_run("conv2d_one_channel") {
-            return;
-        }
-        let mut rng = Rng::new(11);
-        let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-        for d in shapes() {
-            assert!(suits(&d), "{d:?}");
-            let (x, w, b, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.c_out), draw(d.y_len()));
-            let close = |got: &[f32], want: &[f32], terms: usize, what: &str| {
-                for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-                    let tol = 2e-6 * (terms as f64).sqrt() * (1.0 + w.abs() as f64);
-                    assert!(((g - w).abs() as f64) <= tol, "{what} {d:?} [{i}]: {g} vs {w}");
-                }
-            };
-            for bias in [Some(&b[..]), None] {
-                let (mut got, mut want) = (vec![f32::NAN; d.y_len()], vec![f32::NAN; d.y_len()]);
-                forward(&x, &w, bias, &mut got, &d);
-                conv2d::reference_forward(&x, &w, bias, &mut want, d);
-                close(&got, &want, d.c_in * 9, "forward");
-            }
-            let dx0 = draw(d.x_len());
-            let (mut got, mut want) = (dx0.clone(), dx0);
-            backward_data(&dy, &w, &mut got, &d);
-            conv2d::reference_backward_data(&dy, &w, &mut want, d);
-            close(&got, &want, d.c_out * 9, "backward_data");
-
-            let dw0 = draw(d.w_len());
-            let (mut got, mut want) = (dw0.clone(), dw0);
-            backward_weight(&dy, &x, &mut got, &d);
-            conv2d::reference_backward_weight(&dy, &x, &mut want, d);
-            close(&got, &want, d.n * d.oh * d.ow, "backward_weight");
-        }
+        ];
+        assert!(shapes.iter().all(suits));
+        check_passes_against_reference(PATH, &shapes, 2e-6, 11);
     }
 
     /// The same bits whatever the number of threads.
@@ -388,21 +354,7 @@ mod tests {
         if !crate::ops::avx512_tests_can_run("conv2d_one_channel") {
             return;
         }
-        for d in [Conv2dDims::new(37, 1, 12, 12, 8, 3, 3, 1, 1), Conv2dDims::new(37, 8, 12, 12, 1, 3, 3, 1, 1)] {
-            let mut rng = Rng::new(3);
-            let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-            let (x, w, dy) = (draw(d.x_len()), draw(d.w_len()), draw(d.y_len()));
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| {
-                    let (mut y, mut dx, mut dw) = (vec![0.0; d.y_len()], vec![0.0; d.x_len()], vec![0.0; d.w_len()]);
-                    forward(&x, &w, None, &mut y, &d);
-                    backward_data(&dy, &w, &mut dx, &d);
-                    backward_weight(&dy, &x, &mut dw, &d);
-                    (y, dx, dw)
-                })
-            };
-            assert_eq!(run(1), run(3), "{d:?}");
-        }
+        check_thread_count_independence(PATH, Conv2dDims::new(37, 1, 12, 12, 8, 3, 3, 1, 1));
+        check_thread_count_independence(PATH, Conv2dDims::new(37, 8, 12, 12, 1, 3, 3, 1, 1));
     }
 }
