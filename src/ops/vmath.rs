@@ -1,6 +1,6 @@
 //! `exp` and `ln_1p` in f64, written so that a loop calling them vectorizes: no calls into
 //! libm (which LLVM cannot vectorize: BCE-with-logits ran one scalar `exp` and `log1p` per
-//! pixel, 2.5% of its memory roofline and a quarter of an MLP training step), no branches,
+//! pixel, at 2.5% of its memory roofline in `vae bench`), no branches,
 //! only arithmetic, comparisons that become selects, and integer bit moves.
 //!
 //! Both agree with the correctly rounded result to within a few units in the last place
