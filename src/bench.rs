@@ -255,7 +255,7 @@ pub fn time_case<B: Backend>(be: &B, case: &mut KernelCase, warmup: usize, reps:
     samples[samples.len() / 2]
 }
 
-/// Seconds per training step at batch 128 (median of `steps` after two warm-up steps) and the
+/// Seconds per training step at batch 128 (median of `steps` after the warm-up steps) and the
 /// implied seconds per 60,000-image epoch.
 pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> StepTiming {
     let batch = 128;
@@ -263,7 +263,8 @@ pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> StepT
     let mut rng = Rng::new(0);
     let data: Vec<B::E> = (0..batch * 784).map(|_| B::E::of(rng.next_f64())).collect();
     let x = Tensor::from_host(be, &[batch, 1, 28, 28], &data);
-    let mut samples = vec![];
+    // Sized up front: a vector growing inside the timed steps would fault pages itself.
+    let mut samples = Vec::with_capacity(steps);
     let (mut faults_before, mut fresh_before) = (None, None);
     for i in 0..steps + WARM_UP_STEPS {
         if i == WARM_UP_STEPS {
@@ -293,9 +294,13 @@ pub fn train_step_seconds<B: Backend>(be: &B, arch: Arch, steps: usize) -> StepT
     }
 }
 
-/// Untimed steps before [`train_step_seconds`] starts its clock: the first step allocates
-/// every buffer; by the third the backend's pool holds them all.
-const WARM_UP_STEPS: usize = 2;
+/// Untimed steps before [`train_step_seconds`] starts its clock and its counts: the first
+/// step allocates every buffer, and by the third the backend's pool holds them all; but the
+/// allocator's per-thread heaps still take fresh pages for small allocations until every
+/// worker thread has run each kind of task, which depends on rayon's work stealing. On the
+/// 2-core VM with both cores busy, MLP steps faulted pages up to the fourth step (8–9 faults
+/// in steps 3–4 of six runs), none after it.
+const WARM_UP_STEPS: usize = 4;
 
 /// What [`train_step_seconds`] measured.
 #[derive(Clone, Copy, Debug)]

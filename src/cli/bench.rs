@@ -12,7 +12,7 @@ use vaecuda::Cuda;
 
 /// Time every kernel family at the VAE's shapes and a training step per architecture, with
 /// the device's measured roofline; prints a table, optionally JSON. Each training row also
-/// counts, per step after two warm-up steps, the page faults of the process and the buffers
+/// counts, per step after four warm-up steps, the page faults of the process and the buffers
 /// the backend had to allocate afresh (both 0 when a step reuses its memory; the CPU
 /// counts both, a GPU the faults only). With --model h200, price
 /// instead one traced training step per architecture on an H200 (modelled, not measured).
