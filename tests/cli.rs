@@ -2,11 +2,11 @@
 //! the right rows), that checkpoints reload to the same numbers, that a resumed run equals an
 //! uninterrupted one, and that errors are one `error:` line with a non-zero exit.
 
-mod cli_common;
+use crate::cli_common;
 
 use std::path::{Path, PathBuf};
 
-use cli_common::{fails, ok, tiny_dataset, write_idx};
+use crate::cli_common::{fails, ok, tiny_dataset, write_idx};
 use vaecuda::checkpoint::TensorFile;
 
 struct Fixture {

@@ -4,8 +4,8 @@
 //! changed folder, damage); refusing a dataset that does not fit in memory before loading it;
 //! and the `vae` command training and evaluating on both layouts, and refusing nonsense flags.
 
-mod cli_common;
-mod faces;
+use crate::cli_common;
+use crate::faces;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -5,7 +5,7 @@
 //! at most linearly with the term count, so 1e-4 relative leaves a wide margin while still
 //! catching any real disagreement (a wrong index or formula is off by O(1)).
 
-mod common;
+use crate::common;
 
 use vaecuda::Cpu;
 

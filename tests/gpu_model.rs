@@ -6,7 +6,7 @@
 //! the log. Needs NVRTC (`scripts/test.sh` installs it); under CI a missing NVRTC or device
 //! fails instead of skipping.
 
-mod common;
+use crate::common;
 
 use vaecuda::backend::cuda::compile::nvrtc_present;
 use vaecuda::backend::cuda::contract::{BLOCK, TILE_THREADS};

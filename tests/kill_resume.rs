@@ -7,9 +7,9 @@
 //! Ctrl-C. After every kill the run directory must read (run.json, metrics.csv and every
 //! checkpoint parse), and `--resume` carries on; every interrupted run must end with
 //! last/best/optim-last.safetensors byte-for-byte equal to the reference's, and the same
-//! losses in metrics.csv. The counts are printed (`cargo test --test kill_resume -- --nocapture`).
+//! losses in metrics.csv. The counts are printed (`cargo test --test combined kill_resume -- --nocapture`).
 
-mod cli_common;
+use crate::cli_common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! come out. So a recipe that drifts from its tutorial (a flag, a reduction, a name, a layer)
 //! fails here, and CI needs no PyTorch.
 
-mod cli_common;
+use crate::cli_common;
 
 use serde::Deserialize;
 use std::collections::BTreeMap;

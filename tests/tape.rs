@@ -2,7 +2,7 @@
 //! evaluation records nothing, a training step reuses its buffers, and the ops that take an
 //! unzeroed (`empty`) output really write all of it.
 
-mod common;
+use crate::common;
 
 use vaecuda::backend::Recon;
 use vaecuda::nn::{Arch, ModelConfig};
