@@ -203,6 +203,17 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
             let (i, y) = io(b);
             be.recon_loss_backward(Recon::Mse, &i[0], &i[1], &i[2], y)
         }));
+        // BCE on probabilities, the default objective. The buffers hold values in [−1, 1),
+        // so half are not probabilities; that costs the CPU's branch-free `vmath::ln` the
+        // same (libm's `log`, which it replaced, returned early for negative inputs).
+        v.push(case(be, "reduction", "bce_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
+            let (i, y) = io(b);
+            be.recon_loss_forward(Recon::Bce, &i[0], &i[1], y)
+        }));
+        v.push(case(be, "reduction", "bce_backward", sh.clone(), 0.0, &[len, len, 1, len], |be, b| {
+            let (i, y) = io(b);
+            be.recon_loss_backward(Recon::Bce, &i[0], &i[1], &i[2], y)
+        }));
         // BCE on logits: the buffers hold values in [−1, 1), valid logits but not probabilities.
         v.push(case(be, "reduction", "bce_with_logits_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
             let (i, y) = io(b);
