@@ -12,8 +12,14 @@ out04=$(run 04_vae_in_one_screen 1024 512)
 echo "$out04"
 ex04=$(echo "$out04" | grep -E '^epoch' | sed -E 's/[0-9.]+ s$//')
 run 05_pytorch_interop 300
+# The `vae` binary `cargo test` built. Not `cargo run --bin vae`: without the dev-dependencies
+# in the build, features resolve differently (criterion and tempfile turn on `std` in `either`,
+# `alloc` in `serde`), and that rebuilt rayon, gemm and our crate: 130 s of CI. With `--tests` they
+# resolve as in `cargo test`, nothing is recompiled, and target/debug/vae is that binary again.
+cargo build --quiet --profile test --bin vae --tests
+vae="${CARGO_TARGET_DIR:-target}/debug/vae"
 out=$(mktemp -d)
-cli=$(cargo run --quiet --profile test --bin vae -- --device cpu train --epochs 1 --limit-train 1024 --limit-test 512 \
+cli=$("$vae" --device cpu train --epochs 1 --limit-train 1024 --limit-test 512 \
   --out "$out/run" | grep -E '^epoch' | sed -E 's/[0-9.]+ s +[0-9]+ img\/s$//')
 rm -rf "$out"
 if [ "$ex04" != "$cli" ]; then
