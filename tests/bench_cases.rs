@@ -34,9 +34,10 @@ fn roofline_probes_measure_something() {
 /// times; an occasional stray fault is allowed, one per step is not.
 ///
 /// On one thread. With two, a busy machine (CI runs this beside the other tests) made the
-/// MLP fault 1.8–2.2 times per step in some runs: blocks freed by the other rayon worker go
-/// back to the allocator's per-thread heap that made them only when that thread next
-/// allocates, so which pages are free depends on work stealing. That is a few pages per step
+/// MLP fault 1.8–2.2 times per step in some runs. Most likely the allocator's per-thread
+/// heaps: a block freed by the other rayon worker is reusable only once the thread that
+/// allocated it allocates again, so which pages are free depends on work stealing (pooling
+/// even the small buffers did not change it). That is a few pages per step
 /// (microseconds), not the engine allocating; on one thread the same loaded machine gave 0.2
 /// faults per MLP step and 0 for the conv VAEs in eight of eight runs.
 #[test]
