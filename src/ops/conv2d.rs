@@ -8,8 +8,9 @@
 //! backward-weight dW = Σ_n dy_n·col_nᵀ. The `cpu_*` functions the CPU backend calls run
 //! f32 3×3 stride-1 layers with one input or output channel on the AVX-512 one-channel path
 //! (`conv2d_one_channel.rs`) when the CPU has it, other layers with one output channel on the
-//! direct path (`conv2d_direct.rs`, f32 and f64), other f32 layers on the AVX-512 path
-//! (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
+//! direct path (`conv2d_direct.rs`, f32 and f64), the forward and weight gradient of f32 3×3
+//! stride-2 layers on the AVX-512 stride-2 path (`conv2d_stride2.rs`), other f32 layers on the
+//! AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
 //! (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
 //! reference everywhere.
 
@@ -22,6 +23,8 @@ use crate::ops::conv2d_avx512;
 use crate::ops::conv2d_direct;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::conv2d_one_channel;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::conv2d_stride2;
 use crate::ops::gemm::{gemm, Threads};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Float, Tensor};
@@ -248,6 +251,14 @@ fn takes_avx512_path(d: &Conv2dDims) -> bool {
     *AVAILABLE.get_or_init(conv2d_avx512::available) && conv2d_avx512::suits(d)
 }
 
+/// Whether conv2d's forward and backward-weight run on the direct stride-2 path
+/// (`ops::conv2d_stride2`): an f32 CPU with AVX-512F and a 3×3 stride-2 layer it takes.
+#[cfg(target_arch = "x86_64")]
+fn takes_stride2_path(d: &Conv2dDims) -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(conv2d_stride2::available) && conv2d_stride2::suits(d)
+}
+
 /// y = conv2d(x, w) + b, overwriting y.
 pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: Conv2dDims) {
     if fast_paths_allowed() {
@@ -262,6 +273,9 @@ pub fn cpu_forward<E: Float>(x: &[E], w: &[E], b: Option<&[E]>, y: &mut [E], d: 
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(x), Some(w), Some(y)) = (E::as_f32_slice(x), E::as_f32_slice(w), E::as_f32_slice_mut(y)) {
+            if takes_stride2_path(&d) {
+                return conv2d_stride2::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
+            }
             if takes_avx512_path(&d) {
                 return conv2d_avx512::forward(x, w, b.and_then(E::as_f32_slice), y, &d);
             }
@@ -306,6 +320,9 @@ pub fn cpu_backward_weight<E: Float>(dy: &[E], x: &[E], dw: &mut [E], d: Conv2dD
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(dy), Some(x), Some(dw)) = (E::as_f32_slice(dy), E::as_f32_slice(x), E::as_f32_slice_mut(dw)) {
+            if takes_stride2_path(&d) {
+                return conv2d_stride2::backward_weight(dy, x, dw, &d);
+            }
             if takes_avx512_path(&d) {
                 return conv2d_avx512::backward_weight(dy, x, dw, &d);
             }

@@ -43,7 +43,7 @@ static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// A scratch buffer of at least `len` floats. Its contents are left over from earlier use:
 /// every caller writes what it reads, or clears it.
-fn take(len: usize) -> Vec<f32> {
+pub(super) fn take(len: usize) -> Vec<f32> {
     let mut v = SCRATCH.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
     if v.len() < len {
         v.resize(len, 0.0);
@@ -51,7 +51,7 @@ fn take(len: usize) -> Vec<f32> {
     v
 }
 
-fn give(v: Vec<f32>) {
+pub(super) fn give(v: Vec<f32>) {
     let mut pool = SCRATCH.lock().unwrap_or_else(|p| p.into_inner());
     if pool.len() < 4 * GROUPS {
         pool.push(v);
@@ -182,7 +182,7 @@ fn pack_weight<const MR: usize>(w: &[f32], c_out: usize, k: usize, transposed: b
 }
 
 /// Images per group and the number of groups.
-fn groups(d: &Conv2dDims) -> (usize, usize) {
+pub(super) fn groups(d: &Conv2dDims) -> (usize, usize) {
     let per = d.n.div_ceil(GROUPS).max(1);
     (per, d.n.div_ceil(per))
 }

@@ -13,6 +13,8 @@ pub mod conv2d_avx512;
 pub mod conv2d_direct;
 #[cfg(target_arch = "x86_64")]
 pub mod conv2d_one_channel;
+#[cfg(target_arch = "x86_64")]
+pub mod conv2d_stride2;
 pub mod conv_transpose2d;
 pub mod elementwise;
 pub mod gemm;

@@ -1,0 +1,363 @@
+//! `conv2d`'s direct AVX-512 path for the VAEs' downsampling layers: 3×3 kernels, stride 2,
+//! padding 1, even input sizes (so the output is exactly half the input each way). Forward
+//! and backward-weight; backward-data stays on `conv2d_avx512`.
+//!
+//! `conv2d_avx512` lowers these layers to a product of an im2col panel and the weights, and
+//! builds the panel with masked gathers: on this VAE's stride-2 layers the gathers and their
+//! offsets took as long as half the products (4.9 of 13.8 ms for `32×28×28 → 64`, one
+//! thread). Here nothing is packed but the weights: the register tile vectorizes over 32
+//! output channels and reads the input one value at a time, broadcast to all lanes. With a
+//! stride of 2 the values an output row needs sit at fixed distances (2·jj + q) from one
+//! row pointer, so each is one broadcast load, with no index arithmetic and no gather.
+//!
+//! | pass | lanes (32) | register tile | reduction over |
+//! |---|---|---|---|
+//! | forward | output channels | R pixels of one output row (R = 8, 7 or 4) | c_in·3·3 |
+//! | backward-weight | output channels | the 9 taps of one input channel | the group's pixels |
+//!
+//! Sums run in the reference's order (over c, p, q for the forward; over the pixels, image by
+//! image, for the weight), with the padding's taps left out rather than multiplied by zero.
+//! Work is split by fixed groups of images, so results do not depend on the thread count.
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::conv2d::Conv2dDims;
+use super::conv2d_avx512::{give, groups, take};
+
+/// Output channels per register tile: two 16-lane registers.
+const OC: usize = 32;
+
+/// Whether this CPU can run the path.
+pub fn available() -> bool {
+    crate::ops::widest_simd() == crate::ops::Simd::Avx512
+}
+
+/// Whether the path takes these dims: 3×3, stride 2, padding 1, even height and width (so
+/// every window's right and bottom taps lie inside the image), an output row that splits
+/// into tiles of 8, 7 or 4 pixels, and at least 16 output channels (a tile computes 32;
+/// fewer would be mostly padding). Offsets are computed in `usize`, so no size limit beyond
+/// the slices'.
+pub fn suits(d: &Conv2dDims) -> bool {
+    d.stride == 2
+        && d.pad == 1
+        && (d.kh, d.kw) == (3, 3)
+        && d.h.is_multiple_of(2)
+        && d.w.is_multiple_of(2)
+        && row_tile(d.ow).is_some()
+        && d.c_out >= 16
+}
+
+/// Pixels per forward tile: the first of 8, 7, 4 that divides the output row. (14 pixels
+/// would need 28 accumulators, 2 weight and 1 broadcast register: 31 of 32, and LLVM kept
+/// some accumulators in memory.)
+fn row_tile(ow: usize) -> Option<usize> {
+    [8, 7, 4].into_iter().find(|&r| ow.is_multiple_of(r))
+}
+
+/// y = conv2d(x, w) + b, overwriting y.
+pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], d: &Conv2dDims) {
+    assert!(available() && suits(d), "conv2d_stride2::forward: {d:?} is not for this path or CPU");
+    assert!(x.len() == d.x_len() && w.len() == d.w_len() && y.len() == d.y_len(), "conv2d_stride2: lengths");
+    match row_tile(d.ow) {
+        Some(8) => forward_r::<8>(x, w, b, y, d),
+        Some(7) => forward_r::<7>(x, w, b, y, d),
+        _ => forward_r::<4>(x, w, b, y, d),
+    }
+}
+
+/// The weights as blocks of 32 output channels: `[block][c][p][q][lane] = w[block·32 + lane,
+/// c, p, q]`, zero past `c_out`.
+fn pack_forward_weights(w: &[f32], d: &Conv2dDims) -> Vec<f32> {
+    let k = d.c_in * 9;
+    let blocks = d.c_out.div_ceil(OC);
+    let mut packed = take(blocks * k * OC);
+    packed.truncate(blocks * k * OC);
+    packed.fill(0.0);
+    for (o, filter) in w.chunks_exact(k).enumerate() {
+        let block = &mut packed[(o / OC) * k * OC..];
+        for (t, &v) in filter.iter().enumerate() {
+            block[t * OC + o % OC] = v;
+        }
+    }
+    packed
+}
+
+fn forward_r<const R: usize>(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], d: &Conv2dDims) {
+    let (k, l, chw) = (d.c_in * 9, d.oh * d.ow, d.c_in * d.h * d.w);
+    let packed = pack_forward_weights(w, d);
+    let (per, _) = groups(d);
+    y.par_chunks_mut(per * d.c_out * l).zip(x.par_chunks(per * chw)).for_each(|(yg, xg)| {
+        let mut out = [[0.0f32; OC]; R];
+        // Block outermost: its weights (k·32 floats) stay in cache across the group's rows.
+        for (block, wb) in packed.chunks_exact(k * OC).enumerate() {
+            let channels = OC.min(d.c_out - block * OC);
+            for (n, xn) in xg.chunks_exact(chw).enumerate() {
+                for i in 0..d.oh {
+                    for j0 in (0..d.ow).step_by(R) {
+                        // SAFETY: `available()` was asserted; `forward_tile` checks its bounds.
+                        unsafe {
+                            if j0 == 0 {
+                                forward_tile::<R, true>(xn, wb, i, j0, d, &mut out);
+                            } else {
+                                forward_tile::<R, false>(xn, wb, i, j0, d, &mut out);
+                            }
+                        }
+                        for lane in 0..channels {
+                            let o = block * OC + lane;
+                            let bias = b.map_or(0.0, |b| b[o]);
+                            let dst = &mut yg[(n * d.c_out + o) * l + i * d.ow + j0..][..R];
+                            for (v, px) in dst.iter_mut().zip(&out) {
+                                *v = px[lane] + bias;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    give(packed);
+}
+
+/// out[jj][lane] = Σ_{c,p,q} wb[c][p][q][lane] · x[c, 2i − 1 + p, 2(j0 + jj) − 1 + q] over the
+/// taps inside the image, for the R pixels j0.. of output row i: 2·R accumulators, one
+/// broadcast per input value. `LEFT` is `j0 == 0`, where the first pixel's q = 0 tap lies in
+/// the padding; rows in the padding are skipped whole; the right and bottom taps are always
+/// inside (even sizes, see `suits`).
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_tile<const R: usize, const LEFT: bool>(
+    xn: &[f32],
+    wb: &[f32],
+    i: usize,
+    j0: usize,
+    d: &Conv2dDims,
+    out: &mut [[f32; OC]; R],
+) {
+    let (h, w) = (d.h, d.w);
+    assert!(xn.len() == d.c_in * h * w && wb.len() == d.c_in * 9 * OC);
+    assert!(i < d.oh && j0 + R <= d.ow && 2 * d.oh == h && 2 * d.ow == w && LEFT == (j0 == 0));
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for c in 0..d.c_in {
+        for p in 0..3 {
+            let Some(yy) = (2 * i + p).checked_sub(1).filter(|&yy| yy < h) else { continue };
+            // x[c, yy, 2·j0 − 1 + m] is row[m]; m = 0 is read only when j0 > 0 (`LEFT`).
+            let row = &xn[c * h * w + yy * w..][..w];
+            for q in 0..3 {
+                // SAFETY: the block holds c_in·9 rows of 32 (asserted).
+                let (w0, w1) = unsafe {
+                    let wk = wb.as_ptr().add(((c * 3 + p) * 3 + q) * OC);
+                    (_mm512_loadu_ps(wk), _mm512_loadu_ps(wk.add(16)))
+                };
+                for (jj, acc) in acc.iter_mut().enumerate() {
+                    if LEFT && q == 0 && jj == 0 {
+                        continue;
+                    }
+                    // 2(j0 + jj) − 1 + q ≤ 2·ow − 1 < w, and ≥ 0 unless skipped above.
+                    // SAFETY: that index lies inside the row.
+                    let xv = _mm512_set1_ps(unsafe { *row.get_unchecked(2 * (j0 + jj) + q - 1) });
+                    acc[0] = _mm512_fmadd_ps(xv, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(xv, w1, acc[1]);
+                }
+            }
+        }
+    }
+    for (px, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: each pixel's row holds 32 floats.
+        unsafe {
+            _mm512_storeu_ps(px.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(px.as_mut_ptr().add(16), acc[1]);
+        }
+    }
+}
+
+/// dw += the gradient of conv2d with respect to its weight.
+pub fn backward_weight(dy: &[f32], x: &[f32], dw: &mut [f32], d: &Conv2dDims) {
+    assert!(available() && suits(d), "conv2d_stride2::backward_weight: {d:?} is not for this path or CPU");
+    assert!(x.len() == d.x_len() && dw.len() == d.w_len() && dy.len() == d.y_len(), "conv2d_stride2: lengths");
+    let (k, l, chw) = (d.c_in * 9, d.oh * d.ow, d.c_in * d.h * d.w);
+    let (per, count) = groups(d);
+    let blocks = d.c_out.div_ceil(OC);
+    let partials: Vec<Vec<f32>> = (0..count)
+        .into_par_iter()
+        .map(|gi| {
+            let images = per.min(d.n - gi * per);
+            let (xg, dyg) =
+                (&x[gi * per * chw..][..images * chw], &dy[gi * per * d.c_out * l..][..images * d.c_out * l]);
+            let pixels = images * l;
+            // dyt[block][g][lane] = dy[n, block·32 + lane, pixel g]: the group's dy with
+            // channels innermost, zero past c_out.
+            let mut dyt = take(blocks * pixels * OC);
+            dyt.truncate(blocks * pixels * OC);
+            if !d.c_out.is_multiple_of(OC) {
+                dyt.fill(0.0);
+            }
+            for n in 0..images {
+                for o in 0..d.c_out {
+                    let src = &dyg[(n * d.c_out + o) * l..][..l];
+                    let dst = &mut dyt[((o / OC) * pixels + n * l) * OC + o % OC..];
+                    for (pix, &v) in src.iter().enumerate() {
+                        dst[pix * OC] = v;
+                    }
+                }
+            }
+            // A zero row stands in for the rows of the padding above the image.
+            let mut zeros = take(d.w);
+            zeros[..d.w].fill(0.0);
+            let mut part = take(d.c_out * k);
+            part.truncate(d.c_out * k);
+            let mut taps = [[0.0f32; OC]; 9];
+            for c in 0..d.c_in {
+                for (block, dyb) in dyt.chunks_exact(pixels * OC).enumerate() {
+                    // SAFETY: `available()` was asserted; `weight_taps` checks its bounds.
+                    unsafe { weight_taps(xg, dyb, c, images, d, &zeros[..d.w], &mut taps) };
+                    for lane in 0..OC.min(d.c_out - block * OC) {
+                        let dst = &mut part[(block * OC + lane) * k + c * 9..][..9];
+                        for (v, tap) in dst.iter_mut().zip(&taps) {
+                            *v = tap[lane];
+                        }
+                    }
+                }
+            }
+            give(dyt);
+            give(zeros);
+            part
+        })
+        .collect();
+    // Group sums added in group order, as the reference does.
+    for part in partials {
+        dw.iter_mut().zip(&part).for_each(|(v, p)| *v += p);
+        give(part);
+    }
+}
+
+/// taps[p·3 + q][lane] = Σ_{n, i, j} dyb[(n, i, j)][lane] · x[n, c, 2i − 1 + p, 2j − 1 + q]
+/// over the group's images: one input channel's 9 weight gradients for 32 output channels,
+/// in 18 accumulators. Rows above the image read `zeros`; the left padding's taps (j = 0,
+/// q = 0) are left out; the right and bottom taps are always inside (see `suits`).
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_taps(
+    xg: &[f32],
+    dyb: &[f32],
+    c: usize,
+    images: usize,
+    d: &Conv2dDims,
+    zeros: &[f32],
+    taps: &mut [[f32; OC]; 9],
+) {
+    let (h, w, chw, ow) = (d.h, d.w, d.c_in * d.h * d.w, d.ow);
+    assert!(xg.len() == images * chw && dyb.len() == images * d.oh * ow * OC && zeros.len() == w);
+    assert!(c < d.c_in && 2 * d.oh == h && 2 * ow == w && ow > 0);
+    let mut acc = [[_mm512_setzero_ps(); 2]; 9];
+    for n in 0..images {
+        let plane = &xg[n * chw + c * h * w..][..h * w];
+        for i in 0..d.oh {
+            // Input rows 2i − 1, 2i, 2i + 1 (the first is the padding when i = 0). No closure
+            // here: an out-of-line call would spill the 18 accumulators on every row.
+            let rows = [
+                if i == 0 { zeros } else { &plane[(2 * i - 1) * w..][..w] },
+                &plane[2 * i * w..][..w],
+                &plane[(2 * i + 1) * w..][..w],
+            ];
+            let dy_row = &dyb[(n * d.oh + i) * ow * OC..][..ow * OC];
+            // SAFETY: `available()` was asserted; j < ow and the rows hold w = 2·ow floats.
+            unsafe {
+                weight_pixel::<true>(&rows, dy_row, 0, &mut acc);
+                for j in 1..ow {
+                    weight_pixel::<false>(&rows, dy_row, j, &mut acc);
+                }
+            }
+        }
+    }
+    for (tap, acc) in taps.iter_mut().zip(acc) {
+        // SAFETY: each tap's row holds 32 floats.
+        unsafe {
+            _mm512_storeu_ps(tap.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(tap.as_mut_ptr().add(16), acc[1]);
+        }
+    }
+}
+
+/// One pixel j of `weight_taps`: acc[p·3 + q] += x[row p][2j − 1 + q] · dy[j], for the taps
+/// inside the image (`LEFT`: j = 0, whose q = 0 taps are the padding). Inlined into its
+/// AVX-512 caller, so the accumulators stay in registers.
+///
+/// # Safety
+/// The caller has AVX-512F, j < ow, `dy_row` holds ow·32 floats and each row 2·ow.
+#[inline(always)]
+unsafe fn weight_pixel<const LEFT: bool>(rows: &[&[f32]; 3], dy_row: &[f32], j: usize, acc: &mut [[__m512; 2]; 9]) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let dy = dy_row.as_ptr().add(j * OC);
+        let dyv = [_mm512_loadu_ps(dy), _mm512_loadu_ps(dy.add(16))];
+        for (p, row) in rows.iter().enumerate() {
+            for q in 0..3 {
+                if LEFT && q == 0 {
+                    continue;
+                }
+                // 2j − 1 + q ≤ 2·ow − 1, and ≥ 0 unless skipped above.
+                let xv = _mm512_set1_ps(*row.get_unchecked(2 * j + q - 1));
+                let acc = &mut acc[p * 3 + q];
+                acc[0] = _mm512_fmadd_ps(xv, dyv[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(xv, dyv[1], acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv2d::{check_passes_against_reference, check_thread_count_independence, FastPath};
+
+    /// The reference's backward-data, so the shared check can run this path's two passes.
+    fn reference_backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], d: &Conv2dDims) {
+        crate::ops::conv2d::reference_backward_data(dy, w, dx, *d);
+    }
+
+    /// The shapes: the conv VAE's two stride-2 layers (tiles of 14 and 7 pixels), conv-bn's
+    /// first (one input channel), output channels that leave a partial block (16, 40),
+    /// several tiles per row with the left edge in only the first (ow 28 and 16), rows of
+    /// 4 pixels, non-square images, one image, and more images than groups.
+    fn shapes() -> Vec<Conv2dDims> {
+        vec![
+            Conv2dDims::new(3, 32, 28, 28, 64, 3, 3, 2, 1),
+            Conv2dDims::new(2, 64, 14, 14, 128, 3, 3, 2, 1),
+            Conv2dDims::new(2, 1, 28, 28, 32, 3, 3, 2, 1),
+            Conv2dDims::new(1, 3, 56, 8, 40, 3, 3, 2, 1),
+            Conv2dDims::new(2, 5, 32, 32, 16, 3, 3, 2, 1),
+            Conv2dDims::new(19, 2, 8, 14, 33, 3, 3, 2, 1),
+        ]
+    }
+
+    #[test]
+    fn suits_only_its_layers() {
+        let ok = Conv2dDims::new(1, 8, 28, 28, 32, 3, 3, 2, 1);
+        assert!(suits(&ok));
+        assert!(!suits(&Conv2dDims::new(1, 8, 28, 28, 32, 3, 3, 1, 1)), "stride 1");
+        assert!(!suits(&Conv2dDims::new(1, 8, 27, 28, 32, 3, 3, 2, 1)), "odd height");
+        assert!(!suits(&Conv2dDims::new(1, 8, 28, 28, 32, 4, 4, 2, 1)), "4x4 kernel");
+        assert!(!suits(&Conv2dDims::new(1, 8, 28, 28, 8, 3, 3, 2, 1)), "8 output channels");
+        assert!(!suits(&Conv2dDims::new(1, 8, 22, 22, 32, 3, 3, 2, 1)), "rows of 11 pixels");
+    }
+
+    /// Forward and backward-weight against the reference (see `check_passes_against_reference`
+    /// for the tolerance).
+    #[test]
+    fn forward_and_weight_match_the_reference() {
+        if !crate::ops::avx512_tests_can_run("conv2d_stride2") {
+            return;
+        }
+        let path = FastPath { forward, backward_data: reference_backward_data, backward_weight };
+        check_passes_against_reference(path, &shapes(), 2e-6, 11);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        if !crate::ops::avx512_tests_can_run("conv2d_stride2") {
+            return;
+        }
+        let path = FastPath { forward, backward_data: reference_backward_data, backward_weight };
+        check_thread_count_independence(path, Conv2dDims::new(19, 3, 14, 14, 40, 3, 3, 2, 1));
+    }
+}
