@@ -8,8 +8,8 @@
 //! backward-weight dW = Σ_n dy_n·col_nᵀ. The `cpu_*` functions the CPU backend calls run
 //! f32 3×3 stride-1 layers with one input or output channel on the AVX-512 one-channel path
 //! (`conv2d_one_channel.rs`) when the CPU has it, other layers with one output channel on the
-//! direct path (`conv2d_direct.rs`, f32 and f64), the forward and weight gradient of f32 3×3
-//! stride-2 layers on the AVX-512 stride-2 path (`conv2d_stride2.rs`), other f32 layers on the
+//! direct path (`conv2d_direct.rs`, f32 and f64), f32 3×3 stride-2 layers on the AVX-512
+//! stride-2 path (`conv2d_stride2.rs`), other f32 layers on the
 //! AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
 //! (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
 //! reference everywhere.
@@ -251,8 +251,8 @@ fn takes_avx512_path(d: &Conv2dDims) -> bool {
     *AVAILABLE.get_or_init(conv2d_avx512::available) && conv2d_avx512::suits(d)
 }
 
-/// Whether conv2d's forward and backward-weight run on the direct stride-2 path
-/// (`ops::conv2d_stride2`): an f32 CPU with AVX-512F and a 3×3 stride-2 layer it takes.
+/// Whether conv2d runs on the direct stride-2 path (`ops::conv2d_stride2`): an f32 CPU with
+/// AVX-512F and a 3×3 stride-2 layer it takes (backward-data also asks `suits_backward_data`).
 #[cfg(target_arch = "x86_64")]
 fn takes_stride2_path(d: &Conv2dDims) -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -298,6 +298,9 @@ pub fn cpu_backward_data<E: Float>(dy: &[E], w: &[E], dx: &mut [E], d: Conv2dDim
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(dy), Some(w), Some(dx)) = (E::as_f32_slice(dy), E::as_f32_slice(w), E::as_f32_slice_mut(dx)) {
+            if takes_stride2_path(&d) && conv2d_stride2::suits_backward_data(&d) {
+                return conv2d_stride2::backward_data(dy, w, dx, &d);
+            }
             if takes_avx512_path(&d) {
                 return conv2d_avx512::backward_data(dy, w, dx, &d);
             }

@@ -1,6 +1,6 @@
 //! `conv2d`'s direct AVX-512 path for the VAEs' downsampling layers: 3×3 kernels, stride 2,
-//! padding 1, even input sizes (so the output is exactly half the input each way). Forward
-//! and backward-weight; backward-data stays on `conv2d_avx512`.
+//! padding 1, even input sizes (so the output is exactly half the input each way). All three
+//! passes; a transposed convolution runs them as its backward-data, forward and weight.
 //!
 //! `conv2d_avx512` lowers these layers to a product of an im2col panel and the weights, and
 //! builds the panel with masked gathers: on this VAE's stride-2 layers the gathers and their
@@ -14,9 +14,12 @@
 //! |---|---|---|---|
 //! | forward | output channels | R pixels of one output row (R = 8, 7 or 4) | c_in·3·3 |
 //! | backward-weight | output channels | the 9 taps of one input channel | the group's pixels |
+//! | backward-data | 16 input channels | R even and R odd pixels of one input row | c_out × the row's taps |
 //!
-//! Sums run in the reference's order (over c, p, q for the forward; over the pixels, image by
-//! image, for the weight), with the padding's taps left out rather than multiplied by zero.
+//! The forward and the weight's sums run in the reference's order (over c, p, q; over the
+//! pixels, image by image), with the padding's taps left out rather than multiplied by zero;
+//! backward-data sums over output channels outermost where the reference sums each tap's
+//! products first (the same terms, rounded in another order).
 //! Work is split by fixed groups of images, so results do not depend on the thread count.
 
 use std::arch::x86_64::*;
@@ -171,6 +174,138 @@ unsafe fn forward_tile<const R: usize, const LEFT: bool>(
     }
 }
 
+/// Whether backward-data takes these dims: those of `suits`, with at least 16 input
+/// channels (its tile computes 16).
+pub fn suits_backward_data(d: &Conv2dDims) -> bool {
+    suits(d) && d.c_in >= 16
+}
+
+/// dx += the gradient of conv2d with respect to its input.
+pub fn backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], d: &Conv2dDims) {
+    assert!(available() && suits_backward_data(d), "conv2d_stride2::backward_data: {d:?} is not for this path or CPU");
+    assert!(dx.len() == d.x_len() && w.len() == d.w_len() && dy.len() == d.y_len(), "conv2d_stride2: lengths");
+    match row_tile(d.ow) {
+        Some(8) => backward_data_r::<8>(dy, w, dx, d),
+        Some(7) => backward_data_r::<7>(dy, w, dx, d),
+        _ => backward_data_r::<4>(dy, w, dx, d),
+    }
+}
+
+/// Input channels per backward-data tile: one 16-lane register.
+const IC: usize = 16;
+
+/// The weights as blocks of 16 input channels: `[block][o][p][q][lane] = w[o, block·16 +
+/// lane, p, q]`, zero past `c_in`.
+fn pack_backward_data_weights(w: &[f32], d: &Conv2dDims) -> Vec<f32> {
+    let blocks = d.c_in.div_ceil(IC);
+    let block_len = d.c_out * 9 * IC;
+    let mut packed = take(blocks * block_len);
+    packed.truncate(blocks * block_len);
+    packed.fill(0.0);
+    for (o, filter) in w.chunks_exact(d.c_in * 9).enumerate() {
+        for (c, taps) in filter.chunks_exact(9).enumerate() {
+            let dst = &mut packed[(c / IC) * block_len + o * 9 * IC + c % IC..];
+            for (t, &v) in taps.iter().enumerate() {
+                dst[t * IC] = v;
+            }
+        }
+    }
+    packed
+}
+
+fn backward_data_r<const R: usize>(dy: &[f32], w: &[f32], dx: &mut [f32], d: &Conv2dDims) {
+    let (l, chw, hw) = (d.oh * d.ow, d.c_in * d.h * d.w, d.h * d.w);
+    let packed = pack_backward_data_weights(w, d);
+    let (per, _) = groups(d);
+    dx.par_chunks_mut(per * chw).zip(dy.par_chunks(per * d.c_out * l)).for_each(|(dxg, dyg)| {
+        let mut out = [[0.0f32; IC]; 32];
+        for (block, wb) in packed.chunks_exact(d.c_out * 9 * IC).enumerate() {
+            let channels = IC.min(d.c_in - block * IC);
+            for (dxn, dyn_) in dxg.chunks_exact_mut(chw).zip(dyg.chunks_exact(d.c_out * l)) {
+                for y in 0..d.h {
+                    for b0 in (0..d.ow).step_by(R) {
+                        // SAFETY: `available()` was asserted; `data_tile` checks its bounds.
+                        unsafe {
+                            if b0 + R == d.ow {
+                                data_tile::<R, true>(dyn_, wb, y, b0, d, &mut out);
+                            } else {
+                                data_tile::<R, false>(dyn_, wb, y, b0, d, &mut out);
+                            }
+                        }
+                        for lane in 0..channels {
+                            let c = block * IC + lane;
+                            let dst = &mut dxn[c * hw + y * d.w + 2 * b0..][..2 * R];
+                            for (v, px) in dst.iter_mut().zip(&out) {
+                                *v += px[lane];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    give(packed);
+}
+
+/// out[xx][lane] = Σ_{o,p,q} wb[o][p][q][lane] · dy[o, i, j] over the (p, q, i, j) with
+/// 2i − 1 + p = y and 2j − 1 + q = 2·b0 + xx inside the output, for the 2·R input pixels
+/// 2·b0.. of input row y (the input gradient of 16 channels). The stride splits the pixels
+/// by parity: an even row takes tap p = 1 from output row y/2, an odd row p = 0 from row
+/// (y + 1)/2 (when there is one) and p = 2 from row (y − 1)/2; likewise columns with q. The
+/// even and odd pixels of the tile are 2·R accumulators; each dy value is broadcast once for
+/// the up to three taps that read it. `RIGHT` is `b0 + R == ow`, where the last odd pixel's
+/// q = 0 tap falls past the output.
+#[target_feature(enable = "avx512f")]
+unsafe fn data_tile<const R: usize, const RIGHT: bool>(
+    dyn_: &[f32],
+    wb: &[f32],
+    y: usize,
+    b0: usize,
+    d: &Conv2dDims,
+    out: &mut [[f32; IC]; 32],
+) {
+    let (oh, ow) = (d.oh, d.ow);
+    assert!(dyn_.len() == d.c_out * oh * ow && wb.len() == d.c_out * 9 * IC && 2 * R <= 32);
+    assert!(y < d.h && b0 + R <= ow && 2 * oh == d.h && 2 * ow == d.w && RIGHT == (b0 + R == ow));
+    // (p, output row i) of the row's taps: one for an even row, two for an odd one.
+    let row_taps = if y.is_multiple_of(2) {
+        [Some((1, y / 2)), None]
+    } else {
+        [Some((0, y.div_ceil(2))).filter(|&(_, i)| i < oh), Some((2, y / 2))]
+    };
+    let mut even = [_mm512_setzero_ps(); R];
+    let mut odd = [_mm512_setzero_ps(); R];
+    for o in 0..d.c_out {
+        for &(p, i) in row_taps.iter().flatten() {
+            let row = &dyn_[(o * oh + i) * ow..][..ow];
+            // SAFETY: the block holds c_out·9 rows of 16 (asserted).
+            let [w0, w1, w2] = unsafe {
+                let wk = wb.as_ptr().add((o * 9 + p * 3) * IC);
+                [_mm512_loadu_ps(wk), _mm512_loadu_ps(wk.add(IC)), _mm512_loadu_ps(wk.add(2 * IC))]
+            };
+            for bb in 0..R {
+                // SAFETY: b0 + bb < ow.
+                let v = _mm512_set1_ps(unsafe { *row.get_unchecked(b0 + bb) });
+                // x = 2b: q = 1, j = b. x = 2b + 1: q = 2, j = b; and q = 0, j = b + 1 (below).
+                even[bb] = _mm512_fmadd_ps(v, w1, even[bb]);
+                odd[bb] = _mm512_fmadd_ps(v, w2, odd[bb]);
+                if !(RIGHT && bb + 1 == R) {
+                    // SAFETY: b0 + bb + 1 < ow unless this is the right edge's last pixel.
+                    let next = _mm512_set1_ps(unsafe { *row.get_unchecked(b0 + bb + 1) });
+                    odd[bb] = _mm512_fmadd_ps(next, w0, odd[bb]);
+                }
+            }
+        }
+    }
+    for (bb, (e, od)) in even.into_iter().zip(odd).enumerate() {
+        // SAFETY: each pixel's row holds 16 floats, and 2·R ≤ 32 (asserted).
+        unsafe {
+            _mm512_storeu_ps(out[2 * bb].as_mut_ptr(), e);
+            _mm512_storeu_ps(out[2 * bb + 1].as_mut_ptr(), od);
+        }
+    }
+}
+
 /// dw += the gradient of conv2d with respect to its weight.
 pub fn backward_weight(dy: &[f32], x: &[f32], dw: &mut [f32], d: &Conv2dDims) {
     assert!(available() && suits(d), "conv2d_stride2::backward_weight: {d:?} is not for this path or CPU");
@@ -310,15 +445,21 @@ mod tests {
     use super::*;
     use crate::ops::conv2d::{check_passes_against_reference, check_thread_count_independence, FastPath};
 
-    /// The reference's backward-data, so the shared check can run this path's two passes.
-    fn reference_backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], d: &Conv2dDims) {
-        crate::ops::conv2d::reference_backward_data(dy, w, dx, *d);
+    /// Backward-data on this path where it takes the shape (16 input channels or more), else
+    /// the reference, so the shared check runs every pass on every shape.
+    fn backward_data_or_reference(dy: &[f32], w: &[f32], dx: &mut [f32], d: &Conv2dDims) {
+        if suits_backward_data(d) {
+            backward_data(dy, w, dx, d)
+        } else {
+            crate::ops::conv2d::reference_backward_data(dy, w, dx, *d)
+        }
     }
 
-    /// The shapes: the conv VAE's two stride-2 layers (tiles of 14 and 7 pixels), conv-bn's
-    /// first (one input channel), output channels that leave a partial block (16, 40),
-    /// several tiles per row with the left edge in only the first (ow 28 and 16), rows of
-    /// 4 pixels, non-square images, one image, and more images than groups.
+    /// The shapes: the conv VAE's two stride-2 layers (tiles of 7 pixels), conv-bn's first
+    /// (one input channel: backward-data on the reference), channels that leave a partial
+    /// block (16 and 40 out, 17 in), several tiles per row with the left and right edges in
+    /// only the first and last (ow 28 and 16), rows of 4 pixels, non-square images, one
+    /// image, and more images than groups.
     fn shapes() -> Vec<Conv2dDims> {
         vec![
             Conv2dDims::new(3, 32, 28, 28, 64, 3, 3, 2, 1),
@@ -327,6 +468,7 @@ mod tests {
             Conv2dDims::new(1, 3, 56, 8, 40, 3, 3, 2, 1),
             Conv2dDims::new(2, 5, 32, 32, 16, 3, 3, 2, 1),
             Conv2dDims::new(19, 2, 8, 14, 33, 3, 3, 2, 1),
+            Conv2dDims::new(3, 17, 12, 56, 32, 3, 3, 2, 1),
         ]
     }
 
@@ -339,16 +481,18 @@ mod tests {
         assert!(!suits(&Conv2dDims::new(1, 8, 28, 28, 32, 4, 4, 2, 1)), "4x4 kernel");
         assert!(!suits(&Conv2dDims::new(1, 8, 28, 28, 8, 3, 3, 2, 1)), "8 output channels");
         assert!(!suits(&Conv2dDims::new(1, 8, 22, 22, 32, 3, 3, 2, 1)), "rows of 11 pixels");
+        assert!(!suits_backward_data(&ok), "8 input channels");
+        assert!(suits_backward_data(&Conv2dDims::new(1, 16, 28, 28, 32, 3, 3, 2, 1)));
     }
 
-    /// Forward and backward-weight against the reference (see `check_passes_against_reference`
-    /// for the tolerance).
+    /// Every pass against the reference (see `check_passes_against_reference` for the
+    /// tolerance).
     #[test]
-    fn forward_and_weight_match_the_reference() {
+    fn every_pass_matches_the_reference() {
         if !crate::ops::avx512_tests_can_run("conv2d_stride2") {
             return;
         }
-        let path = FastPath { forward, backward_data: reference_backward_data, backward_weight };
+        let path = FastPath { forward, backward_data: backward_data_or_reference, backward_weight };
         check_passes_against_reference(path, &shapes(), 2e-6, 11);
     }
 
@@ -357,7 +501,7 @@ mod tests {
         if !crate::ops::avx512_tests_can_run("conv2d_stride2") {
             return;
         }
-        let path = FastPath { forward, backward_data: reference_backward_data, backward_weight };
-        check_thread_count_independence(path, Conv2dDims::new(19, 3, 14, 14, 40, 3, 3, 2, 1));
+        let path = FastPath { forward, backward_data: backward_data_or_reference, backward_weight };
+        check_thread_count_independence(path, Conv2dDims::new(19, 20, 14, 14, 40, 3, 3, 2, 1));
     }
 }
