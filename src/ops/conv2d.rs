@@ -9,10 +9,9 @@
 //! f32 3×3 stride-1 layers with one input or output channel on the AVX-512 one-channel path
 //! (`conv2d_one_channel.rs`) when the CPU has it, other layers with one output channel on the
 //! direct path (`conv2d_direct.rs`, f32 and f64), f32 3×3 stride-2 layers on the AVX-512
-//! stride-2 path (`conv2d_stride2.rs`), other f32 layers on the
-//! AVX-512 path (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
-//! (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the
-//! reference everywhere.
+//! stride-2 path (`conv2d_stride2.rs`), other f32 layers on the AVX-512 im2col path
+//! (`conv2d_avx512.rs`) when the CPU has it and the layer suits it, and the reference
+//! (`reference_*`) otherwise; `VAECUDA_CPU_REFERENCE=1` forces the reference everywhere.
 
 use rayon::prelude::*;
 

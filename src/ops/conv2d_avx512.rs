@@ -2,6 +2,10 @@
 //! (im2col + GEMM, see `conv2d.rs`), and `tests` checks it against that reference; only the
 //! way the work is laid out differs.
 //!
+//! The VAEs' 3×3 stride-2 layers now take `conv2d_stride2` instead, which needs no gathers;
+//! this path serves the other layers with enough channels (stride 1, odd sizes, other
+//! kernels).
+//!
 //! The reference builds each image's whole column matrix (k × l values, up to 450 KB) and
 //! hands it to a general GEMM, which copies it once more into its own packed layout; on this
 //! VAE's stride-2 layers that ran at 110–150 GFLOP/s, half of PyTorch's speed. Here the
