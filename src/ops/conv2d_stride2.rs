@@ -16,12 +16,12 @@
 //! | backward-weight | 32 output channels | the 9 taps of one input channel | one image's pixels |
 //! | backward-data | 16 input channels | R even and R odd pixels of one input row | c_out × the row's taps |
 //!
-//! The forward sums in the reference's order (over c, p, q), with the padding's taps left out
-//! rather than multiplied by zero, so it gives the same bits. The other two round in another
-//! order than the reference: the weight sums each image's pixels, then adds the images in
-//! turn (where the reference runs on through the group's pixels); backward-data sums over
-//! output channels outermost (where the reference sums each tap's products first). Work is
-//! split by fixed groups of images, so results do not depend on the thread count.
+//! The forward sums over c, p, q in turn, as the im2col path's register tile does, with the
+//! padding's taps left out rather than multiplied by zero. The other two round in another
+//! order than that path: the weight sums each image's pixels, then adds the images in turn
+//! (where it ran on through the group's pixels); backward-data sums over output channels
+//! outermost (where it summed each tap's products first). Work is split by fixed groups of
+//! images, so results do not depend on the thread count.
 
 use std::arch::x86_64::*;
 
