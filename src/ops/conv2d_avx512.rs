@@ -385,7 +385,12 @@ fn backward_weight_mr<const MR: usize>(dy: &[f32], x: &[f32], dw: &mut [f32], d:
             part
         })
         .collect();
-    // Group sums added in group order, as the reference does.
+    add_partials(dw, partials);
+}
+
+/// dw += each group's partial weight gradient, in group order (as the reference adds its
+/// images), whatever order the threads finished in; the buffers go back to the pool.
+pub(super) fn add_partials(dw: &mut [f32], partials: Vec<Vec<f32>>) {
     for part in partials {
         dw.iter_mut().zip(&part).for_each(|(v, p)| *v += p);
         give(part);

@@ -28,7 +28,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::conv2d::Conv2dDims;
-use super::conv2d_avx512::{give, groups, take};
+use super::conv2d_avx512::{add_partials, give, groups, take};
 
 /// Output channels per register tile: two 16-lane registers.
 const OC: usize = 32;
@@ -419,11 +419,7 @@ pub fn backward_weight(dy: &[f32], x: &[f32], dw: &mut [f32], d: &Conv2dDims) {
             part
         })
         .collect();
-    // Group sums added in group order, as the reference does.
-    for part in partials {
-        dw.iter_mut().zip(&part).for_each(|(v, p)| *v += p);
-        give(part);
-    }
+    add_partials(dw, partials);
 }
 
 /// taps[(p·3 + q)·32 + lane] += Σ_{i, j} dyb[(i, j)][lane] · x[c, 2i − 1 + p, 2j − 1 + q]
