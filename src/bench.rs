@@ -195,34 +195,27 @@ pub fn kernel_cases<B: Backend>(be: &B, large: bool) -> Vec<KernelCase> {
             let (i, y) = io(b);
             be.axpy(B::E::of(0.5), &i[0], y)
         }));
-        v.push(case(be, "reduction", "mse_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_forward(Recon::Mse, &i[0], &i[1], y)
-        }));
-        v.push(case(be, "reduction", "mse_backward", sh.clone(), 0.0, &[len, len, 1, len], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_backward(Recon::Mse, &i[0], &i[1], &i[2], y)
-        }));
-        // BCE on probabilities, the default objective. The buffers hold values in [−1, 1),
-        // so half are not probabilities; that costs the CPU's branch-free `vmath::ln` the
-        // same (libm's `log`, which it replaced, returned early for negative inputs).
-        v.push(case(be, "reduction", "bce_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_forward(Recon::Bce, &i[0], &i[1], y)
-        }));
-        v.push(case(be, "reduction", "bce_backward", sh.clone(), 0.0, &[len, len, 1, len], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_backward(Recon::Bce, &i[0], &i[1], &i[2], y)
-        }));
-        // BCE on logits: the buffers hold values in [−1, 1), valid logits but not probabilities.
-        v.push(case(be, "reduction", "bce_with_logits_forward", sh.clone(), 0.0, &[len, len, 1], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_forward(Recon::BceWithLogits, &i[0], &i[1], y)
-        }));
-        v.push(case(be, "reduction", "bce_with_logits_backward", sh.clone(), 0.0, &[len, len, 1, len], |be, b| {
-            let (i, y) = io(b);
-            be.recon_loss_backward(Recon::BceWithLogits, &i[0], &i[1], &i[2], y)
-        }));
+        // The buffers hold values in [−1, 1): valid logits, but half are not probabilities;
+        // that costs BCE on probabilities (the default objective) the same on the CPU, whose
+        // branch-free `vmath::ln` replaced libm's `log`, which returned early for negatives.
+        for (recon, name) in [(Recon::Mse, "mse"), (Recon::Bce, "bce"), (Recon::BceWithLogits, "bce_with_logits")] {
+            v.push(case(be, "reduction", &format!("{name}_forward"), sh.clone(), 0.0, &[len, len, 1], move |be, b| {
+                let (i, y) = io(b);
+                be.recon_loss_forward(recon, &i[0], &i[1], y)
+            }));
+            v.push(case(
+                be,
+                "reduction",
+                &format!("{name}_backward"),
+                sh.clone(),
+                0.0,
+                &[len, len, 1, len],
+                move |be, b| {
+                    let (i, y) = io(b);
+                    be.recon_loss_backward(recon, &i[0], &i[1], &i[2], y)
+                },
+            ));
+        }
         let s = AdamStep::new(1e-3, 0.9, 0.999, 1e-8, 0.0, false, 3);
         v.push(case(be, "adam", "adam_step", sh, 0.0, &[len, len, len, len], move |be, b| {
             let (p, rest) = b.split_first_mut().unwrap();
